@@ -1,0 +1,45 @@
+# droppos: `make demo` runs the main job on the built-in sample data, `make test` the tests.
+# Both set up .venv first (idempotent: a stamp records the requirements it was built from).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.setup-stamp
+DEMO ?= demo
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Pillow-SIMD replaces the Pillow that torchvision and timm pull in: install everything else,
+# remove Pillow, then build Pillow-SIMD (with AVX2 where the CPU has it) with --no-deps.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	grep -v '^pillow-simd' requirements.txt > $(VENV)/requirements-base.txt
+	$(PIP) install -q --disable-pip-version-check -r $(VENV)/requirements-base.txt
+	@want=$$(grep '^pillow-simd==' requirements.txt | cut -d= -f3); \
+	have=$$($(PY) -c "import importlib.metadata as m; print(m.version('pillow-simd'))" 2>/dev/null); \
+	if $(PY) -c "import importlib.metadata as m; m.version('pillow')" 2>/dev/null; then \
+	  $(PIP) uninstall -q -y pillow; have=""; fi; \
+	if [ "$$have" != "$$want" ]; then \
+	  flags=""; grep -qw avx2 /proc/cpuinfo && flags="-mavx2"; \
+	  echo "building pillow-simd==$$want (CFLAGS=$$flags)"; \
+	  CC="cc $$flags" $(PIP) install -q --disable-pip-version-check --no-deps --force-reinstall "pillow-simd==$$want"; \
+	fi
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -c "import PIL, torchvision, timm, nvidia.dali, webdataset; import importlib.metadata as m; print('setup ok: PIL', PIL.__version__, '(pillow-simd', m.version('pillow-simd') + ')')"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/droppos shard --sample $(DEMO)/data
+	@echo "demo: sample shards in $(DEMO)/data (manifest: $(DEMO)/data/manifest.json)"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_shard.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

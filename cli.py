@@ -1,0 +1,158 @@
+"""The `droppos` command line: one Typer app, one command per stage.
+
+This file only parses options, turns user mistakes into one-line errors (exit 2)
+and calls the stage's `run(...)`. Stages are imported lazily so that `--help`
+and option errors answer instantly, without importing torch or DALI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer._click import exceptions as click_exceptions  # typer vendors its own click
+
+from droppos import UserError
+
+app = typer.Typer(
+    name="droppos",
+    help="Pre-train Vision Transformers with DropPos, evaluate them, and measure how "
+    "location-aware they are.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_NOT_BUILT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _not_built(command: str, issue: int) -> None:
+    raise UserError(f"`droppos {command}` is not built yet (tracked in issue #{issue}); nothing was run")
+
+
+@app.command()
+def shard(
+    source: Optional[Path] = typer.Argument(
+        None, help="ImageNet-style folder (train/<class>/*, val/<class>/*) or the root of --list paths."
+    ),
+    out: Optional[Path] = typer.Argument(None, help="Output dataset directory."),
+    sample: bool = typer.Option(
+        False, "--sample", help="Shard the built-in procedural sample data set (then the only argument is OUT)."
+    ),
+    list_files: List[str] = typer.Option(
+        [], "--list", help="List file of `relative/path class_index` lines; `FILE` is the train split, "
+        "`SPLIT=FILE` names another (repeatable).",
+    ),
+    verify: bool = typer.Option(False, "--verify", help="Re-check the shards of the dataset given as the only argument."),
+    decode: bool = typer.Option(False, "--decode", help="With --verify: also decode every image."),
+    seed: int = typer.Option(0, help="Seed of the global shuffle (same seed + input = byte-identical shards)."),
+    workers: int = typer.Option(0, min=0, help="Worker processes (0: all cores)."),
+    max_side: int = typer.Option(0, min=0, help="Downscale images whose longer side exceeds PX (0: keep size)."),
+    quality: int = typer.Option(90, min=1, max=100, help="JPEG quality when an image has to be re-encoded."),
+    shard_size: int = typer.Option(1000, min=1, help="Samples per tar shard."),
+    sample_classes: int = typer.Option(10, min=2, help="--sample: number of classes."),
+    sample_train: int = typer.Option(260, min=0, help="--sample: train images per class."),
+    sample_val: int = typer.Option(50, min=0, help="--sample: val images per class."),
+) -> None:
+    """Write validated WebDataset shards (+ DALI indexes, manifest.json) from ImageNet-style data."""
+    from tools import shard_imagenet
+
+    positional = [p for p in (source, out) if p is not None]
+    if verify:
+        if len(positional) != 1:
+            raise UserError("--verify takes exactly one argument: the dataset directory")
+        shard_imagenet.verify(positional[0], decode=decode)
+        return
+    if decode:
+        raise UserError("--decode only applies with --verify")
+    if sample:
+        if len(positional) != 1:
+            raise UserError("--sample takes exactly one argument: the output directory")
+        if list_files:
+            raise UserError("--sample and --list cannot be combined")
+    elif len(positional) != 2:
+        raise UserError("expected SOURCE and OUT (or --sample OUT, or --verify DIR)")
+    shard_imagenet.run(
+        source=None if sample else positional[0],
+        out=positional[-1],
+        sample=sample,
+        lists=_parse_lists(list_files),
+        seed=seed,
+        workers=workers or (os.cpu_count() or 1),
+        max_side=max_side,
+        quality=quality,
+        shard_size=shard_size,
+        sample_options=dict(num_classes=sample_classes, train_per_class=sample_train, val_per_class=sample_val),
+    )
+
+
+def _parse_lists(values: List[str]) -> dict:
+    """`FILE` -> {'train': FILE}; `val=FILE` -> {'val': FILE}."""
+    lists: dict = {}
+    for value in values:
+        split, sep, path = value.partition("=")
+        if not sep:
+            split, path = "train", value
+        if not split.isidentifier() or not path:
+            raise UserError(f"--list {value!r}: expected FILE or SPLIT=FILE")
+        if split in lists:
+            raise UserError(f"--list given twice for split {split!r}")
+        lists[split] = Path(path)
+    return lists
+
+
+@app.command(context_settings=_NOT_BUILT, add_help_option=False)
+def pretrain(ctx: typer.Context) -> None:
+    """Pre-train a DropPos ViT (not built yet)."""
+    _not_built("pretrain", 5)
+
+
+@app.command(context_settings=_NOT_BUILT, add_help_option=False)
+def finetune(ctx: typer.Context) -> None:
+    """Fine-tune an encoder with the MAE protocol (not built yet)."""
+    _not_built("finetune", 6)
+
+
+@app.command(context_settings=_NOT_BUILT, add_help_option=False)
+def probe(ctx: typer.Context) -> None:
+    """Linear-probe a frozen encoder (not built yet)."""
+    _not_built("probe", 6)
+
+
+@app.command("eval-pos", context_settings=_NOT_BUILT, add_help_option=False)
+def eval_pos(ctx: typer.Context) -> None:
+    """Measure location awareness: position accuracy, token-order sensitivity (not built yet)."""
+    _not_built("eval-pos", 7)
+
+
+def _fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"droppos: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the console script and of `python -m droppos`."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="droppos", standalone_mode=False)
+    except UserError as err:
+        _fail(str(err))
+    except click_exceptions.UsageError as err:
+        where = f" {err.ctx.info_name}" if err.ctx is not None and err.ctx.parent is not None else ""
+        _fail(f"{err.format_message()} (see `droppos{where} --help`)")
+    except typer.Abort:
+        print("droppos: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click_exceptions.ClickException as err:
+        _fail(err.format_message())
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
