@@ -1,0 +1,186 @@
+"""Built-in sample data: a deterministic, procedural ImageNet-style folder.
+
+Why procedural scenes and not noise: DropPos learns *where* a patch came from using
+appearance alone, and evaluation needs a class to recognise. Every scene therefore
+shares a layout that makes position learnable (sky above a horizon, ground whose
+texture grows with perspective towards the bottom, light and a sun from the upper
+left, a vignette), while each class has its own object shape, colour and ground
+texture. Sizes and aspect ratios vary (96-320 px) like web photos do.
+
+Every image depends only on (seed, split, class, index), so generation is
+deterministic, parallel and resumable (complete files are skipped).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import math
+import os
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "ring", "cross", "bars")
+TEXTURES = ("stripes", "checker", "dots", "grass", "waves")
+SPLITS = {"train": 0, "val": 1}
+MIN_SIDE, MAX_SIDE = 96, 320
+
+
+def class_names(num_classes: int) -> list[str]:
+    """Names sort in class order: `00_circle_stripes`, `01_square_checker`, ..."""
+    width = max(2, len(str(num_classes - 1)))
+    return [f"{i:0{width}d}_{_shape(i)}_{_texture(i)}" for i in range(num_classes)]
+
+
+def _shape(i: int) -> str:
+    return SHAPES[i % len(SHAPES)]
+
+
+def _texture(i: int) -> str:
+    return TEXTURES[(i + i // len(SHAPES)) % len(TEXTURES)]
+
+
+def _class_rgb(i: int, lightness: float = 0.5, saturation: float = 0.85) -> np.ndarray:
+    hue = (i * 0.618033988749895) % 1.0  # golden-ratio hues: distinct for any class count
+    return np.array(colorsys.hls_to_rgb(hue, lightness, saturation), dtype=np.float32)
+
+
+def render(class_index: int, rng: np.random.Generator) -> Image.Image:
+    """One scene of class `class_index`, as an RGB image of random size."""
+    w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    ys = (np.arange(h, dtype=np.float32) + 0.5)[:, None] / h  # 0 top .. 1 bottom
+    xs = (np.arange(w, dtype=np.float32) + 0.5)[None, :] / w  # 0 left .. 1 right
+    horizon = float(rng.uniform(0.42, 0.62))
+
+    # Sky: deep blue at the top fading to a pale horizon; the same for every class.
+    t = np.clip(ys / horizon, 0, 1)[..., None]
+    sky = (1 - t) * np.array([0.18, 0.32, 0.70], np.float32) + t * np.array([0.80, 0.86, 0.95], np.float32)
+    sun_x, sun_y = rng.uniform(0.08, 0.35), rng.uniform(0.06, 0.22) * horizon / 0.5
+    sun = np.exp(-(((xs - sun_x) * w) ** 2 + ((ys - sun_y) * h) ** 2) / (2 * (0.07 * min(w, h)) ** 2))
+    sky = sky + sun[..., None] * np.array([1.0, 0.9, 0.6], np.float32)
+
+    # Ground: class colour with a class texture whose scale grows towards the viewer.
+    depth = np.clip((ys - horizon) / (1 - horizon), 1e-3, 1)  # 0 at horizon .. 1 at bottom
+    ground = _class_rgb(class_index, lightness=0.42, saturation=0.45)[None, None, :] * (0.65 + 0.35 * depth[..., None])
+    pattern = _ground_texture(_texture(class_index), xs, depth, w, h, rng)
+    ground = ground * (0.75 + 0.25 * pattern[..., None])
+    img = np.where((ys < horizon)[..., None], sky, ground).astype(np.float32)
+
+    # Light from the left, vignette towards the corners: both say where a patch is.
+    img *= (1.15 - 0.3 * xs)[..., None]
+    img *= (1.0 - 0.35 * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2) * 2)[..., None]
+    img += rng.normal(0, 0.015, size=img.shape).astype(np.float32)
+    image = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")
+    _draw_object(image, class_index, horizon, rng)
+    return image
+
+
+def _ground_texture(kind: str, xs: np.ndarray, depth: np.ndarray, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    """A [h, w] pattern in [0, 1]; perspective: frequency falls as depth grows."""
+    phase = rng.uniform(0, 2 * math.pi)
+    freq = float(rng.uniform(5, 8))
+    row = freq / (depth + 0.15)  # rows get wider towards the bottom
+    col = (xs - 0.5) * freq * 2 / (depth + 0.3)
+    if kind == "stripes":
+        p = 0.5 + 0.5 * np.sin(row * 2 + phase)
+    elif kind == "checker":
+        p = ((np.floor(row) + np.floor(col + phase)) % 2).astype(np.float32)
+    elif kind == "dots":
+        p = ((np.sin(row * 3 + phase) * np.sin(col * 3)) > 0.6).astype(np.float32)
+    elif kind == "grass":
+        p = 0.5 + 0.5 * np.sin(col * 9 + phase + 0.4 * np.sin(row * 7))
+    else:  # waves
+        p = 0.5 + 0.5 * np.sin(row * 2 + 1.5 * np.sin(col * 2 + phase))
+    return np.broadcast_to(p, (h, w)).astype(np.float32)
+
+
+def _draw_object(image: Image.Image, class_index: int, horizon: float, rng: np.random.Generator) -> None:
+    """The class object standing on the ground, with its shadow cast to the right."""
+    w, h = image.size
+    size = float(rng.uniform(0.18, 0.34)) * min(w, h)
+    cx = float(rng.uniform(0.25, 0.75)) * w
+    base = float(rng.uniform(horizon + 0.08, 0.92)) * h
+    cy = base - size / 2
+    draw = ImageDraw.Draw(image)
+    shadow = [cx - size * 0.3, base - size * 0.08, cx + size * 0.9, base + size * 0.08]
+    draw.ellipse(shadow, fill=(30, 30, 30))
+    rgb = tuple(int(255 * v) for v in _class_rgb(class_index, lightness=0.55, saturation=0.9))
+    dark = tuple(int(v * 0.55) for v in rgb)
+    r = size / 2
+    shape = _shape(class_index)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb, outline=dark, width=2)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb, outline=dark, width=2)
+    elif shape == "ring":
+        draw.ellipse(box, outline=rgb, width=max(3, int(r / 3)))
+    elif shape == "cross":
+        draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=rgb)
+        draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=rgb)
+    elif shape == "bars":
+        for k in range(3):
+            x0 = cx - r + k * (2 * r / 3)
+            draw.rectangle([x0, cy - r, x0 + r / 3, cy + r], fill=rgb)
+    else:
+        n, ratio = {"triangle": (3, 1.0), "diamond": (4, 1.0), "star": (5, 0.45)}[shape]
+        points = []
+        for k in range(n * (2 if ratio < 1 else 1)):
+            radius = r if (ratio == 1 or k % 2 == 0) else r * ratio
+            angle = -math.pi / 2 + k * math.pi * (2 if ratio == 1 else 1) / n
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        draw.polygon(points, fill=rgb, outline=dark)
+    # Highlight on the lit (left) side.
+    draw.ellipse([cx - r * 0.6, cy - r * 0.6, cx - r * 0.25, cy - r * 0.25], fill=tuple(min(255, v + 60) for v in rgb))
+
+
+def _jobs(root: Path, names: list[str], counts: dict[str, int], seed: int) -> Iterator[tuple]:
+    for split, count in counts.items():
+        for class_index, name in enumerate(names):
+            yield root, split, class_index, name, count, seed
+
+
+def _write_class(job: tuple) -> int:
+    """Write the missing images of one (split, class); returns how many it wrote."""
+    root, split, class_index, name, count, seed = job
+    folder = root / split / name
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for index in range(count):
+        path = folder / f"{name}_{index:05d}.jpg"
+        if path.exists():
+            continue
+        rng = np.random.default_rng([seed, SPLITS[split], class_index, index])
+        buffer = io.BytesIO()
+        render(class_index, rng).save(buffer, "JPEG", quality=int(rng.integers(80, 96)))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)  # a file that exists is complete
+        written += 1
+    return written
+
+
+def generate(
+    root: Path,
+    num_classes: int = 10,
+    train_per_class: int = 260,
+    val_per_class: int = 50,
+    seed: int = 0,
+    workers: int = 1,
+) -> Path:
+    """Write the sample folder `root/{train,val}/<class>/*.jpg`; skips complete files."""
+    root = Path(root)
+    names = class_names(num_classes)
+    counts = {split: n for split, n in (("train", train_per_class), ("val", val_per_class)) if n > 0}
+    jobs = list(_jobs(root, names, counts, seed))
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            list(pool.imap_unordered(_write_class, jobs))
+    else:
+        for job in jobs:
+            _write_class(job)
+    return root
