@@ -105,10 +105,79 @@ def _parse_lists(values: List[str]) -> dict:
     return lists
 
 
-@app.command(context_settings=_NOT_BUILT, add_help_option=False)
-def pretrain(ctx: typer.Context) -> None:
-    """Pre-train a DropPos ViT (not built yet)."""
-    _not_built("pretrain", 5)
+def _default(config_cls: type, name: str) -> str:
+    """`[default: X]` from the recipe dataclass, so help and behaviour cannot drift apart."""
+    import dataclasses
+
+    value = {f.name: f.default for f in dataclasses.fields(config_cls)}[name]
+    return f"[default: {value}]"
+
+
+def _pd(text: str, name: str) -> str:
+    from droppos.recipes import PretrainConfig
+
+    return f"{text} {_default(PretrainConfig, name)}"
+
+
+@app.command()
+def pretrain(
+    data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (created; resumed when it holds a checkpoint)."),
+    preset: Optional[str] = typer.Option(None, help="Recipe bundle: vit_b16_800ep, vit_b16_200ep, vit_l16_800ep, cpu-demo."),
+    model: Optional[str] = typer.Option(None, help=_pd("Encoder: vit_{tiny,small,base,large}_patch16, vit_base_patch32, vit_huge_patch14.", "model")),
+    img_size: Optional[int] = typer.Option(None, min=8, help=_pd("Input resolution.", "img_size")),
+    patch_size: Optional[int] = typer.Option(None, min=1, help="Override the model's patch size."),
+    depth: Optional[int] = typer.Option(None, min=1, help="Override the encoder depth (small experiments)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help=_pd("Epochs.", "epochs")),
+    warmup_epochs: Optional[float] = typer.Option(None, min=0, help=_pd("Linear warm-up epochs.", "warmup_epochs")),
+    batch_size: Optional[int] = typer.Option(None, min=1, help=_pd("Batch per device.", "batch_size")),
+    accum: Optional[int] = typer.Option(None, min=1, help=_pd("Gradient accumulation steps.", "accum")),
+    blr: Optional[float] = typer.Option(None, min=0, help=_pd("Base lr: lr = blr x effective batch / 256.", "blr")),
+    lr: Optional[float] = typer.Option(None, min=0, help="Absolute lr (overrides --blr)."),
+    weight_decay: Optional[float] = typer.Option(None, min=0, help=_pd("AdamW weight decay (none on biases, norms, tokens).", "weight_decay")),
+    clip_grad: Optional[float] = typer.Option(None, min=0, help=_pd("Gradient-norm clip (0: off).", "clip_grad")),
+    mask_ratio: Optional[float] = typer.Option(None, min=0, max=0.99, help=_pd("Patch-mask ratio gamma.", "mask_ratio")),
+    pos_mask_ratio: Optional[float] = typer.Option(None, min=0, max=1, help=_pd("Position-drop ratio gamma_pos.", "pos_mask_ratio")),
+    sigma: Optional[float] = typer.Option(None, min=0, help=_pd("Initial position-smoothing sigma.", "sigma")),
+    sigma_decay: Optional[bool] = typer.Option(None, "--sigma-decay/--no-sigma-decay", help="Decay sigma linearly to 0 [default: on]."),
+    attentive: Optional[bool] = typer.Option(None, "--attentive/--no-attentive", help="Attentive reconstruction [default: on]."),
+    tau: Optional[float] = typer.Option(None, min=1e-6, help=_pd("Attentive temperature.", "tau")),
+    mask_token: Optional[str] = typer.Option(None, help=_pd("[MASK] position token: learnable, zeros or wrong.", "mask_token")),
+    aux_mae: Optional[bool] = typer.Option(None, "--aux-mae/--no-aux-mae", help="Add the auxiliary MAE pixel loss [default: off]."),
+    pos_weight: Optional[float] = typer.Option(None, min=0, help=_pd("Weight of the position loss with --aux-mae.", "pos_weight")),
+    decoder_depth: Optional[int] = typer.Option(None, min=1, help=_pd("Position decoder blocks.", "decoder_depth")),
+    decoder_width: Optional[int] = typer.Option(None, min=8, help=_pd("Position decoder width.", "decoder_width")),
+    loader: Optional[str] = typer.Option(None, help=_pd("Input pipeline: auto, dali or pil.", "loader")),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers [default: per backend]."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile [default: on with CUDA, off on CPU]."),
+    precision: Optional[str] = typer.Option(None, help=_pd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
+    device: Optional[str] = typer.Option(None, help=_pd("auto, cuda or cpu.", "device")),
+    gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
+    nproc: Optional[int] = typer.Option(None, min=1, help="CPU: number of gloo processes."),
+    nnodes: Optional[int] = typer.Option(None, min=1, help="Number of nodes."),
+    node_rank: Optional[int] = typer.Option(None, min=0, help="This node's rank (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous, for several nodes."),
+    seed: Optional[int] = typer.Option(None, help=_pd("Seed.", "seed")),
+    max_steps: Optional[int] = typer.Option(None, min=0, help="Stop after this many optimizer steps (schedule unchanged)."),
+    ckpt_every: Optional[int] = typer.Option(None, min=1, help=_pd("Checkpoint every N steps.", "ckpt_every")),
+    ckpt_minutes: Optional[float] = typer.Option(None, min=0, help=_pd("...and every M minutes.", "ckpt_minutes")),
+    keep_every: Optional[int] = typer.Option(None, min=0, help="Also keep checkpoints/step-N.pt every N steps."),
+    log_every: Optional[int] = typer.Option(None, min=1, help=_pd("Log every N steps.", "log_every")),
+    export_only: bool = typer.Option(False, "--export-only", help="Export encoder.safetensors from --out's last checkpoint and exit."),
+) -> None:
+    """Pre-train a DropPos ViT; re-run the same command to resume."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "export_only"}
+    from droppos.recipes import PRETRAIN_PRESETS, PretrainConfig, make_config
+
+    if export_only:
+        if out is None:
+            raise UserError("--export-only needs --out RUN")
+        config = PretrainConfig(out=str(out))
+    else:
+        config = make_config(PretrainConfig, PRETRAIN_PRESETS, options)
+    from droppos import pretrain as stage
+
+    stage.run(config, export_only=export_only)
 
 
 @app.command(context_settings=_NOT_BUILT, add_help_option=False)

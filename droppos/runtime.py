@@ -1,0 +1,400 @@
+"""The runtime every training stage shares: launch, device and precision, compile,
+checkpoints, metrics, progress and signals.
+
+Launch follows torchrun's model: `--gpus N` (or `--nproc N` on the CPU) starts N
+worker processes through torch's elastic launcher; a process that torchrun or SLURM
+already started is recognised (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS) and runs
+as one worker. Only rank 0 prints, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from droppos import UserError
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank among all workers and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_externally() -> bool:
+    """True when torchrun (or an elastic agent) or a multi-task SLURM step started us."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def _adopt_slurm_env() -> None:
+    """Translate a SLURM task's variables into torch.distributed's env:// variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "")
+        first = ""
+        if nodes and shutil.which("scontrol"):
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+            first = out.stdout.split("\n", 1)[0].strip()
+        if not first:
+            raise UserError("running under SLURM without MASTER_ADDR: export MASTER_ADDR=<first node> (and MASTER_PORT)")
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def resolve_device(device: str, gpus: int) -> str:
+    """'auto' -> 'cuda' when CUDA is there, else 'cpu'; checks --gpus against what exists."""
+    has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"--device {device!r}: choose auto, cuda or cpu")
+    if device == "cuda" and not has_cuda:
+        raise UserError("--device cuda (or --gpus) but CUDA is not available here; use --device cpu [--nproc N]")
+    if gpus:
+        if not has_cuda:
+            raise UserError(f"--gpus {gpus} but CUDA is not available here; use --device cpu --nproc N instead")
+        if device != "cuda":
+            raise UserError("--gpus needs --device cuda (or auto)")
+        if gpus > torch.cuda.device_count():
+            raise UserError(f"--gpus {gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def launch(
+    entry: Callable[[dict], Any],
+    payload: dict,
+    *,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+    run_id: str = "",
+) -> None:
+    """Run `entry(payload)` in every worker: here, or in N processes via elastic launch.
+
+    `entry` must be a module-level function (workers import it by name).
+    """
+    if launched_externally() or (nproc_per_node <= 1 and nnodes <= 1):
+        entry(payload)
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc_per_node,
+        run_id=run_id or str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint=rdzv_endpoint or "localhost:0",
+        rdzv_configs={"is_host": node_rank == 0} if rdzv_endpoint else {},
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, _elastic_entry)(entry.__module__, entry.__qualname__, payload)
+    except ChildFailedError as err:
+        failures = err.failures
+        first = failures[min(failures)] if failures else None
+        detail = f" (rank {first.local_rank}: exit code {first.exitcode})" if first is not None else ""
+        raise SystemExit(f"droppos: error: a worker process failed{detail}; its output is above") from None
+
+
+def _elastic_entry(module: str, name: str, payload: dict) -> None:
+    """What each launched worker runs: import the stage's entry by name and call it."""
+    getattr(importlib.import_module(module), name)(payload)
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one worker."""
+    _adopt_slurm_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), device_id=dev if device == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= info.world_size
+    return values
+
+
+def all_reduce_max(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# Precision, compile, seeds
+
+
+def setup_precision(device: torch.device, precision: str) -> str:
+    """Resolve 'auto' (bf16 on CUDA, fp32 on CPU) and allow TF32 on CUDA."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"--precision {precision!r}: choose auto, bf16 or fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A seed per (seed, rank, step): masks depend on the step alone, so resume is exact."""
+    return zlib.crc32(f"{seed}/{rank}/{step}".encode()) + (seed << 32)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `module.` and `_orig_mod.` prefixes that DDP and compile add to keys."""
+    out = {}
+    for key, value in state.items():
+        parts = [p for p in key.split(".") if p not in ("module", "_orig_mod")]
+        out[".".join(parts)] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
+    """Load with weights_only=True; an unreadable file is a user-facing error."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# Signals
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics and progress
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per log step), plus TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(key, value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A rich bar on a terminal, plain periodic lines otherwise (SLURM and CI logs)."""
+
+    def __init__(self, total: int, start: int, enabled: bool, description: str) -> None:
+        self.enabled = enabled
+        self.interactive = enabled and sys.stderr.isatty()
+        self._bar = None
+        if self.interactive:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=Console(stderr=True),
+            )
+            self._task = self._bar.add_task(description, total=total, completed=start, status="")
+            self._bar.start()
+
+    def update(self, step: int, status: str = "") -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=status)
+
+    def log(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class Timer:
+    """Wall time split into waiting for data and the rest, between log steps."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

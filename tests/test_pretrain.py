@@ -1,0 +1,204 @@
+"""`droppos pretrain`: outputs, resume after kill -9, SIGTERM, gloo DDP, divergence,
+presets and user mistakes. Runs the real CLI in subprocesses on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from droppos.pretrain import lr_at, sigma_at_step
+from droppos.recipes import PRETRAIN_PRESETS, PretrainConfig, make_config
+
+TINY = [
+    "--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
+    "--decoder-width", "64", "--decoder-depth", "1", "--batch-size", "8", "--epochs", "4",
+    "--warmup-epochs", "1", "--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0",
+]
+
+
+def droppos(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "droppos", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        path = run / "metrics.jsonl"
+        if path.exists() and any(r.get("step", 0) >= step and "loss" in r for r in metrics(run)):
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for training progress")
+
+
+# --- recipes and schedules ---------------------------------------------------------------
+
+
+def test_defaults_and_presets_are_the_papers_recipe():
+    c = PretrainConfig()
+    assert (c.model, c.img_size, c.epochs, c.warmup_epochs, c.batch_size) == ("vit_base_patch16", 224, 800, 10, 64)
+    assert (c.blr, c.weight_decay, c.clip_grad) == (1.5e-4, 0.05, 5.0)
+    assert (c.mask_ratio, c.pos_mask_ratio, c.sigma, c.sigma_decay, c.tau) == (0.75, 0.75, 1.0, True, 0.1)
+    assert (c.attentive, c.mask_token, c.decoder_width, c.decoder_depth) == (True, "learnable", 512, 2)
+    b800 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_800ep"})
+    b200 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_200ep"})
+    l800 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_l16_800ep"})
+    assert (b800.model, b800.epochs, b800.warmup_epochs, b800.batch_size, b800.blr) == ("vit_base_patch16", 800, 10, 64, 1.5e-4)
+    assert (b200.model, b200.epochs, b200.warmup_epochs, b200.batch_size) == ("vit_base_patch16", 200, 10, 64)
+    assert (l800.model, l800.epochs, l800.warmup_epochs, l800.batch_size, l800.blr) == ("vit_large_patch16", 800, 40, 128, 1.5e-4)
+    for preset in (b800, b200, l800):
+        assert (preset.mask_ratio, preset.pos_mask_ratio, preset.sigma, preset.attentive) == (0.75, 0.75, 1.0, True)
+    # The command line overrides the preset.
+    assert make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
+
+
+def test_lr_warmup_then_cosine_and_sigma_linear():
+    assert lr_at(0, 1.0, 10, 100) == 0.0
+    assert lr_at(5, 1.0, 10, 100) == pytest.approx(0.5)
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
+    assert sigma_at_step(0, 100, 1.0, True) == 1.0
+    assert sigma_at_step(50, 100, 1.0, True) == pytest.approx(0.5)
+    assert sigma_at_step(100, 100, 1.0, True) == 0.0
+    assert sigma_at_step(70, 100, 1.0, False) == 1.0
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+def test_short_run_writes_every_output(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--max-steps", "6", "--log-every", "2")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "vit_tiny_patch16" and config["max_steps"] == 6
+    records = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for key in ("epoch", "loss", "pos_acc", "lr", "sigma", "img_per_s", "data_wait"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == 6
+    assert (run / "encoder.safetensors").exists()
+    encoder_meta = json.loads((run / "encoder.json").read_text())
+    assert encoder_meta["model"].startswith("vit_tiny_patch16")
+    assert "held-out pos_acc" in result.stderr
+    # --export-only rewrites the encoder from the checkpoint.
+    (run / "encoder.safetensors").unlink()
+    result = droppos("pretrain", "--export-only", "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (run / "encoder.safetensors").exists()
+
+
+def test_kill9_then_resume_matches_an_uninterrupted_run(sample_shards, tmp_path):
+    common = ["--data", str(sample_shards), *TINY, "--max-steps", "12", "--log-every", "1", "--ckpt-every", "3"]
+    straight = tmp_path / "straight"
+    assert droppos("pretrain", "--out", str(straight), *common).returncode == 0
+    resumed = tmp_path / "resumed"
+    proc = start("pretrain", "--out", str(resumed), *common)
+    wait_for_step(resumed, 7, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 3 <= killed_at < 12
+    result = droppos("pretrain", "--out", str(resumed), *common)
+    assert result.returncode == 0, result.stderr
+    assert f"from step {killed_at}" in result.stderr
+    want = {r["step"]: r for r in metrics(straight) if "loss" in r}
+    got = {r["step"]: r for r in metrics(resumed) if "loss" in r}  # the last record of a step wins
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step]["lr"] == want[step]["lr"], step
+        assert got[step]["sigma"] == want[step]["sigma"], step
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4, abs=1e-5), step
+
+
+def test_sigterm_saves_a_checkpoint(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = start("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--log-every", "1", "--ckpt-every", "1000")
+    wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] >= 2 and saved["reason"] == "stopped by SIGTERM"
+
+
+def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--nproc", "2",
+                     "--max-steps", "4", "--log-every", "2", timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [2, 4]
+
+
+def test_divergence_stops_cleanly_and_keeps_a_finite_checkpoint(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--lr", "1e30",
+                     "--clip-grad", "0", "--warmup-epochs", "0", "--log-every", "1", "--ckpt-every", "1", "--max-steps", "20")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "non-finite" in lines[-1] and "Traceback" not in result.stderr
+    last = run / "checkpoints" / "last.pt"
+    if last.exists():
+        saved = torch.load(last, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+# --- user mistakes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/shards", "--out", "{tmp}/r"], "does not exist"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--gpus", "8"], "--gpus"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--model", "vit_enormous"], "unknown --model"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--preset", "nope"], "unknown preset"),
+        (["--data", "{shards}"], "--out is required"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--mask-ratio", "1.5"], "--mask-ratio"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--img-size", "30", "--patch-size", "8"], "divisible"),
+    ],
+)
+def test_user_mistakes_are_one_line(sample_shards, tmp_path, args, message):
+    if "--gpus" in args and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    args = [a.format(tmp=tmp_path, shards=sample_shards) for a in args]
+    result = droppos("pretrain", *args, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    assert droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--max-steps", "1").returncode == 0
+    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--depth", "2", "--max-steps", "2")
+    assert result.returncode == 2
+    assert "another model" in result.stderr and "depth=1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
