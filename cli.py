@@ -53,7 +53,9 @@ def shard(
     workers: int = typer.Option(0, min=0, help="Worker processes (0: all cores)."),
     max_side: int = typer.Option(0, min=0, help="Downscale images whose longer side exceeds PX (0: keep size)."),
     quality: int = typer.Option(90, min=1, max=100, help="JPEG quality when an image has to be re-encoded."),
-    shard_size: int = typer.Option(1000, min=1, help="Samples per tar shard."),
+    shard_size: Optional[int] = typer.Option(
+        None, min=1, help="Input images per tar shard [default: 1000; 200 with --sample, so that ranks x workers get many shards]."
+    ),
     sample_classes: int = typer.Option(10, min=2, help="--sample: number of classes."),
     sample_train: int = typer.Option(260, min=0, help="--sample: train images per class."),
     sample_val: int = typer.Option(50, min=0, help="--sample: val images per class."),
@@ -85,7 +87,7 @@ def shard(
         workers=workers or (os.cpu_count() or 1),
         max_side=max_side,
         quality=quality,
-        shard_size=shard_size,
+        shard_size=shard_size or (200 if sample else 1000),
         sample_options=dict(num_classes=sample_classes, train_per_class=sample_train, val_per_class=sample_val),
     )
 

@@ -1,0 +1,933 @@
+"""`droppos shard`: an ImageNet-style folder (or list files) -> validated WebDataset shards.
+
+Why this stage is strict: DALI has no per-sample skip (one corrupt image ends the
+pipeline), applies EXIF orientation where Pillow does not, and its shuffle is only a
+local buffer. So every input is fully decoded here; whatever DALI and Pillow could
+disagree on (CMYK, grayscale, 16-bit, palette, alpha, non-JPEG data, EXIF rotation,
+progressive or damaged JPEG structure) is converted to an RGB baseline JPEG; what
+cannot be decoded is skipped and reported; the samples are globally shuffled before
+they are written. A valid RGB baseline JPEG keeps its original bytes.
+
+Progressive JPEGs are re-encoded (at --quality): the dataset contract promises
+baseline JPEGs, which every decoder, including nvJPEG's hardware path, takes fast.
+The generation loss touches those images only; manifest.json counts them
+(conversions.progressive), so its size is known for any data set.
+
+Layout of the work: the shuffled candidates of a split are cut into shards of
+`shard_size` *candidates* (a shard holds fewer samples when some are skipped), so
+every shard's content is known before anything is decoded. That makes the shards
+independent, and a shard is the unit of parallel work (one task per worker process):
+each is written to a temporary name, fsynced, renamed, then recorded in an append-only
+progress log (OUT/.shard-progress.jsonl); a re-run verifies (sha256) what the log records
+and writes only the rest. `manifest.json` is written last, so it never lists a partial
+shard. A shard whose candidates are all skipped is not written (and not listed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import signal
+import struct
+import sys
+import tarfile
+import threading
+import time
+import warnings
+from collections import Counter
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from droppos import UserError
+from droppos.manifest import FORMAT, MANIFEST_NAME, ShardEntry, fsync_dir, load_manifest, split_shards, write_json_atomic
+
+IMAGENET_SPLITS = ("train", "val")
+PROGRESS_LOG = ".shard-progress.jsonl"
+SKIPPED_NAME = "skipped.jsonl"
+TAR_MTIME = 946684800  # 2000-01-01: fixed, so the same input and options give byte-identical tars
+TAR_BLOCK = 512
+INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+LOG_EVERY_S = 15.0
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame, not DHT/JPG/DAC
+
+
+class SkipImage(Exception):
+    """An input that cannot become a sample; the message is the reason written to skipped.jsonl."""
+
+
+class Candidate(NamedTuple):
+    """One input file: its path relative to SOURCE (POSIX) and its class index (-1: none)."""
+
+    path: str
+    label: int
+
+
+class Converted(NamedTuple):
+    """A decoded and validated image: the JPEG bytes to store and what was done to get them."""
+
+    jpg: bytes
+    width: int
+    height: int
+    actions: tuple[str, ...]
+
+
+class ShardPlan(NamedTuple):
+    """The candidates of one shard, in their shuffled order, with their global positions."""
+
+    split: str
+    name: str
+    start: int
+    items: list[Candidate]
+
+
+# --------------------------------------------------------------------------------------------
+# One image
+
+
+def convert_image(data: bytes, max_side: int = 0, quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS) -> Converted:
+    """Fully decode `data` and return RGB baseline JPEG bytes (the original ones when they already are).
+
+    Raises SkipImage with the reason for anything that cannot be decoded completely.
+    """
+    if not data:
+        raise SkipImage("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's bomb/EXIF warnings: decided explicitly below
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise SkipImage(f"decompression bomb: {err}") from None
+        except UnidentifiedImageError:
+            raise SkipImage("not an image (unrecognised format)") from None
+        except Exception as err:  # Pillow raises many types on malformed headers
+            raise SkipImage(f"unreadable image header: {_describe(err)}") from None
+        width, height = im.size
+        if width * height > max_pixels:
+            raise SkipImage(f"decompression bomb: {width}x{height} pixels exceed the limit of {max_pixels}")
+        fmt = im.format or "unknown"
+        actions: list[str] = []
+        try:
+            target = _fit(width, height, max_side)
+            if target is not None and fmt == "JPEG":
+                im.draft(im.mode, target)  # decode at 1/2, 1/4 or 1/8 scale when that is still >= target
+            im.load()  # the full decode: truncated or corrupt data fails here
+            orientation = _orientation(im, actions)
+            if orientation in range(2, 9):
+                ImageOps.exif_transpose(im, in_place=True)
+                actions.append("exif-rotated")
+            rgb = _to_rgb(im, actions)
+        except SkipImage:
+            raise
+        except Exception as err:
+            raise SkipImage(f"corrupt or truncated: {_describe(err)}") from None
+    if target is not None:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        actions.append("resized")
+    if fmt != "JPEG":
+        actions.append(fmt.lower())
+    else:
+        frame = _jpeg_frame_marker(data)
+        if frame == 0xC2 or im.info.get("progressive"):
+            actions.append("progressive")
+        elif frame != 0xC0:
+            actions.append("non-baseline")
+        elif not data.endswith(b"\xff\xd9"):
+            actions.append("jpeg-structure")  # no end-of-image marker last (trailing bytes or cut short)
+    if not actions:
+        return Converted(data, width, height, ())
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=quality)  # baseline; no EXIF/ICC copied, so orientation is gone
+    return Converted(buffer.getvalue(), width, height, tuple(actions))
+
+
+def _fit(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+    """The size within max_side (aspect kept), or None when no downscale is needed."""
+    longest = max(width, height)
+    if not max_side or longest <= max_side:
+        return None
+    scale = max_side / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _orientation(im: Image.Image, actions: list[str]) -> int:
+    """EXIF orientation (1 when absent); unparsable EXIF forces a re-encode that drops it."""
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        actions.append("bad-exif")
+        return 1
+    if not isinstance(value, int) or not 1 <= value <= 8:
+        actions.append("bad-exif")
+        return 1
+    return value
+
+
+def _to_rgb(im: Image.Image, actions: list[str]) -> Image.Image:
+    """8-bit RGB, whatever the decoded mode; alpha is composited on white (what a viewer shows)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "CMYK":
+        actions.append("cmyk")
+        return im.convert("RGB")
+    if mode in ("1", "L"):
+        actions.append("grayscale")
+        return im.convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        actions.append("16-bit" if mode != "F" else "float")
+        return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
+    if mode == "P":
+        actions.append("palette")
+        if "transparency" not in im.info:
+            return im.convert("RGB")
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        actions.append("alpha")
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    actions.append(mode.lower().replace(";", ""))  # YCbCr, LAB, HSV, ...
+    return im.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit integer or float gray levels to 8 bits (Pillow's convert would clip)."""
+    if mode == "F":
+        values = values * 255.0 if values.size and float(values.max()) <= 1.0 else values
+    elif mode.startswith("I;16") or (values.size and int(values.max()) > 255):
+        values = values.astype(np.int64) >> 8
+    return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The SOFn marker byte of a JPEG (0xC0 baseline, 0xC2 progressive, ...), None if not found."""
+    pos = 2
+    end = len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            return marker
+        if marker == 0xD8 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xDA or marker == 0xD9:  # scan data or end before any frame header
+            return None
+        pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+    return None
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _convert_file(job: tuple[str, int, int, int]) -> tuple[Converted | None, str]:
+    """Worker: read and convert one file; returns (result, "") or (None, reason)."""
+    path, max_side, quality, max_pixels = job
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, "file not found"
+    except OSError as err:
+        return None, f"unreadable file: {err.strerror or _describe(err)}"
+    try:
+        return convert_image(data, max_side, quality, max_pixels), ""
+    except SkipImage as err:
+        return None, str(err)
+    except MemoryError:
+        return None, "decompression bomb: out of memory while decoding"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the inputs
+
+
+def discover_imagenet(source: Path) -> tuple[list[str], dict[str, list[Candidate]]]:
+    """SOURCE/{train,val}/<class>/** -> sorted class names and the candidates of each split."""
+    split_dirs = {split: source / split for split in IMAGENET_SPLITS if (source / split).is_dir()}
+    if not split_dirs:
+        raise UserError(
+            f"{source} has no train/ or val/ folder; expected SOURCE/train/<class>/*.JPEG "
+            "(or give list files with --list)"
+        )
+    per_split: dict[str, list[tuple[str, str | None]]] = {}
+    class_names: set[str] = set()
+    for split, split_dir in split_dirs.items():
+        files: list[tuple[str, str | None]] = []
+        classes_here = 0
+        for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                classes_here += 1
+                class_names.add(entry.name)
+                files.extend((rel, entry.name) for rel in _walk_files(source, Path(entry.path)))
+            elif entry.is_file():
+                files.append((f"{split}/{entry.name}", None))
+        if files and not classes_here:
+            raise UserError(
+                f"{split_dir} holds files but no class folders; sort them into {split}/<class>/ "
+                f"or describe them with --list {split}=FILE"
+            )
+        per_split[split] = files
+    classes = sorted(class_names)
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {
+        split: [Candidate(rel, index[name] if name is not None else -1) for rel, name in files]
+        for split, files in per_split.items()
+    }
+    return classes, splits
+
+
+def _walk_files(source: Path, folder: Path) -> Iterator[str]:
+    """Every non-hidden regular file under `folder`, as a sorted POSIX path relative to SOURCE."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(root, name).relative_to(source).as_posix()
+
+
+def discover_lists(source: Path, lists: dict[str, Path]) -> tuple[list[str], dict[str, list[Candidate]]]:
+    """List files of `relative/path class_index` lines -> class names and candidates per split.
+
+    The given indices stand. A class is named after the one folder its files live in
+    when that is unambiguous (e.g. ImageNet synsets), else after its index.
+    """
+    splits: dict[str, list[Candidate]] = {}
+    for split, list_file in lists.items():
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise UserError(f"--list {split}={list_file}: no such file")
+        try:
+            lines = list_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--list {split}={list_file}: cannot read it ({_describe(err)})") from None
+        candidates = []
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            where = f"{list_file}:{number}"
+            fields = text.rsplit(None, 1)
+            if len(fields) != 2:
+                raise UserError(f"{where}: expected `relative/path class_index`, got {text!r}")
+            path, label = fields
+            if not label.isdigit():
+                raise UserError(f"{where}: class index {label!r} is not a non-negative integer")
+            rel = PurePosixPath(path)
+            if rel.is_absolute() or ".." in rel.parts or path.startswith("~"):
+                raise UserError(f"{where}: path {path!r} must be relative to SOURCE, without '..'")
+            candidates.append(Candidate(rel.as_posix(), int(label)))
+        if not candidates:
+            raise UserError(f"--list {split}={list_file}: no `relative/path class_index` lines in it")
+        probe = candidates[: min(len(candidates), 100)]
+        if not any((source / c.path).exists() for c in probe):
+            raise UserError(
+                f"none of the first {len(probe)} paths of {list_file} exists under {source}; "
+                "is SOURCE the folder the list's paths are relative to?"
+            )
+        splits[split] = candidates
+    num_classes = 1 + max(c.label for candidates in splits.values() for c in candidates)
+    folders: dict[int, set[str]] = {}
+    for candidates in splits.values():
+        for c in candidates:
+            parent = PurePosixPath(c.path).parent.name
+            if parent:
+                folders.setdefault(c.label, set()).add(parent)
+    names = [next(iter(folders[i])) if len(folders.get(i, ())) == 1 else str(i) for i in range(num_classes)]
+    if len(set(names)) != len(names):
+        names = [str(i) for i in range(num_classes)]
+    return names, splits
+
+
+# --------------------------------------------------------------------------------------------
+# Writing shards
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through (one pass, no re-read)."""
+
+    def __init__(self, file: io.BufferedWriter):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class _ShardWriter:
+    """One shard: a tar (webdataset's TarWriter) and its DALI index, both under temporary names
+    until commit() fsyncs and renames them."""
+
+    def __init__(self, out: Path, name: str):
+        import webdataset  # imported here: it pulls in torch, which worker processes do not need
+
+        self.out = out
+        self.name = name
+        self.tar_path, self.index_path = out / f"{name}.tar", out / f"{name}.idx"
+        self.tmp_tar, self.tmp_index = out / f".{name}.tar.tmp", out / f".{name}.idx.tmp"
+        self.file = open(self.tmp_tar, "wb")
+        self.hashing = _HashingWriter(self.file)
+        self.tar = webdataset.TarWriter(
+            self.hashing, encoder=False, mtime=TAR_MTIME, user="droppos", group="droppos", mode=0o444
+        )
+        self.index_lines: list[str] = []
+
+    def write(self, key: str, components: dict[str, bytes]) -> None:
+        """Add one sample and its index line (offsets of each component's data in the tar)."""
+        stream = self.tar.tarstream
+        position = stream.offset
+        self.tar.write({"__key__": key, **components})
+        fields = []
+        for ext in sorted(components):  # TarWriter writes components in sorted order, one USTAR header each
+            size = len(components[ext])
+            data_offset = position + TAR_BLOCK
+            fields += [ext, str(data_offset), str(size), f"{key}.{ext}"]
+            position = data_offset + -(-size // TAR_BLOCK) * TAR_BLOCK
+        if position != stream.offset:
+            raise RuntimeError(f"{self.name}: tar layout differs from the index being written")
+        self.index_lines.append(" ".join(fields))
+
+    def commit(self) -> dict:
+        """Finish, fsync and rename both files; returns the manifest entry (None-free)."""
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        index_text = f"{INDEX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
+        with open(self.tmp_index, "w", encoding="utf-8") as f:
+            f.write(index_text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.tmp_index, self.index_path)
+        os.replace(self.tmp_tar, self.tar_path)
+        fsync_dir(self.out)
+        return {
+            "tar": self.tar_path.name,
+            "index": self.index_path.name,
+            "num_samples": len(self.index_lines),
+            "bytes": self.hashing.size,
+            "sha256": self.hashing.sha256.hexdigest(),
+        }
+
+    def abort(self) -> None:
+        """Drop the temporary files (an empty shard, or an interrupted one)."""
+        if not self.file.closed:
+            with contextlib.suppress(Exception):  # flush the tar stream into the file before it closes
+                self.tar.close()
+            self.file.close()
+        self.tmp_tar.unlink(missing_ok=True)
+        self.tmp_index.unlink(missing_ok=True)
+
+
+def _sample_components(label: int, class_name: str, path: str, converted: Converted) -> dict[str, bytes]:
+    """jpg, cls (ASCII), lbl (int32 little-endian: fixed width, what DALI batches) and json (provenance)."""
+    meta = {"path": path, "class": class_name, "width": converted.width, "height": converted.height}
+    return {
+        "jpg": converted.jpg,
+        "cls": str(label).encode("ascii"),
+        "lbl": struct.pack("<i", label),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def _sample_key(split: str, position: int) -> str:
+    return f"{split}_{position:09d}"  # no dot: webdataset and DALI split keys at the first dot
+
+
+# --------------------------------------------------------------------------------------------
+# Progress on a terminal (rich) or as periodic plain lines (logs)
+
+
+class _Progress:
+    """A rich bar on stderr when it is a terminal, else one plain line every LOG_EVERY_S seconds."""
+
+    def __init__(self, label: str, total: int, unit: str = "images"):
+        self.label, self.total, self.unit = label, total, unit
+        self.done = 0
+        self.started = self.last_log = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, rate="")
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, rate=f"{self._rate(now):,.0f} {self.unit}/s")
+        elif now - self.last_log >= LOG_EVERY_S:
+            self.last_log = now
+            self._line(now)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.total and self.done and time.monotonic() - self.started >= LOG_EVERY_S:
+            self._line(time.monotonic())
+
+    def _rate(self, now: float) -> float:
+        return self.done / max(now - self.started, 1e-9)
+
+    def _line(self, now: float) -> None:
+        rate = self._rate(now)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(
+            f"{self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.1f}%), "
+            f"{rate:,.0f} {self.unit}/s, eta {eta:,.0f} s",
+            file=sys.stderr, flush=True,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def run(
+    source: Path | None,
+    out: Path,
+    sample: bool = False,
+    lists: dict[str, Path] | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    max_side: int = 0,
+    quality: int = 90,
+    shard_size: int = 1000,
+    sample_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict:
+    """Shard SOURCE (or the built-in sample data) into OUT; resumes a previous run; returns the manifest."""
+    lists = dict(lists or {})
+    _check_options(workers=workers, max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels)
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {out} is a file; give a directory (it is created when missing)")
+    if sample:
+        from droppos import sample_data
+
+        out.mkdir(parents=True, exist_ok=True)
+        source = out / "sample-source"
+        print(f"generating the sample data in {source}", file=sys.stderr, flush=True)
+        sample_data.generate(source, workers=workers, **(sample_options or {}))
+    if source is None:
+        raise UserError("give SOURCE (or --sample)")
+    source = Path(source).absolute()
+    if not source.is_dir():
+        raise UserError(f"SOURCE {source} does not exist or is not a directory")
+    if not any(source.iterdir()):
+        raise UserError(f"SOURCE {source} is empty")
+    if out == source or any(source / split == out or source / split in out.parents for split in IMAGENET_SPLITS):
+        raise UserError(f"OUT {out} must not be SOURCE or lie inside its train/ or val/ folder")
+
+    classes, found = discover_lists(source, lists) if lists else discover_imagenet(source)
+    splits = [s for s in _split_order(found) if found[s]]
+    total_found = sum(len(found[s]) for s in splits)
+    if total_found == 0:
+        raise UserError(f"SOURCE {source} has no files in its class folders (expected SOURCE/train/<class>/*.JPEG)")
+
+    options = {
+        "source": str(source),
+        "mode": "list" if lists else "imagenet",
+        "lists": {split: str(Path(path).absolute()) for split, path in lists.items()},
+        "sample": sample,
+        "seed": seed,
+        "shard_size": shard_size,
+        "max_side": max_side,
+        "quality": quality,
+        "max_pixels": max_pixels,
+    }
+    plans = _plan_shards(found, splits, seed, shard_size)
+    options["fingerprint"] = _fingerprint(classes, found, splits, options)
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = _resume(out, options["fingerprint"])
+    todo = [plan for plan in plans if plan.name not in records]
+    if len(todo) < len(plans):
+        print(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already complete and verified",
+              file=sys.stderr, flush=True)
+    if todo:
+        _write_shards(source, out, todo, classes, options, workers, records)
+
+    manifest = _finish(out, plans, classes, found, splits, options, records)
+    _print_tally(out, manifest)
+    return manifest
+
+
+def _check_options(**values: int) -> None:
+    """The programmatic twin of the CLI's option checks (run() is also called from Python)."""
+    if values["workers"] < 1:
+        raise UserError(f"--workers must be >= 1, got {values['workers']}")
+    if values["shard_size"] < 1:
+        raise UserError(f"--shard-size must be >= 1, got {values['shard_size']}")
+    if not 1 <= values["quality"] <= 100:
+        raise UserError(f"--quality must be in 1..100, got {values['quality']}")
+    if values["max_side"] != 0 and values["max_side"] < 16:
+        raise UserError(f"--max-side must be 0 (keep size) or >= 16, got {values['max_side']}")
+    if values["max_pixels"] < 1:
+        raise UserError(f"max_pixels must be >= 1, got {values['max_pixels']}")
+
+
+def _split_order(splits: Iterable[str]) -> list[str]:
+    return sorted(splits, key=lambda s: (s not in IMAGENET_SPLITS, IMAGENET_SPLITS.index(s) if s in IMAGENET_SPLITS else 0, s))
+
+
+def _plan_shards(found: dict[str, list[Candidate]], splits: list[str], seed: int, shard_size: int) -> list[ShardPlan]:
+    """Sort (so the file system's listing order cannot matter), shuffle by seed, cut into shards."""
+    plans = []
+    for split in splits:
+        order = sorted(found[split])
+        random.Random(f"droppos-shard:{seed}:{split}").shuffle(order)
+        for number, start in enumerate(range(0, len(order), shard_size)):
+            plans.append(ShardPlan(split, f"{split}-{number:06d}", start, order[start : start + shard_size]))
+    return plans
+
+
+def _fingerprint(classes: list[str], found: dict[str, list[Candidate]], splits: list[str], options: dict) -> str:
+    """What the shards depend on: the input listing, the classes and the options that change bytes."""
+    digest = hashlib.sha256()
+    relevant = {k: options[k] for k in ("mode", "seed", "shard_size", "max_side", "quality", "max_pixels")}
+    digest.update(json.dumps({"format": FORMAT, "classes": classes, "options": relevant}, sort_keys=True).encode())
+    for split in splits:
+        digest.update(f"\n[{split}]\n".encode())
+        for candidate in sorted(found[split]):
+            digest.update(f"{candidate.path}\t{candidate.label}\n".encode())
+    return digest.hexdigest()
+
+
+def _resume(out: Path, fingerprint: str) -> dict[str, dict]:
+    """Shard records of a previous run on OUT whose files still match; refuses foreign datasets."""
+    log = out / PROGRESS_LOG
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            previous = json.loads(manifest_path.read_text(encoding="utf-8")).get("options", {}).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != fingerprint:
+            raise UserError(
+                f"OUT {out} already holds a dataset written from other input or options; "
+                "give an empty directory or delete that one"
+            )
+    records: dict[str, dict] = {}
+    if not log.is_file():
+        return records
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        header = {}
+    if header.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"OUT {out} holds shards of an unfinished run from other input or options; "
+            "re-run that command, or give an empty directory"
+        )
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by an interruption: that shard is simply redone
+        records[record["name"]] = record
+    return {name: record for name, record in records.items() if _shard_intact(out, record)}
+
+
+def _shard_intact(out: Path, record: dict) -> bool:
+    """A recorded shard is reusable when its files exist with the recorded size and sha256."""
+    entry = record.get("entry")
+    if entry is None:  # every candidate of that shard was skipped: nothing on disk to check
+        return True
+    tar, index = out / entry["tar"], out / entry["index"]
+    if not (tar.is_file() and index.is_file()) or tar.stat().st_size != entry["bytes"]:
+        return False
+    with open(tar, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() == entry["sha256"]
+
+
+def _write_shards(
+    source: Path, out: Path, todo: list[ShardPlan], classes: list[str], options: dict, workers: int,
+    records: dict[str, dict],
+) -> None:
+    """Write the shards of `todo`, one shard per task on `workers` processes, logging each when done.
+
+    Shards, not images, are the unit of parallel work: the image bytes never cross a process
+    boundary and the tar writing scales with the workers too.
+    """
+    import webdataset  # noqa: F401  (slow import: done once here, before forking and the progress clock)
+
+    for stale in [*out.glob(".*-[0-9]*.tar.tmp"), *out.glob(".*-[0-9]*.idx.tmp")]:
+        stale.unlink()  # left by a worker killed mid-shard
+    log_path = out / PROGRESS_LOG
+    if not log_path.is_file():
+        with open(log_path, "w", encoding="utf-8") as log:
+            log.write(json.dumps({"format": FORMAT, "fingerprint": options["fingerprint"]}) + "\n")
+    settings = (options["max_side"], options["quality"], options["max_pixels"])
+    tasks = [(source, out, plan, classes, settings) for plan in todo]
+    progress = _Progress("shard", sum(len(plan.items) for plan in todo))
+    with open(log_path, "a", encoding="utf-8") as log:
+
+        def record_done(record: dict) -> None:
+            log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            records[record["name"]] = record
+
+        try:
+            if workers == 1 or len(tasks) == 1:
+                for task in tasks:
+                    record_done(_write_shard(task, on_image=progress.advance))
+                return
+            context = _pool_context()
+            counter = context.Value("q", 0)
+            with context.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
+                pending = pool.imap_unordered(_write_shard, tasks)
+                while True:
+                    try:
+                        record = pending.next(timeout=0.5)
+                    except multiprocessing.TimeoutError:
+                        progress.advance(counter.value - progress.done)
+                        continue
+                    except StopIteration:
+                        break
+                    record_done(record)
+                    progress.advance(counter.value - progress.done)
+        finally:
+            progress.close()
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe (Linux, no other Python thread): workers start in milliseconds and
+    inherit the imports; spawn elsewhere (each worker then imports webdataset itself)."""
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+_images_done = None  # a shared counter in worker processes, for the progress display
+
+
+def _init_worker(counter: multiprocessing.sharedctypes.Synchronized) -> None:
+    """Ctrl-C is the main process's to handle: it stops the pool; the next run removes the temporaries."""
+    global _images_done
+    _images_done = counter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _count_image() -> None:
+    if _images_done is not None:
+        with _images_done.get_lock():
+            _images_done.value += 1
+
+
+def _write_shard(task: tuple, on_image: Callable[[], None] = _count_image) -> dict:
+    """Convert the candidates of one shard in order and write it atomically; returns its record."""
+    source, out, plan, classes, (max_side, quality, max_pixels) = task
+    writer = _ShardWriter(out, plan.name)
+    skipped, actions = [], Counter()
+    try:
+        for offset, candidate in enumerate(plan.items):
+            if candidate.label < 0:
+                converted, reason = None, "not inside a class folder"
+            else:
+                converted, reason = _convert_file((str(source / candidate.path), max_side, quality, max_pixels))
+            if converted is None:
+                skipped.append({"path": candidate.path, "reason": reason})
+            else:
+                actions.update(converted.actions or ("kept",))
+                components = _sample_components(candidate.label, classes[candidate.label], candidate.path, converted)
+                writer.write(_sample_key(plan.split, plan.start + offset), components)
+            on_image()
+        if writer.index_lines:
+            entry = writer.commit()
+        else:  # every candidate skipped: no empty tar (DALI's index format cannot describe one)
+            writer.abort()
+            entry = None
+    except BaseException:
+        writer.abort()
+        raise
+    return {"name": plan.name, "split": plan.split, "found": len(plan.items), "entry": entry,
+            "skipped": skipped, "actions": dict(sorted(actions.items()))}
+
+
+def _finish(
+    out: Path, plans: list[ShardPlan], classes: list[str], found: dict[str, list[Candidate]], splits: list[str],
+    options: dict, records: dict[str, dict],
+) -> dict:
+    """Write skipped.jsonl and manifest.json from the shard records (the manifest last)."""
+    split_info: dict[str, dict] = {}
+    skipped_lines: list[str] = []
+    actions: Counter = Counter()
+    for split in splits:
+        shards, written, skipped = [], 0, 0
+        for plan in (p for p in plans if p.split == split):
+            record = records[plan.name]
+            skipped += len(record["skipped"])
+            skipped_lines.extend(json.dumps(s, ensure_ascii=False) for s in record["skipped"])
+            actions.update(record["actions"])
+            if record["entry"] is not None:
+                shards.append(record["entry"])
+                written += record["entry"]["num_samples"]
+        if written + skipped != len(found[split]):
+            raise RuntimeError(f"{split}: written {written} + skipped {skipped} != found {len(found[split])}")
+        split_info[split] = {"num_samples": written, "found": len(found[split]), "skipped": skipped, "shards": shards}
+    (out / SKIPPED_NAME).write_text("".join(line + "\n" for line in skipped_lines), encoding="utf-8")
+    total_written = sum(info["num_samples"] for info in split_info.values())
+    if total_written == 0:
+        (out / PROGRESS_LOG).unlink(missing_ok=True)  # nothing usable: do not let a re-run "resume" this
+        raise UserError(
+            f"none of the {sum(len(found[s]) for s in splits)} inputs under {options['source']} is a usable "
+            f"image (reasons in {out / SKIPPED_NAME})"
+        )
+    manifest = {
+        "format": FORMAT,
+        "classes": classes,
+        "splits": {split: info for split, info in split_info.items() if info["num_samples"] > 0},
+        "found": sum(info["found"] for info in split_info.values()),
+        "written": total_written,
+        "skipped": sum(info["skipped"] for info in split_info.values()),
+        "conversions": {k: v for k, v in sorted(actions.items()) if k != "kept"},
+        "kept_original_bytes": actions.get("kept", 0),
+        "options": options,
+    }
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _print_tally(out: Path, manifest: dict) -> None:
+    for split, info in manifest["splits"].items():
+        print(f"{split}: found {info['found']}, written {info['num_samples']}, skipped {info['skipped']}, "
+              f"{len(info['shards'])} shard{'s' if len(info['shards']) != 1 else ''}")
+    conversions = ", ".join(f"{k} {v}" for k, v in manifest["conversions"].items()) or "none"
+    print(f"re-encoded or converted: {conversions}; original bytes kept: {manifest['kept_original_bytes']}")
+    print(f"total: found {manifest['found']}, written {manifest['written']}, skipped {manifest['skipped']} "
+          f"-> {out} (skipped inputs and reasons: {out / SKIPPED_NAME})")
+
+
+# --------------------------------------------------------------------------------------------
+# --verify
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes what is read, so a tar is checked in one pass."""
+
+    def __init__(self, file: io.BufferedReader):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.sha256.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def verify(path: Path, decode: bool = False) -> dict:
+    """Re-check every listed shard: size, sha256, sample count, index; with decode, every image.
+
+    Raises UserError with a one-line reason at the first mismatch; returns per-split counts.
+    """
+    data_dir = Path(path)
+    manifest = load_manifest(data_dir)
+    entries = {split: split_shards(data_dir, split, manifest) for split in manifest["splits"]}
+    total_bytes = sum(e.bytes for shards in entries.values() for e in shards)
+    progress = _Progress("verify", total_bytes, unit="bytes")
+    counts: dict[str, int] = {}
+    try:
+        for split, shards in entries.items():
+            counts[split] = 0
+            for entry in shards:
+                counts[split] += _verify_shard(entry, decode)
+                progress.advance(entry.bytes)
+            expected = manifest["splits"][split]["num_samples"]
+            if counts[split] != expected:
+                raise UserError(f"split {split!r}: shards hold {counts[split]} samples, manifest says {expected}")
+    finally:
+        progress.close()
+    summary = ", ".join(f"{split} {n} samples in {len(entries[split])} shard{'s' if len(entries[split]) != 1 else ''}"
+                        for split, n in counts.items())
+    print(f"verified {data_dir}: {summary}; sha256, sample counts and indexes match"
+          + ("; every image decodes" if decode else ""))
+    return counts
+
+
+def _verify_shard(entry: ShardEntry, decode: bool) -> int:
+    """Check one shard in a single read; returns its sample count."""
+    name = entry.tar.name
+    if entry.tar.stat().st_size != entry.bytes:
+        raise UserError(f"{name}: size {entry.tar.stat().st_size} bytes, manifest says {entry.bytes}; re-run `droppos shard`")
+    samples: dict[str, dict[str, bytes | None]] = {}
+    with open(entry.tar, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    wanted = decode and ext in ("jpg", "cls", "lbl")
+                    data = tar.extractfile(member).read() if wanted and member.isfile() else None
+                    samples.setdefault(key, {})[ext] = data
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise UserError(f"{name}: not a readable tar ({_describe(err)}); re-run `droppos shard`") from None
+        reader.drain()
+    if reader.sha256.hexdigest() != entry.sha256:
+        raise UserError(f"{name}: sha256 differs from the manifest (corrupt or modified); re-run `droppos shard`")
+    if len(samples) != entry.num_samples:
+        raise UserError(f"{name}: {len(samples)} samples, manifest says {entry.num_samples}")
+    for key, components in samples.items():
+        missing = {"jpg", "cls", "lbl", "json"} - set(components)
+        if missing:
+            raise UserError(f"{name}: sample {key} lacks {', '.join(sorted(missing))}")
+    header = entry.index.read_text(encoding="ascii", errors="replace").split("\n", 1)[0].split()
+    if header != [INDEX_VERSION, str(entry.num_samples)]:
+        raise UserError(f"{entry.index.name}: index header {' '.join(header)!r} does not match {entry.num_samples} samples")
+    if decode:
+        for key, components in samples.items():
+            _verify_sample(name, key, components)
+    return len(samples)
+
+
+def _verify_sample(shard: str, key: str, components: dict) -> None:
+    label = components["lbl"]
+    if len(label) != 4 or str(struct.unpack("<i", label)[0]).encode() != components["cls"]:
+        raise UserError(f"{shard}: sample {key} has inconsistent cls/lbl labels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(components["jpg"])) as im:
+                im.load()
+                ok = im.format == "JPEG" and im.mode == "RGB"
+    except Exception as err:
+        raise UserError(f"{shard}: sample {key}: image does not decode ({_describe(err)})") from None
+    if not ok:
+        raise UserError(f"{shard}: sample {key} is not an RGB JPEG")
