@@ -54,7 +54,7 @@ def shard(
     max_side: int = typer.Option(0, min=0, help="Downscale images whose longer side exceeds PX (0: keep size)."),
     quality: int = typer.Option(90, min=1, max=100, help="JPEG quality when an image has to be re-encoded."),
     shard_size: Optional[int] = typer.Option(
-        None, min=1, help="Input images per tar shard [default: 1000; 200 with --sample, so that ranks x workers get many shards]."
+        None, min=1, help="Input images per tar shard (default: 1000; 200 with --sample, so that ranks x workers get many shards)."
     ),
     sample_classes: int = typer.Option(10, min=2, help="--sample: number of classes."),
     sample_train: int = typer.Option(260, min=0, help="--sample: train images per class."),
@@ -108,11 +108,11 @@ def _parse_lists(values: List[str]) -> dict:
 
 
 def _default(config_cls: type, name: str) -> str:
-    """`[default: X]` from the recipe dataclass, so help and behaviour cannot drift apart."""
+    """`(default: X)` from the recipe dataclass, so help and behaviour cannot drift apart."""
     import dataclasses
 
     value = {f.name: f.default for f in dataclasses.fields(config_cls)}[name]
-    return f"[default: {value}]"
+    return f"(default: {value})"
 
 
 def _pd(text: str, name: str) -> str:
@@ -141,17 +141,17 @@ def pretrain(
     mask_ratio: Optional[float] = typer.Option(None, min=0, max=0.99, help=_pd("Patch-mask ratio gamma.", "mask_ratio")),
     pos_mask_ratio: Optional[float] = typer.Option(None, min=0, max=1, help=_pd("Position-drop ratio gamma_pos.", "pos_mask_ratio")),
     sigma: Optional[float] = typer.Option(None, min=0, help=_pd("Initial position-smoothing sigma.", "sigma")),
-    sigma_decay: Optional[bool] = typer.Option(None, "--sigma-decay/--no-sigma-decay", help="Decay sigma linearly to 0 [default: on]."),
-    attentive: Optional[bool] = typer.Option(None, "--attentive/--no-attentive", help="Attentive reconstruction [default: on]."),
+    sigma_decay: Optional[bool] = typer.Option(None, "--sigma-decay/--no-sigma-decay", help="Decay sigma linearly to 0 (default: on)."),
+    attentive: Optional[bool] = typer.Option(None, "--attentive/--no-attentive", help="Attentive reconstruction (default: on)."),
     tau: Optional[float] = typer.Option(None, min=1e-6, help=_pd("Attentive temperature.", "tau")),
     mask_token: Optional[str] = typer.Option(None, help=_pd("[MASK] position token: learnable, zeros or wrong.", "mask_token")),
-    aux_mae: Optional[bool] = typer.Option(None, "--aux-mae/--no-aux-mae", help="Add the auxiliary MAE pixel loss [default: off]."),
+    aux_mae: Optional[bool] = typer.Option(None, "--aux-mae/--no-aux-mae", help="Add the auxiliary MAE pixel loss (default: off)."),
     pos_weight: Optional[float] = typer.Option(None, min=0, help=_pd("Weight of the position loss with --aux-mae.", "pos_weight")),
     decoder_depth: Optional[int] = typer.Option(None, min=1, help=_pd("Position decoder blocks.", "decoder_depth")),
     decoder_width: Optional[int] = typer.Option(None, min=8, help=_pd("Position decoder width.", "decoder_width")),
     loader: Optional[str] = typer.Option(None, help=_pd("Input pipeline: auto, dali or pil.", "loader")),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers [default: per backend]."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile [default: on with CUDA, off on CPU]."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile (default: on with CUDA, off on CPU)."),
     precision: Optional[str] = typer.Option(None, help=_pd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
     device: Optional[str] = typer.Option(None, help=_pd("auto, cuda or cpu.", "device")),
     gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
@@ -182,22 +182,163 @@ def pretrain(
     stage.run(config, export_only=export_only)
 
 
-@app.command(context_settings=_NOT_BUILT, add_help_option=False)
-def finetune(ctx: typer.Context) -> None:
-    """Fine-tune an encoder with the MAE protocol (not built yet)."""
-    _not_built("finetune", 6)
+def _fd(text: str, name: str) -> str:
+    from droppos.recipes import FinetuneConfig
+
+    return f"{text} {_default(FinetuneConfig, name)}"
 
 
-@app.command(context_settings=_NOT_BUILT, add_help_option=False)
-def probe(ctx: typer.Context) -> None:
-    """Linear-probe a frozen encoder (not built yet)."""
-    _not_built("probe", 6)
+@app.command()
+def finetune(
+    data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (created; resumed when it holds a checkpoint)."),
+    encoder: Optional[Path] = typer.Option(None, help="An exported encoder (RUN/encoder.safetensors)."),
+    run: Optional[Path] = typer.Option(None, help="A `droppos pretrain` run directory (its encoder.safetensors)."),
+    timm_model: Optional[str] = typer.Option(None, help="A timm ViT name, randomly initialised (no download)."),
+    random_init: Optional[bool] = typer.Option(None, "--random-init/--no-random-init", help="Use --encoder/--run's architecture without its weights (a baseline)."),
+    depth: Optional[int] = typer.Option(None, min=1, help="With --timm-model: override the depth (small experiments)."),
+    preset: Optional[str] = typer.Option(None, help="Recipe bundle: vit_b16, vit_l16, cpu-demo."),
+    img_size: Optional[int] = typer.Option(None, min=8, help="Input resolution (default: the encoder's own)."),
+    pool: Optional[str] = typer.Option(None, help=_fd("Feature: avg (patch tokens, fc_norm) or token ([CLS]).", "pool")),
+    epochs: Optional[int] = typer.Option(None, min=1, help=_fd("Epochs.", "epochs")),
+    warmup_epochs: Optional[float] = typer.Option(None, min=0, help=_fd("Linear warm-up epochs.", "warmup_epochs")),
+    batch_size: Optional[int] = typer.Option(None, min=1, help=_fd("Batch per device.", "batch_size")),
+    accum: Optional[int] = typer.Option(None, min=1, help=_fd("Gradient accumulation steps.", "accum")),
+    blr: Optional[float] = typer.Option(None, min=0, help=_fd("Base lr: lr = blr x effective batch / 256.", "blr")),
+    lr: Optional[float] = typer.Option(None, min=0, help="Absolute lr (overrides --blr)."),
+    min_lr: Optional[float] = typer.Option(None, min=0, help=_fd("Final lr of the cosine.", "min_lr")),
+    weight_decay: Optional[float] = typer.Option(None, min=0, help=_fd("AdamW weight decay.", "weight_decay")),
+    layer_decay: Optional[float] = typer.Option(None, min=0, max=1, help=_fd("Layer-wise lr decay.", "layer_decay")),
+    drop_path: Optional[float] = typer.Option(None, min=0, max=0.99, help=_fd("Stochastic depth rate.", "drop_path")),
+    clip_grad: Optional[float] = typer.Option(None, min=0, help=_fd("Gradient-norm clip (0: off).", "clip_grad")),
+    mixup: Optional[float] = typer.Option(None, min=0, help=_fd("Mixup alpha (0: off).", "mixup")),
+    cutmix: Optional[float] = typer.Option(None, min=0, help=_fd("CutMix alpha (0: off).", "cutmix")),
+    smoothing: Optional[float] = typer.Option(None, min=0, max=0.99, help=_fd("Label smoothing.", "smoothing")),
+    reprob: Optional[float] = typer.Option(None, min=0, max=1, help=_fd("Random-erasing probability.", "reprob")),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep and evaluate an EMA of the weights (default: off)."),
+    ema_decay: Optional[float] = typer.Option(None, min=0, max=1, help=_fd("EMA decay.", "ema_decay")),
+    loader: Optional[str] = typer.Option(None, help=_fd("Input pipeline: auto, dali or pil.", "loader")),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile (default: on with CUDA, off on CPU)."),
+    precision: Optional[str] = typer.Option(None, help=_fd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
+    device: Optional[str] = typer.Option(None, help=_fd("auto, cuda or cpu.", "device")),
+    gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
+    nproc: Optional[int] = typer.Option(None, min=1, help="CPU: number of gloo processes."),
+    nnodes: Optional[int] = typer.Option(None, min=1, help="Number of nodes."),
+    node_rank: Optional[int] = typer.Option(None, min=0, help="This node's rank (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous, for several nodes."),
+    seed: Optional[int] = typer.Option(None, help=_fd("Seed.", "seed")),
+    max_steps: Optional[int] = typer.Option(None, min=0, help="Stop after this many optimizer steps (schedule unchanged)."),
+    ckpt_every: Optional[int] = typer.Option(None, min=1, help=_fd("Checkpoint every N steps.", "ckpt_every")),
+    ckpt_minutes: Optional[float] = typer.Option(None, min=0, help=_fd("...and every M minutes.", "ckpt_minutes")),
+    log_every: Optional[int] = typer.Option(None, min=1, help=_fd("Log every N steps.", "log_every")),
+) -> None:
+    """Fine-tune an encoder end to end (MAE protocol); top-1/top-5 in OUT/results.json. Re-run to resume."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    from droppos.recipes import FINETUNE_PRESETS, FinetuneConfig, make_config
+
+    config = make_config(FinetuneConfig, FINETUNE_PRESETS, options)
+    from droppos import finetune as stage
+
+    stage.run(config)
 
 
-@app.command("eval-pos", context_settings=_NOT_BUILT, add_help_option=False)
-def eval_pos(ctx: typer.Context) -> None:
-    """Measure location awareness: position accuracy, token-order sensitivity (not built yet)."""
-    _not_built("eval-pos", 7)
+def _prd(text: str, name: str) -> str:
+    from droppos.recipes import ProbeConfig
+
+    return f"{text} {_default(ProbeConfig, name)}"
+
+
+@app.command()
+def probe(
+    data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (created; resumed when it holds a checkpoint)."),
+    encoder: Optional[Path] = typer.Option(None, help="An exported encoder (RUN/encoder.safetensors)."),
+    run: Optional[Path] = typer.Option(None, help="A `droppos pretrain` run directory (its encoder.safetensors)."),
+    timm_model: Optional[str] = typer.Option(None, help="A timm ViT name, randomly initialised (no download)."),
+    random_init: Optional[bool] = typer.Option(None, "--random-init/--no-random-init", help="Use --encoder/--run's architecture without its weights (a baseline)."),
+    depth: Optional[int] = typer.Option(None, min=1, help="With --timm-model: override the depth (small experiments)."),
+    preset: Optional[str] = typer.Option(None, help="Recipe bundle: mae, cpu-demo."),
+    cached: Optional[bool] = typer.Option(None, "--cached/--no-cached", help="Extract frozen features once (eval transforms), then train the head on them (default: off)."),
+    img_size: Optional[int] = typer.Option(None, min=8, help="Input resolution (default: the encoder's own)."),
+    pool: Optional[str] = typer.Option(None, help=_prd("Feature: token ([CLS]) or avg (patch tokens).", "pool")),
+    epochs: Optional[int] = typer.Option(None, min=1, help=_prd("Epochs.", "epochs")),
+    warmup_epochs: Optional[float] = typer.Option(None, min=0, help=_prd("Linear warm-up epochs.", "warmup_epochs")),
+    batch_size: Optional[int] = typer.Option(None, min=2, help=_prd("Batch per device.", "batch_size")),
+    blr: Optional[float] = typer.Option(None, min=0, help=_prd("Base lr: lr = blr x effective batch / 256.", "blr")),
+    lr: Optional[float] = typer.Option(None, min=0, help="Absolute lr (overrides --blr)."),
+    min_lr: Optional[float] = typer.Option(None, min=0, help=_prd("Final lr of the cosine.", "min_lr")),
+    weight_decay: Optional[float] = typer.Option(None, min=0, help=_prd("LARS weight decay.", "weight_decay")),
+    loader: Optional[str] = typer.Option(None, help=_prd("Input pipeline: auto, dali or pil.", "loader")),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the encoder (default: on with CUDA, off on CPU)."),
+    precision: Optional[str] = typer.Option(None, help=_prd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
+    device: Optional[str] = typer.Option(None, help=_prd("auto, cuda or cpu.", "device")),
+    gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
+    nproc: Optional[int] = typer.Option(None, min=1, help="CPU: number of gloo processes."),
+    nnodes: Optional[int] = typer.Option(None, min=1, help="Number of nodes."),
+    node_rank: Optional[int] = typer.Option(None, min=0, help="This node's rank (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous, for several nodes."),
+    seed: Optional[int] = typer.Option(None, help=_prd("Seed.", "seed")),
+    max_steps: Optional[int] = typer.Option(None, min=0, help="Stop after this many steps (schedule unchanged)."),
+    ckpt_every: Optional[int] = typer.Option(None, min=1, help=_prd("Checkpoint every N steps.", "ckpt_every")),
+    ckpt_minutes: Optional[float] = typer.Option(None, min=0, help=_prd("...and every M minutes.", "ckpt_minutes")),
+    log_every: Optional[int] = typer.Option(None, min=1, help=_prd("Log every N steps.", "log_every")),
+) -> None:
+    """Linear-probe a frozen encoder (MAE protocol); top-1/top-5 in OUT/results.json. Re-run to resume."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    from droppos.recipes import PROBE_PRESETS, ProbeConfig, make_config
+
+    config = make_config(ProbeConfig, PROBE_PRESETS, options)
+    from droppos import probe as stage
+
+    stage.run(config)
+
+
+@app.command("eval-pos")
+def eval_pos(
+    sources: Optional[List[str]] = typer.Argument(
+        None, metavar="[SOURCE]...", help="Pretrain run directory or checkpoint (has the position head), finetune run, "
+        "or encoder .safetensors. Several only with --compare."),
+    out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.html, PNG plots."),
+    data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
+    split: str = typer.Option("val", help="Split of --data to evaluate on."),
+    images: Optional[Path] = typer.Option(None, help="Instead of --data: a folder of images in any format Pillow reads (recursive)."),
+    timm_model: List[str] = typer.Option([], "--timm-model", help="A timm ViT by name, randomly initialised (no download); repeatable."),
+    compare: bool = typer.Option(False, "--compare", help="Evaluate every SOURCE (and --timm-model) side by side in one report."),
+    random_baseline: bool = typer.Option(False, "--random-baseline", help="Add the first model's architecture with fresh random weights."),
+    img_size: Optional[int] = typer.Option(None, min=16, help="Input size for encoders / timm models (default: the model's own)."),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
+    max_images: int = typer.Option(0, min=0, help="Evaluate at most N images (0: all)."),
+    ratio: List[str] = typer.Option([], "--ratio", help="GAMMA:GAMMA_POS for position accuracy, repeatable "
+                                    "(default: 0.75:0.75 0.5:0.75 0:0.75 0:1)."),
+    permutations: int = typer.Option(5, min=1, help="Token permutations for the order sensitivity."),
+    probe_drop: float = typer.Option(0.75, help="Position probe: fraction of patch PEs dropped."),
+    probe_fill: str = typer.Option("mean", help="Position probe: what replaces a dropped PE: mean (mean patch PE) or zeros."),
+    probe_images: int = typer.Option(1000, min=0, help="Position probe: images used, half to fit, half to test (0: all)."),
+    probe_steps: int = typer.Option(100, min=1, help="Position probe: L-BFGS iterations."),
+    seed: int = typer.Option(0, help="Seed of masks, permutations and the probe (same seed: same numbers)."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    loader: str = typer.Option("auto", help="Input pipeline for --data: auto, dali or pil."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
+) -> None:
+    """Measure location awareness: position accuracy, token-order sensitivity, position linear probe."""
+    from droppos import evalpos
+
+    sources = list(sources or [])
+    if len(sources) + len(timm_model) > 1 and not compare:
+        raise UserError("several models given: add --compare to put them side by side (or give one SOURCE)")
+    if out is None:
+        raise UserError("--out is required: the folder the report is written to")
+    config = evalpos.EvalPosConfig(
+        out=str(out), sources=sources, timm_models=list(timm_model), random_baseline=random_baseline,
+        data=str(data) if data else None, split=split, images=str(images) if images else None, img_size=img_size,
+        batch_size=batch_size, max_images=max_images,
+        ratios=[evalpos.parse_ratio(r) for r in ratio] or list(evalpos.DEFAULT_RATIOS),
+        permutations=permutations, probe_drop=probe_drop, probe_fill=probe_fill, probe_images=probe_images,
+        probe_steps=probe_steps, seed=seed, device=device, loader=loader, workers=workers,
+    )
+    evalpos.run(config)
 
 
 def _fail(message: str) -> "NoReturn":  # noqa: F821
