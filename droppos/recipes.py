@@ -106,6 +106,116 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass
+class FinetuneConfig:
+    """`droppos finetune` options; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
+
+    data: str = ""
+    out: str = ""
+    # The encoder: exactly one of these (see droppos/encoders.py).
+    encoder: Optional[str] = None  # an exported encoder.safetensors
+    run: Optional[str] = None  # a pretrain run directory
+    timm_model: Optional[str] = None  # a timm ViT name, random init
+    random_init: bool = False  # build --encoder/--run's architecture without its weights
+    depth: Optional[int] = None  # --timm-model only
+    img_size: Optional[int] = None  # None: the encoder's own (224 for stock timm ViTs)
+    pool: str = "avg"  # global average pooling of patch tokens (timm's fc_norm)
+    epochs: int = 100
+    warmup_epochs: float = 5
+    batch_size: int = 128  # per device: 8 GPUs x 128 = the recipe's 1024
+    accum: int = 1
+    blr: float = 1e-3
+    lr: Optional[float] = None  # absolute lr; None: blr * effective batch / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    clip_grad: float = 0.0  # 0: no clipping (MAE's fine-tuning clips nothing)
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    reprob: float = 0.25  # random erasing; RandAugment rand-m9-mstd0.5-inc1 is in data's finetune mode
+    ema: bool = False
+    ema_decay: float = 0.9999
+    loader: str = "auto"
+    workers: Optional[int] = None
+    compile: Optional[bool] = None  # None: on for CUDA, off on CPU
+    precision: str = "auto"
+    device: str = "auto"
+    gpus: int = 0
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    seed: int = 0
+    max_steps: int = 0  # 0: the full schedule
+    ckpt_every: int = 1000
+    ckpt_minutes: float = 30.0
+    log_every: int = 20
+    preset: Optional[str] = None
+
+
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    # METHOD.md: 100 epochs for ViT-B, warm-up 5, effective batch 1024 (8 x 128).
+    "vit_b16": dict(epochs=100, warmup_epochs=5, batch_size=128, drop_path=0.1),
+    # METHOD.md: 50 epochs for ViT-L; drop path 0.2 as in MAE's ViT-L fine-tuning command.
+    "vit_l16": dict(epochs=50, warmup_epochs=5, batch_size=128, drop_path=0.2),
+    # The sample data on a 2-core CPU: the encoder's own (small) resolution, a few epochs.
+    "cpu-demo": dict(
+        epochs=5, warmup_epochs=1, batch_size=32, blr=2e-3, device="cpu", compile=False,
+        log_every=10, ckpt_every=100,
+    ),
+}
+
+
+@dataclass
+class ProbeConfig:
+    """`droppos probe` options; defaults = MAE's linear probe (METHOD.md)."""
+
+    data: str = ""
+    out: str = ""
+    encoder: Optional[str] = None
+    run: Optional[str] = None
+    timm_model: Optional[str] = None
+    random_init: bool = False
+    depth: Optional[int] = None
+    img_size: Optional[int] = None
+    pool: str = "token"  # [CLS] (MAE's default); avg: mean of patch tokens
+    cached: bool = False  # extract frozen features once (eval transforms), then train the head on them
+    epochs: int = 90
+    warmup_epochs: float = 10
+    batch_size: int = 2048  # per device: 8 GPUs x 2048 = the recipe's 16384
+    blr: float = 0.1
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    loader: str = "auto"
+    workers: Optional[int] = None
+    compile: Optional[bool] = None
+    precision: str = "auto"
+    device: str = "auto"
+    gpus: int = 0
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    seed: int = 0
+    max_steps: int = 0
+    ckpt_every: int = 1000
+    ckpt_minutes: float = 30.0
+    log_every: int = 20
+    preset: Optional[str] = None
+
+
+PROBE_PRESETS: dict[str, dict[str, Any]] = {
+    # MAE's linear probe: 90 epochs, warm-up 10, batch 16384 (8 x 2048), LARS, blr 0.1.
+    "mae": dict(epochs=90, warmup_epochs=10, batch_size=2048, blr=0.1),
+    # The sample data on a CPU: cached features, a batch the 2,600 images can fill many times.
+    "cpu-demo": dict(cached=True, epochs=90, warmup_epochs=10, batch_size=256, blr=0.1, device="cpu",
+                     compile=False, log_every=100),
+}
+
+
 def make_config(cls: type, presets: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> Any:
     """Defaults, then the preset named in `overrides['preset']`, then the given options.
 

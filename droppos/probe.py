@@ -1,0 +1,435 @@
+"""`droppos probe`: MAE's linear probe of a frozen encoder (a DropPos export or any timm ViT).
+
+The encoder is frozen; its [CLS] token (or, with `--pool avg`, the fc_norm-ed mean of its patch
+tokens) feeds BatchNorm1d(affine=False) + Linear, trained with LARS (timm's `Lars`; trust ratio on
+weight matrices, not on biases, as in MAE), lr = blr x effective batch / 256, warm-up then cosine
+per step, plain cross-entropy.
+
+Two ways to feed the head:
+- default: images through the training pipeline (random resized crop + flip), the encoder run
+  under no_grad every step, the head under DDP across ranks;
+- `--cached`: every train and val image goes through the encoder once, with eval transforms
+  (ranks split the work and gather the features), the features are saved to OUT/features.pt, and
+  rank 0 trains the head on them: seconds on a CPU. Re-running reuses the features.
+Both resume from OUT/checkpoints/last.pt and rewrite OUT/results.json after every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from droppos import UserError, runtime
+from droppos.recipes import ProbeConfig, to_dict
+
+ARCH_KEYS = ("encoder", "run", "timm_model", "random_init", "depth", "img_size", "pool", "cached")
+FEATURES_FORMAT = "droppos-features/1"
+
+
+def checkpoint_path(out: Path) -> Path:
+    return Path(out) / "checkpoints" / "last.pt"
+
+
+def peak_lr(config: ProbeConfig, world_size: int) -> float:
+    if config.lr is not None:
+        return config.lr
+    return config.blr * config.batch_size * world_size / 256
+
+
+class LinearHead(nn.Sequential):
+    """MAE's probe head: BatchNorm without affine (features on a common scale), then Linear."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__(nn.BatchNorm1d(num_features, affine=False, eps=1e-6), nn.Linear(num_features, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight matrices get weight decay and the LARS trust ratio; biases neither (MAE's LARS)."""
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return [dict(params=weights, weight_decay=weight_decay, always_adapt=True),
+            dict(params=others, weight_decay=0.0, always_adapt=False)]
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point (parent process)
+
+
+def run(config: ProbeConfig) -> None:
+    """Check everything a user can get wrong, then launch the workers."""
+    from droppos import encoders, manifest
+
+    if not config.out:
+        raise UserError("--out is required: the run directory (it is created, or resumed if it exists)")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    checks = [
+        (config.epochs >= 1 and config.batch_size >= 2, "--epochs must be >= 1 and --batch-size >= 2 (BatchNorm)"),
+        (config.pool in ("avg", "token"), "--pool: choose token ([CLS]) or avg"),
+        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
+        (config.nproc >= 1 and config.nnodes >= 1, "--nproc and --nnodes must be >= 1"),
+        (config.log_every >= 1 and config.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
+    if not config.data:
+        raise UserError("--data is required: a dataset directory written by `droppos shard`")
+    data_manifest = manifest.load_manifest(Path(config.data))
+    num_train = sum(s.num_samples for s in manifest.split_shards(Path(config.data), "train", data_manifest))
+    if "val" not in data_manifest["splits"]:
+        raise UserError(f"{config.data} has no val split: the probe is evaluated on it after every epoch")
+    device = runtime.resolve_device(config.device, config.gpus)
+    nproc = config.gpus if config.gpus else (1 if device == "cuda" else config.nproc)
+    world = nproc * config.nnodes
+    if runtime.launched_externally():
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if num_train < config.batch_size * world:
+        raise UserError(f"the train split has {num_train} samples, fewer than one step needs "
+                        f"({config.batch_size} x {world} workers); lower --batch-size")
+    path = checkpoint_path(out)
+    if path.exists():
+        saved, ours = runtime.load_checkpoint(path).get("config", {}), to_dict(config)
+        diff = [f"{k}={saved.get(k)!r} (now {ours[k]!r})" for k in ARCH_KEYS if saved.get(k) != ours[k]]
+        if diff:
+            raise UserError(f"{out} holds a probe checkpoint of other options: {', '.join(diff)}; "
+                            "use another --out or the same options")
+    out.mkdir(parents=True, exist_ok=True)
+    runtime.launch(
+        _worker, dict(to_dict(config), device=device), nproc_per_node=nproc, nnodes=config.nnodes,
+        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint,
+        run_id="droppos-probe-" + hashlib.sha1(str(out).encode()).hexdigest()[:12],
+    )
+
+
+def _worker(payload: dict) -> None:
+    device_kind = payload.pop("device")
+    config = ProbeConfig(**payload)
+    info = runtime.init_distributed(device_kind)
+    try:
+        _probe(config, info)
+    except UserError as err:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise
+        if info.is_main:
+            print(f"droppos: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        runtime.shutdown_distributed()
+
+
+def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
+    from droppos.data import build_loader
+    from droppos.encoders import load_encoder
+    from droppos.manifest import load_manifest
+
+    precision = runtime.setup_precision(info.device, config.precision)
+    num_classes = len(load_manifest(Path(config.data))["classes"])
+    torch.manual_seed(config.seed)  # a --timm-model / --random-init encoder is the same on every rank and run
+    encoder, encoder_info = load_encoder(
+        config.encoder, config.run, config.timm_model, num_classes=0, global_pool=config.pool,
+        img_size=config.img_size, depth=config.depth, random_init=config.random_init)
+    img_h, img_w = encoder_info["img_size"]
+    if img_h != img_w:
+        raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
+    encoder.requires_grad_(False)
+    encoder.eval().to(info.device)
+    use_compile = config.compile if config.compile is not None else info.device.type == "cuda"
+    frozen = torch.compile(encoder) if use_compile else encoder
+
+    def loader(split: str, mode: str):
+        return build_loader(config.data, split, mode, config.batch_size, img_size=img_h, backend=config.loader,
+                            device=info.device, rank=info.rank, world_size=info.world_size, seed=config.seed,
+                            workers=config.workers)
+
+    if config.cached:
+        features = _cached_features(config, info, frozen, encoder_info, loader, precision)
+        if not info.is_main:
+            return  # rank 0 trains the head on the gathered features
+        source: Any = CachedSource(*features, batch_size=config.batch_size * info.world_size, seed=config.seed,
+                                   device=info.device)
+        head_info = runtime.DistInfo(rank=0, world_size=1, local_rank=info.local_rank, device=info.device)
+    else:
+        source = EncoderSource(frozen, loader("train", "pretrain"), loader("val", "eval"), info.device, precision)
+        head_info = info
+    HeadTrainer(config, head_info, source, encoder_info, num_classes, img_h, peak_lr(config, info.world_size)).train()
+
+
+# ---------------------------------------------------------------------------------------
+# Feature sources
+
+
+def _features(frozen: nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    with torch.no_grad(), runtime.autocast(device, precision):
+        return frozen(images).float()
+
+
+class EncoderSource:
+    """Features of augmented images, computed by the frozen encoder every step."""
+
+    def __init__(self, frozen: nn.Module, train_loader: Any, val_loader: Any, device: torch.device, precision: str) -> None:
+        self.frozen, self.train_loader, self.val_loader = frozen, train_loader, val_loader
+        self.device, self.precision = device, precision
+        self.steps_per_epoch = train_loader.steps_per_epoch
+
+    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.train_loader.epoch(epoch, start_step=start_step)
+        try:
+            for images, labels in batches:
+                yield _features(self.frozen, images, self.device, self.precision), labels
+        finally:
+            batches.close()
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.val_loader.epoch(0):
+            yield _features(self.frozen, images, self.device, self.precision), labels
+
+
+class CachedSource:
+    """Batches of cached features, reshuffled every epoch by (seed, epoch): resumable exactly."""
+
+    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 batch_size: int, seed: int, device: torch.device) -> None:
+        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
+        self.val_x, self.val_y = val_x.to(device), val_y.to(device)
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = len(self.train_y) // batch_size  # full batches: BatchNorm sees no tiny one
+
+    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = order.to(self.train_y.device)
+        for step in range(start_step, self.steps_per_epoch):
+            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self.train_x[index], self.train_y[index]
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for begin in range(0, len(self.val_y), self.batch_size):
+            yield self.val_x[begin:begin + self.batch_size], self.val_y[begin:begin + self.batch_size]
+
+
+def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int) -> dict:
+    """What the features depend on: the encoder (file identity), its input, the data."""
+    from droppos.manifest import load_manifest
+
+    key: dict[str, Any] = {k: getattr(config, k) for k in ("timm_model", "depth", "random_init", "pool", "seed")}
+    key["img_size"] = img_size
+    if encoder_info["path"]:
+        stat = Path(encoder_info["path"]).stat()
+        key["encoder"] = [str(Path(encoder_info["path"]).resolve()), stat.st_size, stat.st_mtime_ns]
+    manifest = load_manifest(Path(config.data))
+    key["data"] = [str(Path(config.data).resolve())] + [
+        [s["sha256"] for s in manifest["splits"][split]["shards"]] for split in ("train", "val")]
+    return key
+
+
+def _cached_features(config: ProbeConfig, info: runtime.DistInfo, frozen: nn.Module, encoder_info: dict,
+                     loader: Any, precision: str) -> tuple[torch.Tensor, ...]:
+    """(train_x, train_y, val_x, val_y) on the CPU: from OUT/features.pt, or extracted across ranks once."""
+    path = Path(config.out) / "features.pt"
+    key = _cache_key(config, encoder_info, encoder_info["img_size"][0])
+    if path.exists():
+        saved = runtime.load_checkpoint(path)
+        if saved.get("format") == FEATURES_FORMAT and saved.get("key") == json.loads(json.dumps(key)):
+            if info.is_main:
+                print(f"using the cached features in {path}", file=sys.stderr)
+            return saved["train_x"], saved["train_y"], saved["val_x"], saved["val_y"]
+    t0 = time.perf_counter()
+    train_x, train_y = _extract(frozen, loader("train", "eval"), info, precision, "train")
+    val_x, val_y = _extract(frozen, loader("val", "eval"), info, precision, "val")
+    if info.is_main:
+        runtime.save_checkpoint(path, {"format": FEATURES_FORMAT, "key": key, "train_x": train_x, "train_y": train_y,
+                                       "val_x": val_x, "val_y": val_y})
+        print(f"extracted {len(train_y)} train and {len(val_y)} val features of dim {train_x.shape[1]} in "
+              f"{time.perf_counter() - t0:.1f} s -> {path}", file=sys.stderr)
+    return train_x, train_y, val_x, val_y
+
+
+def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of one split (eval transforms), every sample once, gathered on every rank."""
+    feats, labels = [], []
+    progress = runtime.Progress(loader.steps_per_epoch, 0, info.is_main, f"features ({split})")
+    for step, (images, batch_labels) in enumerate(loader.epoch(0), start=1):
+        feats.append(_features(frozen, images, info.device, precision))
+        labels.append(batch_labels)
+        progress.update(step)
+    progress.close()
+    x, y = torch.cat(feats), torch.cat(labels)
+    if info.distributed:  # every rank holds the same number of (padded) slots: plain all_gather
+        xs = [torch.empty_like(x) for _ in range(info.world_size)]
+        ys = [torch.empty_like(y) for _ in range(info.world_size)]
+        torch.distributed.all_gather(xs, x)
+        torch.distributed.all_gather(ys, y)
+        x, y = torch.cat(xs), torch.cat(ys)
+    real = y >= 0  # drop the eval loader's padding
+    return x[real].cpu(), y[real].cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# The head's training loop
+
+
+class HeadTrainer:
+    def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict,
+                 num_classes: int, img_size: int, lr: float) -> None:
+        from timm.optim import Lars
+        from timm.scheduler import CosineLRScheduler
+
+        self.config, self.info, self.device, self.source = config, info, info.device, source
+        self.encoder_info, self.num_classes, self.img_size, self.peak_lr = encoder_info, num_classes, img_size, lr
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)
+        self.head = LinearHead(encoder_info["num_features"], num_classes).to(self.device)
+        self.optimizer = Lars(lars_groups(self.head, config.weight_decay), lr=lr, momentum=0.9)
+        self.steps_per_epoch = source.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise UserError("the train split has fewer samples than one batch; lower --batch-size")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, config.max_steps) if config.max_steps else self.total_steps
+        warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warmup),
+                                           lr_min=config.min_lr, warmup_t=warmup, warmup_prefix=True,
+                                           t_in_epochs=False)
+        self.criterion = nn.CrossEntropyLoss()
+        self.step = 0
+        self.best: dict[str, Any] = {"top1": None, "epoch": None}
+        path = checkpoint_path(self.out)
+        if path.exists():
+            saved = runtime.load_checkpoint(path, map_location=self.device)
+            self.head.load_state_dict(saved["head"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.step, self.best = int(saved["step"]), dict(saved.get("best") or self.best)
+            if info.is_main:
+                print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
+        self.train_head: nn.Module = self.head
+        if info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_head = torch.nn.parallel.DistributedDataParallel(self.head, device_ids=ids)
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = runtime.MetricsLog(self.out, info.is_main)
+
+    def save(self, reason: str) -> None:
+        if self.info.is_main:
+            runtime.save_checkpoint(checkpoint_path(self.out), {
+                "head": runtime.clean_state_dict(self.head.state_dict()), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "config": to_dict(self.config), "best": self.best, "reason": reason,
+                "encoder": json.loads(json.dumps(self.encoder_info)),
+            })
+
+    def train(self) -> None:
+        config, info = self.config, self.info
+        if info.is_main:
+            record = dict(to_dict(config), world_size=info.world_size, img_size_used=self.img_size,
+                          peak_lr=self.peak_lr, encoder_info=self.encoder_info)
+            (self.out / "config.json").write_text(json.dumps(record, indent=2))
+        if self.step >= self.stop_step:
+            if info.is_main:
+                print(f"{self.out}: already at step {self.step} of {self.stop_step}; nothing to train", file=sys.stderr)
+            return
+        progress = runtime.Progress(self.stop_step, self.step, info.is_main, "probe")
+        sums = torch.zeros(2, device=self.device)  # loss, top-1 hits (train)
+        window, timer, last_ckpt = 0, runtime.Timer(), time.monotonic()
+        stopped_by: Optional[str] = None
+        results: Optional[dict] = None
+        with runtime.StopRequest() as stop:
+            while self.step < self.stop_step and stopped_by is None:
+                epoch = self.step // self.steps_per_epoch
+                end = min((epoch + 1) * self.steps_per_epoch, self.stop_step)
+                batches = self.source.train_epoch(epoch, self.step % self.steps_per_epoch)
+                for feats, labels in batches:
+                    self._train_step(feats, labels, sums)
+                    self.step += 1
+                    window += 1
+                    at_log = self.step % config.log_every == 0 or self.step == end
+                    if at_log:
+                        self._log(sums, window, timer, epoch, progress)
+                        sums.zero_()
+                        window = 0
+                        timer.reset()
+                    progress.update(self.step)
+                    if self._stop_agreed(stop, at_log):
+                        stopped_by = stop.signal_name or "signal"
+                        break
+                    if self.step % config.ckpt_every == 0 or (time.monotonic() - last_ckpt) / 60 >= config.ckpt_minutes:
+                        self.save("periodic")
+                        last_ckpt = time.monotonic()
+                    if self.step >= end:
+                        break
+                batches.close()
+                if stopped_by is None:
+                    results = self.evaluate(progress)
+                    self.save("epoch" if self.step % self.steps_per_epoch == 0 else "end")
+                    last_ckpt = time.monotonic()
+            if stopped_by is not None:
+                self.save(f"stopped by {stopped_by}")
+        progress.close()
+        self.metrics.close()
+        if stopped_by is not None:
+            if info.is_main:
+                print(f"stopped by {stopped_by} at step {self.step}: checkpoint saved; re-run the same command to resume",
+                      file=sys.stderr)
+            raise SystemExit(143 if stopped_by == "SIGTERM" else 130)
+        if info.is_main and results is not None:
+            print(f"probe {self.out}: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}% on "
+                  f"{results['num_eval_samples']} val images; results in {self.out / 'results.json'}", file=sys.stderr)
+
+    def _train_step(self, feats: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor) -> None:
+        self.scheduler.step_update(self.step)
+        self.head.train()
+        logits = self.train_head(feats)
+        loss = self.criterion(logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums[0] += loss.detach()
+        sums[1] += (logits.detach().argmax(-1) == labels).float().mean()
+
+    def _log(self, sums: torch.Tensor, window: int, timer: runtime.Timer, epoch: int, progress: runtime.Progress) -> None:
+        loss, acc = (runtime.all_reduce_mean(sums, self.info) / window).tolist()
+        if not loss == loss or loss in (float("inf"), float("-inf")):
+            raise UserError(f"non-finite probe loss at step {self.step}; lower --blr")
+        record = {"step": self.step, "epoch": epoch, "loss": loss, "train_top1": 100 * acc,
+                  "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": window / max(timer.elapsed(), 1e-9)}
+        self.metrics.write(record)
+        progress.log(f"step {self.step}/{self.stop_step} epoch {epoch} loss {loss:.4f} train top-1 {100 * acc:.1f}% "
+                     f"lr {record['lr']:.3g}")
+
+    def evaluate(self, progress: runtime.Progress) -> dict:
+        from droppos.encoders import evaluate_topk, write_json_atomic
+
+        self.head.eval()
+        scores = evaluate_topk(self.head, self.source.val_batches(), self.device, self.info.distributed)
+        epoch = self.step / self.steps_per_epoch
+        epoch = int(epoch) if epoch == int(epoch) else round(epoch, 3)
+        if self.best["top1"] is None or scores["top1"] > self.best["top1"]:
+            self.best = {"top1": scores["top1"], "epoch": epoch}
+        record = {"step": self.step, "epoch": epoch, **scores}
+        if self.info.is_main:
+            self.metrics.write({"step": self.step, "epoch": epoch, "val_top1": scores["top1"], "val_top5": scores["top5"]})
+            write_json_atomic(self.out / "results.json", dict(
+                record, best_top1=self.best["top1"], best_epoch=self.best["epoch"], task="probe",
+                cached=self.config.cached, pool=self.config.pool, num_classes=self.num_classes,
+                img_size=self.img_size, encoder=json.loads(json.dumps(self.encoder_info))))
+            progress.log(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
+                         f"on {scores['num_eval_samples']} images")
+        return record
+
+    def _stop_agreed(self, stop: runtime.StopRequest, at_log: bool) -> bool:
+        if not self.info.distributed:
+            return stop.requested
+        if not at_log:
+            return False
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        return bool(runtime.all_reduce_max(flag, self.info).item() > 0)
