@@ -268,7 +268,7 @@ def build_loader(
     if backend == "auto":
         backend = "dali" if dali_available() else "pil"
     elif backend == "dali" and not dali_available():
-        raise UserError("the dali backend needs nvidia-dali, which does not import here: use --data-backend pil")
+        raise UserError("the dali backend needs nvidia-dali, which does not import here: use --loader pil")
     device = torch.device(device)
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) // world_size)

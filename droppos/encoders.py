@@ -18,7 +18,6 @@ top-1/top-5 counting over an eval loader whose padding is labelled -1, and atomi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -27,7 +26,7 @@ import torch.nn as nn
 
 from droppos import UserError
 
-__all__ = ["POOLS", "check_encoder_source", "load_encoder", "encoder_file", "read_encoder_meta", "evaluate_topk", "write_json_atomic"]
+__all__ = ["POOLS", "check_encoder_source", "load_encoder", "encoder_file", "read_encoder_meta", "evaluate_topk"]
 
 POOLS = ("avg", "token")  # timm's names: average of patch tokens (+ fc_norm), or the [CLS] token
 # Keys a classifier may lack in an encoder file: the new head and (with avg pooling) timm's fc_norm.
@@ -227,11 +226,3 @@ def evaluate_topk(
     if count == 0:
         return {"top1": 0.0, "top5": 0.0, "num_eval_samples": 0}
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "num_eval_samples": int(count)}
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Readers (a watching user, a test) never see a half-written results.json."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -13,9 +13,7 @@ sample exactly once across ranks, and `results.json` is rewritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -30,10 +28,6 @@ from droppos.recipes import FinetuneConfig, to_dict
 
 # Options that fix the parameters' shapes or their meaning: a checkpoint of others cannot be resumed.
 ARCH_KEYS = ("encoder", "run", "timm_model", "random_init", "depth", "img_size", "pool", "ema")
-
-
-def checkpoint_path(out: Path) -> Path:
-    return Path(out) / "checkpoints" / "last.pt"
 
 
 def peak_lr(config: FinetuneConfig, world_size: int) -> float:
@@ -58,35 +52,20 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, layer_decay: f
 
 def run(config: FinetuneConfig) -> None:
     """Check everything a user can get wrong, then launch the workers."""
-    from droppos import encoders, manifest
+    from droppos import encoders
 
-    if not config.out:
-        raise UserError("--out is required: the run directory (it is created, or resumed if it exists)")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    out = runtime.check_out_dir(config.out)
     _validate(config)
     encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
-    if not config.data:
-        raise UserError("--data is required: a dataset directory written by `droppos shard`")
-    data_manifest = manifest.load_manifest(Path(config.data))
-    num_train = sum(s.num_samples for s in manifest.split_shards(Path(config.data), "train", data_manifest))
-    if "val" not in data_manifest["splits"]:
-        raise UserError(f"{config.data} has no val split: fine-tuning evaluates on it after every epoch")
     device = runtime.resolve_device(config.device, config.gpus)
-    nproc = config.gpus if config.gpus else (1 if device == "cuda" else config.nproc)
-    world = nproc * config.nnodes
-    if runtime.launched_externally():
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    if num_train < config.batch_size * config.accum * world:
-        raise UserError(f"the train split has {num_train} samples, fewer than one optimizer step needs "
-                        f"({config.batch_size} x {config.accum} accum x {world} workers); lower --batch-size")
-    _check_resume(out, config)
+    nproc, world = runtime.plan_processes(device, config.gpus, config.nproc, config.nnodes)
+    runtime.check_train_data(config.data, config.batch_size * config.accum, world,
+                             need_val="fine-tuning evaluates on it after every epoch")
+    runtime.check_resumable(out, to_dict(config), ARCH_KEYS, "a fine-tuning checkpoint of other options")
     out.mkdir(parents=True, exist_ok=True)
     runtime.launch(
         _worker, dict(to_dict(config), device=device), nproc_per_node=nproc, nnodes=config.nnodes,
-        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint,
-        run_id="droppos-ft-" + hashlib.sha1(str(out).encode()).hexdigest()[:12],
+        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=runtime.run_id_for("finetune", out),
     )
 
 
@@ -109,37 +88,14 @@ def _validate(config: FinetuneConfig) -> None:
             raise UserError(message)
 
 
-def _check_resume(out: Path, config: FinetuneConfig) -> None:
-    path = checkpoint_path(out)
-    if not path.exists():
-        return
-    saved = runtime.load_checkpoint(path).get("config", {})
-    ours = to_dict(config)
-    diff = [f"{k}={saved.get(k)!r} (now {ours[k]!r})" for k in ARCH_KEYS if saved.get(k) != ours[k]]
-    if diff:
-        raise UserError(f"{out} holds a fine-tuning checkpoint of other options: {', '.join(diff)}; "
-                        "use another --out or the same options")
-
-
 # ---------------------------------------------------------------------------------------
 # Worker
 
 
 def _worker(payload: dict) -> None:
     """One training process (rank)."""
-    device_kind = payload.pop("device")
-    config = FinetuneConfig(**payload)
-    info = runtime.init_distributed(device_kind)
-    try:
-        Finetuner(config, info).train()
-    except UserError as err:
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise
-        if info.is_main:  # a launched worker: one line from rank 0, then a plain exit status
-            print(f"droppos: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        runtime.shutdown_distributed()
+    device = payload.pop("device")
+    runtime.run_worker(device, lambda info: Finetuner(FinetuneConfig(**payload), info).train())
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -225,7 +181,7 @@ class Finetuner:
     # -- state ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        path = checkpoint_path(self.out)
+        path = runtime.checkpoint_path(self.out)
         if not path.exists():
             return
         saved = runtime.load_checkpoint(path, map_location=self.device)
@@ -254,7 +210,7 @@ class Finetuner:
         }
         if self.ema is not None:
             state["ema"] = runtime.clean_state_dict(self.ema.module.state_dict())
-        runtime.save_checkpoint(checkpoint_path(self.out), state)
+        runtime.save_checkpoint(runtime.checkpoint_path(self.out), state)
 
     # -- loop -------------------------------------------------------------------------
 
@@ -293,7 +249,7 @@ class Finetuner:
                         window = 0
                         timer.reset()
                     progress.update(self.step, status)
-                    if self._stop_agreed(stop, at_log):
+                    if runtime.stop_agreed(stop, self.info, at_log):
                         stopped_by = stop.signal_name or "signal"
                         break
                     minutes = (time.monotonic() - last_ckpt) / 60
@@ -315,7 +271,7 @@ class Finetuner:
         self.metrics.close()
         if stopped_by is not None:
             if info.is_main:
-                print(f"stopped by {stopped_by} at step {self.step}: checkpoint saved to {checkpoint_path(self.out)}; "
+                print(f"stopped by {stopped_by} at step {self.step}: checkpoint saved to {runtime.checkpoint_path(self.out)}; "
                       "re-run the same command to resume", file=sys.stderr)
             raise SystemExit(143 if stopped_by == "SIGTERM" else 130)
         if info.is_main and results is not None:
@@ -361,7 +317,7 @@ class Finetuner:
 
     def evaluate_epoch(self, progress: runtime.Progress) -> dict:
         """Top-1/top-5 on the val split (each sample once across ranks); rewrite results.json."""
-        from droppos.encoders import write_json_atomic
+        from droppos.manifest import write_json_atomic
 
         epoch = self.step / self.steps_per_epoch
         epoch = int(epoch) if epoch == int(epoch) else round(epoch, 3)
@@ -400,23 +356,13 @@ class Finetuner:
 
     def _non_finite(self) -> UserError:
         return UserError(f"non-finite loss before step {self.step}; the last good checkpoint "
-                         f"({checkpoint_path(self.out)}) was kept. Lower --blr, then re-run to resume")
+                         f"({runtime.checkpoint_path(self.out)}) was kept. Lower --blr, then re-run to resume")
 
     def _save_checked(self, sums: torch.Tensor, reason: str) -> None:
         """Never checkpoint weights that a non-finite step may have poisoned."""
         if bool(sums[1] > 0):
             raise self._non_finite()
         self.save(reason)
-
-    def _stop_agreed(self, stop: runtime.StopRequest, at_log: bool) -> bool:
-        """Every rank must stop at the same step: ranks agree at log steps."""
-        if not self.info.distributed:
-            return stop.requested
-        if not at_log:
-            return False
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        return bool(runtime.all_reduce_max(flag, self.info).item() > 0)
-
 
 def _null():
     import contextlib

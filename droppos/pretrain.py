@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,61 +88,32 @@ def build_model(config: PretrainConfig) -> torch.nn.Module:
     )
 
 
-def arch_of(config: dict) -> dict:
-    return {k: config.get(k) for k in ARCH_KEYS}
-
-
 # ---------------------------------------------------------------------------------------
 # Entry point (parent process)
 
 
-def checkpoint_path(out: Path) -> Path:
-    return Path(out) / "checkpoints" / "last.pt"
-
-
 def run(config: PretrainConfig, export_only: bool = False) -> None:
     """Validate everything a user can get wrong, then launch the workers."""
-    if not config.out:
-        raise UserError("--out is required: the run directory (it is created, or resumed if it exists)")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    out = runtime.check_out_dir(config.out)
     if export_only:
         export_from_checkpoint(out)
         return
     if config.model not in MODELS:
         raise UserError(f"unknown --model {config.model!r}; choose one of: {', '.join(MODELS)}")
     _validate(config)
-    from droppos import manifest
-
-    if not config.data:
-        raise UserError("--data is required: a dataset directory written by `droppos shard`")
-    data_manifest = manifest.load_manifest(Path(config.data))
-    train = manifest.split_shards(Path(config.data), "train", data_manifest)
-    num_train = sum(s.num_samples for s in train)
-
     device = runtime.resolve_device(config.device, config.gpus)
-    nproc = config.gpus if config.gpus else (1 if device == "cuda" else config.nproc)
-    world = nproc * config.nnodes
-    if runtime.launched_externally():
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    per_step = config.batch_size * config.accum * world
-    if num_train < per_step:
-        raise UserError(
-            f"the train split has {num_train} samples, fewer than one optimizer step needs "
-            f"({config.batch_size} per device x {config.accum} accum x {world} workers); lower --batch-size"
-        )
-    _check_resume(out, config)
+    nproc, world = runtime.plan_processes(device, config.gpus, config.nproc, config.nnodes)
+    runtime.check_train_data(config.data, config.batch_size * config.accum, world)
+    runtime.check_resumable(out, to_dict(config), ARCH_KEYS, "a checkpoint of another model")
     out.mkdir(parents=True, exist_ok=True)
-    payload = dict(to_dict(config), device=device)
     runtime.launch(
         _worker,
-        payload,
+        dict(to_dict(config), device=device),
         nproc_per_node=nproc,
         nnodes=config.nnodes,
         node_rank=config.node_rank,
         rdzv_endpoint=config.rdzv_endpoint,
-        run_id="droppos-" + hashlib.sha1(str(out).encode()).hexdigest()[:12],  # equal on every node
+        run_id=runtime.run_id_for("pretrain", out),
     )
 
 
@@ -167,19 +136,8 @@ def _validate(config: PretrainConfig) -> None:
             raise UserError(message)
 
 
-def _check_resume(out: Path, config: PretrainConfig) -> None:
-    path = checkpoint_path(out)
-    if not path.exists():
-        return
-    saved = runtime.load_checkpoint(path)
-    theirs, ours = arch_of(saved.get("config", {})), arch_of(to_dict(config))
-    if theirs != ours:
-        diff = ", ".join(f"{k}={theirs[k]!r} (now {ours[k]!r})" for k in ARCH_KEYS if theirs[k] != ours[k])
-        raise UserError(f"{out} holds a checkpoint of another model: {diff}; use another --out or the same options")
-
-
 def export_from_checkpoint(out: Path) -> Path:
-    path = checkpoint_path(out)
+    path = runtime.checkpoint_path(out)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: nothing to export (run `droppos pretrain --out {out} ...` first)")
     saved = runtime.load_checkpoint(path)
@@ -205,19 +163,8 @@ def _export(model: torch.nn.Module, out: Path) -> Path:
 
 def _worker(payload: dict) -> None:
     """One training process (rank): everything from the model to the last checkpoint."""
-    device_kind = payload.pop("device")
-    config = PretrainConfig(**payload)
-    info = runtime.init_distributed(device_kind)
-    try:
-        Trainer(config, info).train()
-    except UserError as err:
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise
-        if info.is_main:  # a launched worker: one line from rank 0, then a plain exit status
-            print(f"droppos: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        runtime.shutdown_distributed()
+    device = payload.pop("device")
+    runtime.run_worker(device, lambda info: Trainer(PretrainConfig(**payload), info).train())
 
 
 class Trainer:
@@ -268,7 +215,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        path = checkpoint_path(self.out)
+        path = runtime.checkpoint_path(self.out)
         if not path.exists():
             return
         saved = runtime.load_checkpoint(path, map_location=self.device)
@@ -291,7 +238,7 @@ class Trainer:
             "rng": runtime.rng_state(),
             "reason": reason,
         }
-        runtime.save_checkpoint(checkpoint_path(self.out), state)
+        runtime.save_checkpoint(runtime.checkpoint_path(self.out), state)
         if self.config.keep_every and self.step % self.config.keep_every == 0:
             runtime.save_checkpoint(self.out / "checkpoints" / f"step-{self.step:08d}.pt", state)
 
@@ -337,7 +284,7 @@ class Trainer:
                         window_steps = 0
                         timer.reset()
                     progress.update(self.step, last_log.get("status", ""))
-                    if self._stop_agreed(stop, at_log):
+                    if runtime.stop_agreed(stop, info, at_log):
                         stopped_by = stop.signal_name or "signal"
                         break
                     minutes = (time.monotonic() - last_ckpt_time) / 60
@@ -368,7 +315,7 @@ class Trainer:
         if stopped_by is not None:
             if info.is_main:
                 print(
-                    f"stopped by {stopped_by} at step {self.step}: checkpoint saved to {checkpoint_path(self.out)}; "
+                    f"stopped by {stopped_by} at step {self.step}: checkpoint saved to {runtime.checkpoint_path(self.out)}; "
                     "re-run the same command to resume", file=sys.stderr,
                 )
             raise SystemExit(143 if stopped_by == "SIGTERM" else 130)
@@ -427,7 +374,7 @@ class Trainer:
     def _non_finite(self) -> NonFiniteLoss:
         return NonFiniteLoss(
             f"non-finite loss or gradient before step {self.step}; the last good checkpoint "
-            f"({checkpoint_path(self.out)}) was kept. Lower --blr or check the data, then re-run to resume"
+            f"({runtime.checkpoint_path(self.out)}) was kept. Lower --blr or check the data, then re-run to resume"
         )
 
     def _save_checked(self, sums: torch.Tensor, reason: str) -> None:
@@ -435,15 +382,6 @@ class Trainer:
         if bool(sums[3] > 0):
             raise self._non_finite()
         self.save(reason)
-
-    def _stop_agreed(self, stop: runtime.StopRequest, at_log: bool) -> bool:
-        """Every rank must stop at the same step: ranks agree at log steps."""
-        if not self.info.distributed:
-            return stop.requested
-        if not at_log:
-            return False
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        return bool(runtime.all_reduce_max(flag, self.info).item() > 0)
 
     @torch.no_grad()
     def evaluate_positions(self) -> Optional[float]:

@@ -16,9 +16,7 @@ Both resume from OUT/checkpoints/last.pt and rewrite OUT/results.json after ever
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,10 +30,6 @@ from droppos.recipes import ProbeConfig, to_dict
 
 ARCH_KEYS = ("encoder", "run", "timm_model", "random_init", "depth", "img_size", "pool", "cached")
 FEATURES_FORMAT = "droppos-features/1"
-
-
-def checkpoint_path(out: Path) -> Path:
-    return Path(out) / "checkpoints" / "last.pt"
 
 
 def peak_lr(config: ProbeConfig, world_size: int) -> float:
@@ -67,13 +61,9 @@ def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
 
 def run(config: ProbeConfig) -> None:
     """Check everything a user can get wrong, then launch the workers."""
-    from droppos import encoders, manifest
+    from droppos import encoders
 
-    if not config.out:
-        raise UserError("--out is required: the run directory (it is created, or resumed if it exists)")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    out = runtime.check_out_dir(config.out)
     checks = [
         (config.epochs >= 1 and config.batch_size >= 2, "--epochs must be >= 1 and --batch-size >= 2 (BatchNorm)"),
         (config.pool in ("avg", "token"), "--pool: choose token ([CLS]) or avg"),
@@ -85,49 +75,21 @@ def run(config: ProbeConfig) -> None:
         if not ok:
             raise UserError(message)
     encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
-    if not config.data:
-        raise UserError("--data is required: a dataset directory written by `droppos shard`")
-    data_manifest = manifest.load_manifest(Path(config.data))
-    num_train = sum(s.num_samples for s in manifest.split_shards(Path(config.data), "train", data_manifest))
-    if "val" not in data_manifest["splits"]:
-        raise UserError(f"{config.data} has no val split: the probe is evaluated on it after every epoch")
     device = runtime.resolve_device(config.device, config.gpus)
-    nproc = config.gpus if config.gpus else (1 if device == "cuda" else config.nproc)
-    world = nproc * config.nnodes
-    if runtime.launched_externally():
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    if num_train < config.batch_size * world:
-        raise UserError(f"the train split has {num_train} samples, fewer than one step needs "
-                        f"({config.batch_size} x {world} workers); lower --batch-size")
-    path = checkpoint_path(out)
-    if path.exists():
-        saved, ours = runtime.load_checkpoint(path).get("config", {}), to_dict(config)
-        diff = [f"{k}={saved.get(k)!r} (now {ours[k]!r})" for k in ARCH_KEYS if saved.get(k) != ours[k]]
-        if diff:
-            raise UserError(f"{out} holds a probe checkpoint of other options: {', '.join(diff)}; "
-                            "use another --out or the same options")
+    nproc, world = runtime.plan_processes(device, config.gpus, config.nproc, config.nnodes)
+    runtime.check_train_data(config.data, config.batch_size, world,
+                             need_val="the probe is evaluated on it after every epoch")
+    runtime.check_resumable(out, to_dict(config), ARCH_KEYS, "a probe checkpoint of other options")
     out.mkdir(parents=True, exist_ok=True)
     runtime.launch(
         _worker, dict(to_dict(config), device=device), nproc_per_node=nproc, nnodes=config.nnodes,
-        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint,
-        run_id="droppos-probe-" + hashlib.sha1(str(out).encode()).hexdigest()[:12],
+        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=runtime.run_id_for("probe", out),
     )
 
 
 def _worker(payload: dict) -> None:
-    device_kind = payload.pop("device")
-    config = ProbeConfig(**payload)
-    info = runtime.init_distributed(device_kind)
-    try:
-        _probe(config, info)
-    except UserError as err:
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise
-        if info.is_main:
-            print(f"droppos: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        runtime.shutdown_distributed()
+    device = payload.pop("device")
+    runtime.run_worker(device, lambda info: _probe(ProbeConfig(**payload), info))
 
 
 def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
@@ -304,7 +266,7 @@ class HeadTrainer:
         self.criterion = nn.CrossEntropyLoss()
         self.step = 0
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
-        path = checkpoint_path(self.out)
+        path = runtime.checkpoint_path(self.out)
         if path.exists():
             saved = runtime.load_checkpoint(path, map_location=self.device)
             self.head.load_state_dict(saved["head"])
@@ -322,7 +284,7 @@ class HeadTrainer:
 
     def save(self, reason: str) -> None:
         if self.info.is_main:
-            runtime.save_checkpoint(checkpoint_path(self.out), {
+            runtime.save_checkpoint(runtime.checkpoint_path(self.out), {
                 "head": runtime.clean_state_dict(self.head.state_dict()), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "config": to_dict(self.config), "best": self.best, "reason": reason,
                 "encoder": json.loads(json.dumps(self.encoder_info)),
@@ -359,7 +321,7 @@ class HeadTrainer:
                         window = 0
                         timer.reset()
                     progress.update(self.step)
-                    if self._stop_agreed(stop, at_log):
+                    if runtime.stop_agreed(stop, self.info, at_log):
                         stopped_by = stop.signal_name or "signal"
                         break
                     if self.step % config.ckpt_every == 0 or (time.monotonic() - last_ckpt) / 60 >= config.ckpt_minutes:
@@ -407,7 +369,8 @@ class HeadTrainer:
                      f"lr {record['lr']:.3g}")
 
     def evaluate(self, progress: runtime.Progress) -> dict:
-        from droppos.encoders import evaluate_topk, write_json_atomic
+        from droppos.encoders import evaluate_topk
+        from droppos.manifest import write_json_atomic
 
         self.head.eval()
         scores = evaluate_topk(self.head, self.source.val_batches(), self.device, self.info.distributed)
@@ -425,11 +388,3 @@ class HeadTrainer:
             progress.log(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
                          f"on {scores['num_eval_samples']} images")
         return record
-
-    def _stop_agreed(self, stop: runtime.StopRequest, at_log: bool) -> bool:
-        if not self.info.distributed:
-            return stop.requested
-        if not at_log:
-            return False
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        return bool(runtime.all_reduce_max(flag, self.info).item() > 0)

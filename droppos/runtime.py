@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import importlib
 import json
 import os
@@ -98,6 +99,52 @@ def resolve_device(device: str, gpus: int) -> str:
     return device
 
 
+def check_out_dir(out: str) -> Path:
+    """The run directory a stage writes to: required, and not an existing file."""
+    if not out:
+        raise UserError("--out is required: the run directory (it is created, or resumed if it exists)")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a directory")
+    return path
+
+
+def check_train_data(data: str, step_batch: int, world: int, need_val: str = "") -> dict:
+    """Load the manifest and check that one step's batch fits the train split.
+
+    `step_batch` is the per-process batch of one optimizer step (batch x accum); `need_val`
+    names why the val split is required (empty: optional). Returns the manifest.
+    """
+    from droppos import manifest
+
+    if not data:
+        raise UserError("--data is required: a dataset directory written by `droppos shard`")
+    loaded = manifest.load_manifest(Path(data))
+    num_train = sum(s.num_samples for s in manifest.split_shards(Path(data), "train", loaded))
+    if need_val and "val" not in loaded["splits"]:
+        raise UserError(f"{data} has no val split: {need_val}")
+    if num_train < step_batch * world:
+        raise UserError(
+            f"the train split has {num_train} samples, fewer than one step needs "
+            f"({step_batch} per process x {world} processes); lower --batch-size"
+        )
+    return loaded
+
+
+def plan_processes(device: str, gpus: int, nproc: int, nnodes: int) -> tuple[int, int]:
+    """(processes to start on this node, world size): one per GPU, `nproc` on the CPU."""
+    per_node = gpus if gpus else (1 if device == "cuda" else nproc)
+    world = per_node * nnodes
+    if launched_externally():
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return per_node, world
+
+
+def run_id_for(tag: str, out: Path) -> str:
+    """A rendezvous id every node derives alike from the same command."""
+    return f"droppos-{tag}-" + hashlib.sha1(str(out).encode()).hexdigest()[:12]
+
+
 def launch(
     entry: Callable[[dict], Any],
     payload: dict,
@@ -161,6 +208,35 @@ def init_distributed(device: str) -> DistInfo:
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), device_id=dev if device == "cuda" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
+    """A worker's life: join the group, run `body`, leave the group.
+
+    In a process the elastic launcher started, a UserError becomes one line from rank 0
+    and exit status 2 (the launcher would otherwise print every rank's traceback).
+    """
+    info = init_distributed(device)
+    try:
+        body(info)
+    except UserError as err:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise
+        if info.is_main:
+            print(f"droppos: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        shutdown_distributed()
+
+
+def stop_agreed(stop: "StopRequest", info: DistInfo, at_log: bool) -> bool:
+    """Every rank must stop at the same step: alone, at once; together, at log steps."""
+    if not info.distributed:
+        return stop.requested
+    if not at_log:
+        return False
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=info.device)
+    return bool(all_reduce_max(flag, info).item() > 0)
 
 
 def shutdown_distributed() -> None:
@@ -232,6 +308,22 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where every training stage keeps the checkpoint it resumes from."""
+    return Path(out) / "checkpoints" / "last.pt"
+
+
+def check_resumable(out: Path, config: dict, keys: tuple[str, ...], what: str) -> None:
+    """Refuse to resume a checkpoint in `out` whose `keys` options differ from `config`."""
+    path = checkpoint_path(out)
+    if not path.exists():
+        return
+    saved = load_checkpoint(path).get("config", {})
+    diff = [f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
+    if diff:
+        raise UserError(f"{out} holds {what}: {', '.join(diff)}; use another --out or the same options")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -70,8 +70,10 @@ def render(class_index: int, rng: np.random.Generator) -> Image.Image:
     ground = ground * (0.75 + 0.25 * pattern[..., None])
     img = np.where((ys < horizon)[..., None], sky, ground).astype(np.float32)
 
-    # Light from the left, vignette towards the corners: both say where a patch is.
+    # Warm light from the left, cool shade on the right, a vignette towards the corners:
+    # together with sky above and ground below, every patch's colour says where it is.
     img *= (1.15 - 0.3 * xs)[..., None]
+    img += (xs - 0.5)[..., None] * np.array([-0.16, 0.0, 0.16], np.float32)
     img *= (1.0 - 0.35 * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2) * 2)[..., None]
     img += rng.normal(0, 0.015, size=img.shape).astype(np.float32)
     image = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")

@@ -36,3 +36,29 @@ def sample_shards(sample_source: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("sample-shards")
     shard_imagenet.run(sample_source, out, seed=0, workers=1, shard_size=SAMPLE_SHARD_SIZE)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full built-in sample data set, sharded by the real CLI (what `make demo` uses)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    subprocess.run([sys.executable, "-m", "droppos", "shard", "--sample", str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_data: Path) -> Path:
+    """A pretrain run of the `cpu-demo` preset on `demo_data` (a few minutes; shared by every slow test)."""
+    import subprocess
+    import sys
+
+    run = demo_data.parent / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "droppos", "pretrain", "--preset", "cpu-demo", "--data", str(demo_data), "--out", str(run)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return run

@@ -202,3 +202,16 @@ def test_checkpoint_of_another_model_is_refused(sample_shards, tmp_path):
     assert result.returncode == 2
     assert "another model" in result.stderr and "depth=1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cpu_demo_preset_learns_positions(demo_run):
+    """The cpu-demo preset lifts held-out position accuracy (val split) to >= 5x chance."""
+    config = json.loads((demo_run / "config.json").read_text())
+    patch = config["patch_size"]
+    num_positions = (config["img_size"] // patch) ** 2
+    held_out = [r["val_pos_acc"] for r in metrics(demo_run) if "val_pos_acc" in r]
+    assert held_out, "no held-out evaluation was logged"
+    assert held_out[-1] >= 5.0 / num_positions, (held_out, num_positions)
+    assert held_out[-1] > held_out[0]  # it learned during the run
+    assert (demo_run / "encoder.safetensors").exists()
