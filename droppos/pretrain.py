@@ -66,26 +66,9 @@ def peak_lr(config: PretrainConfig, world_size: int) -> float:
 
 
 def build_model(config: PretrainConfig) -> torch.nn.Module:
-    import timm
+    from droppos.model import create_from_config
 
-    import droppos.model  # noqa: F401 - registers droppos_* with timm
-
-    overrides = {k: getattr(config, k) for k in ("patch_size", "depth", "embed_dim", "num_heads") if getattr(config, k) is not None}
-    return timm.create_model(
-        f"droppos_{config.model}",
-        img_size=config.img_size,
-        mask_ratio=config.mask_ratio,
-        pos_mask_ratio=config.pos_mask_ratio,
-        mask_token=config.mask_token,
-        decoder_width=config.decoder_width,
-        decoder_depth=config.decoder_depth,
-        decoder_heads=config.decoder_heads,
-        attentive=config.attentive,
-        tau=config.tau,
-        aux_mae=config.aux_mae,
-        pos_weight=config.pos_weight,
-        **overrides,
-    )
+    return create_from_config(to_dict(config))
 
 
 # ---------------------------------------------------------------------------------------

@@ -118,6 +118,6 @@ def test_demo_encoder_beats_random_init_on_the_cached_probe(demo_data, demo_run,
     assert scores["pretrained"] > scores["random"] + MARGIN, scores
 
 
-# Percentage points. Measured on the sample data with an encoder of only ~40 cpu-demo pre-training
-# steps: 64.0% vs 59.0% top-1 (cpu-demo probe preset); a fully pre-trained demo encoder should do better.
-MARGIN = 2.5
+# Percentage points. Measured on 2026-11-24 with the cpu-demo pre-training preset (8 epochs) and the
+# cpu-demo probe preset: 64.2% (pre-trained) vs 57.6% (random init) top-1 on the 500 val images.
+MARGIN = 3.0
