@@ -497,13 +497,13 @@ _ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The DropPosViT inside torch.compile (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers."""
-    while not isinstance(model, DropPosViT):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            raise TypeError(f"expected a DropPosViT (possibly wrapped), got {type(model).__name__}")
-        model = inner
-    return model
+    """The DropPosViT inside torch.compile and DDP wrappers."""
+    from droppos.runtime import unwrap
+
+    core = unwrap(model)
+    if not isinstance(core, DropPosViT):
+        raise TypeError(f"expected a DropPosViT (possibly wrapped), got {type(core).__name__}")
+    return core
 
 
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

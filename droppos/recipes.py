@@ -26,7 +26,29 @@ MODELS = (
 
 
 @dataclass
-class PretrainConfig:
+class LaunchOptions:
+    """Options every training stage shares: input pipeline, device, launch, seed, checkpoints, logs."""
+
+    loader: str = "auto"
+    workers: Optional[int] = None
+    compile: Optional[bool] = None  # None: on for CUDA, off on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"
+    gpus: int = 0
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    seed: int = 0
+    max_steps: int = 0  # 0: the full schedule
+    ckpt_every: int = 1000
+    ckpt_minutes: float = 30.0
+    log_every: int = 20
+    preset: Optional[str] = None
+
+
+@dataclass
+class PretrainConfig(LaunchOptions):
     """`droppos pretrain` options; defaults = METHOD.md's ViT-B/16 800-epoch recipe."""
 
     data: str = ""
@@ -59,24 +81,8 @@ class PretrainConfig:
     depth: Optional[int] = None
     embed_dim: Optional[int] = None
     num_heads: Optional[int] = None
-    loader: str = "auto"
-    workers: Optional[int] = None
-    compile: Optional[bool] = None  # None: on for CUDA, off on CPU
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"
-    gpus: int = 0
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str = ""
-    seed: int = 0
-    max_steps: int = 0  # 0: the full schedule
-    ckpt_every: int = 1000
-    ckpt_minutes: float = 30.0
     keep_every: int = 0  # also keep checkpoints/step-N.pt every N steps (0: only last.pt)
-    log_every: int = 20
     eval_every: int = 1  # held-out position accuracy every N epochs (0: only at the end)
-    preset: Optional[str] = None
 
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -111,7 +117,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LaunchOptions):
     """`droppos finetune` options; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
 
     data: str = ""
@@ -141,22 +147,6 @@ class FinetuneConfig:
     reprob: float = 0.25  # random erasing; RandAugment rand-m9-mstd0.5-inc1 is in data's finetune mode
     ema: bool = False
     ema_decay: float = 0.9999
-    loader: str = "auto"
-    workers: Optional[int] = None
-    compile: Optional[bool] = None  # None: on for CUDA, off on CPU
-    precision: str = "auto"
-    device: str = "auto"
-    gpus: int = 0
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str = ""
-    seed: int = 0
-    max_steps: int = 0  # 0: the full schedule
-    ckpt_every: int = 1000
-    ckpt_minutes: float = 30.0
-    log_every: int = 20
-    preset: Optional[str] = None
 
 
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
@@ -173,7 +163,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(LaunchOptions):
     """`droppos probe` options; defaults = MAE's linear probe (METHOD.md)."""
 
     data: str = ""
@@ -193,22 +183,6 @@ class ProbeConfig:
     lr: Optional[float] = None
     min_lr: float = 0.0
     weight_decay: float = 0.0
-    loader: str = "auto"
-    workers: Optional[int] = None
-    compile: Optional[bool] = None
-    precision: str = "auto"
-    device: str = "auto"
-    gpus: int = 0
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str = ""
-    seed: int = 0
-    max_steps: int = 0
-    ckpt_every: int = 1000
-    ckpt_minutes: float = 30.0
-    log_every: int = 20
-    preset: Optional[str] = None
 
 
 PROBE_PRESETS: dict[str, dict[str, Any]] = {
