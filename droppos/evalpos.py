@@ -12,6 +12,11 @@ Three measurements, each with the settings that produced it, for one model or se
   as the model pools), over several seeded permutations. The prefix tokens ([CLS], registers) keep their
   PE in all three. (a) is exactly 1 for a ViT without order bias; (c) removes all spatial information
   and does not depend on the permutation; a location-aware model has (b) well below (a).
+  The cosine is dominated by the direction that every image's feature shares (it is near 1 between two
+  different images too), and how dominant that is differs between models. So each variant also gets a
+  displacement: the squared distance the feature moves, in units of the mean squared distance between
+  the intact features of two different images (0: unchanged; 1: as far as another image): the number
+  to compare across models.
   For a classifier head: how often the top-1 class is unchanged, and the accuracy change when the
   data's labels match the head.
 - Position linear probe (any timm ViT): frozen backbone; for each image a seeded random fraction of
@@ -483,13 +488,20 @@ class OrderSensitivity:
         self.permutations = permutations  # [P, L]
         self.classifier, self.labelled = classifier, labelled
         self.cos: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in permutations] for k in VARIANTS}
+        self.shift: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in permutations] for k in VARIANTS}
+        # Running sums of the intact features: their spread across images is the displacement's unit.
+        self.ref_sum: Optional[torch.Tensor] = None
+        self.ref_sq_sum, self.count = 0.0, 0
         self.agree: dict[str, list[torch.Tensor]] = {k: [] for k in VARIANTS}
         self.correct: dict[str, list[torch.Tensor]] = {k: [] for k in ("reference", *VARIANTS)}
 
     def update(self, vit: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
         x, pe, prefix = _token_parts(vit, images)
         reference = _encode(vit, prefix, x + pe)
-        ref_feat = _pooled(vit, reference)
+        ref_feat = _pooled(vit, reference).double()
+        self.ref_sum = ref_feat.sum(0) if self.ref_sum is None else self.ref_sum + ref_feat.sum(0)
+        self.ref_sq_sum += float(ref_feat.square().sum())
+        self.count += ref_feat.shape[0]
         ref_pred = vit.forward_head(reference).argmax(-1) if self.classifier else None
         if ref_pred is not None and self.labelled:
             self.correct["reference"].append((ref_pred == labels).float())
@@ -497,17 +509,27 @@ class OrderSensitivity:
             inputs = {"with_pe": (x + pe)[:, perm], "pe_in_place": x[:, perm] + pe, "no_pe": x[:, perm]}
             for key, patches in inputs.items():
                 tokens = _encode(vit, prefix, patches)
-                self.cos[key][p].append(F.cosine_similarity(_pooled(vit, tokens).float(), ref_feat.float(), dim=-1))
+                feat = _pooled(vit, tokens).double()
+                self.cos[key][p].append(F.cosine_similarity(feat, ref_feat, dim=-1))
+                self.shift[key][p].append((feat - ref_feat).square().sum(-1))
                 if ref_pred is not None:
                     pred = vit.forward_head(tokens).argmax(-1)
                     self.agree[key].append((pred == ref_pred).float())
                     if self.labelled:
                         self.correct[key].append((pred == labels).float())
 
+    def pair_distance(self) -> float:
+        """Mean squared distance between the intact features of two different images (i != j)."""
+        n = self.count
+        mean = self.ref_sum / n
+        variance = self.ref_sq_sum / n - float(mean.square().sum())  # total variance, population
+        return max(0.0, variance) * 2 * n / (n - 1) if n > 1 else 0.0
+
     def result(self, pool: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        unit = self.pair_distance()
         for key, (label, what) in VARIANTS.items():
-            per_perm = [torch.cat(c).double() for c in self.cos[key]]
+            per_perm = [torch.cat(c) for c in self.cos[key]]
             everything = torch.cat(per_perm)
             entry: dict[str, Any] = {
                 "cosine_mean": float(everything.mean()),
@@ -516,6 +538,14 @@ class OrderSensitivity:
                 "label": label,
                 "what": what,
             }
+            if unit > 0:
+                shifts = [torch.cat(d) / unit for d in self.shift[key]]
+                every_shift = torch.cat(shifts)
+                entry.update(displacement_mean=float(every_shift.mean()),
+                             displacement_std=float(every_shift.std(unbiased=False)),
+                             displacement_per_permutation=[float(d.mean()) for d in shifts])
+            else:  # every image gives the same feature: no scale to measure a change against
+                entry.update(displacement_mean=None, displacement_std=None, displacement_per_permutation=None)
             if self.agree[key]:
                 entry["top1_agreement"] = float(torch.cat(self.agree[key]).mean())
             if self.labelled and self.correct[key]:
@@ -530,6 +560,9 @@ class OrderSensitivity:
             "feature": pool,
             "compared_with": "the same images, unpermuted, with every PE",
             "cosine_std": "over all (image, permutation) pairs",
+            "displacement": "squared distance the feature moves, over the mean squared distance between the intact "
+                            "features of two different images (0: unchanged, 1: as far as another image); unlike "
+                            "the cosine it ignores the direction every image's feature shares",
             "prefix_tokens": "keep their PE in every variant",
         }
         return out
@@ -741,17 +774,23 @@ def make_plots(results: list[dict]) -> dict[str, bytes]:
             ax.set_title(r["name"], fontsize=10)
             ax.legend(fontsize=8)
             plots[f"error_histogram_{index}.png"] = _png(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, (ax, ax_shift) = plt.subplots(1, 2, figsize=(12, 3.6))
     for i, r in enumerate(results):
         o = r["order_sensitivity"]
         xs = np.arange(len(VARIANTS)) + i * width
         ax.bar(xs, [o[k]["cosine_mean"] for k in VARIANTS], width, yerr=[o[k]["cosine_std"] for k in VARIANTS],
                label=r["name"], capsize=3)
-    ax.set_xticks(np.arange(len(VARIANTS)) + width * (len(results) - 1) / 2, [v[0] for v in VARIANTS.values()])
+        shifts = [o[k]["displacement_mean"] for k in VARIANTS]
+        bars = ax_shift.bar(xs, [d or 0 for d in shifts], width, label=r["name"])
+        ax_shift.bar_label(bars, ["–" if d is None else f"{d:.3f}" for d in shifts], fontsize=7)
+    for axis in (ax, ax_shift):
+        axis.set_xticks(np.arange(len(VARIANTS)) + width * (len(results) - 1) / 2, [v[0] for v in VARIANTS.values()])
+        axis.legend(fontsize=8)
     ax.set_ylabel("cosine(pooled feature, intact)")
     ax.set_ylim(min(0.0, min(r["order_sensitivity"][k]["cosine_mean"] for r in results for k in VARIANTS)), 1.05)
-    ax.legend(fontsize=8)
-    ax.set_title("token-order sensitivity (lower = more order-aware)", fontsize=10)
+    ax.set_title("token-order sensitivity: cosine to the intact feature", fontsize=10)
+    ax_shift.set_ylabel("displacement (1 = as far as another image)")
+    ax_shift.set_title("token-order sensitivity: displacement ((b): higher = more order-aware)", fontsize=10)
     plots["order_sensitivity.png"] = _png(fig)
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(results), 3.4))
     ax.bar(np.arange(len(results)), [100 * (r["position_probe"].get("top1") or 0) for r in results], 0.6)
@@ -773,6 +812,11 @@ def _fmt(value: Any, percent: bool = False) -> str:
     return str(value)
 
 
+def _pm(entry: dict, name: str) -> str:
+    mean, std = entry.get(f"{name}_mean"), entry.get(f"{name}_std")
+    return "–" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
 def summary_rows(results: list[dict]) -> list[tuple[str, list[str]]]:
     """(metric, one cell per model): the terminal table and the HTML summary table."""
     rows: list[tuple[str, list[str]]] = [("kind", [r["kind"] for r in results]),
@@ -790,6 +834,7 @@ def summary_rows(results: list[dict]) -> list[tuple[str, list[str]]]:
     for key, (label, _) in VARIANTS.items():
         rows.append((f"cosine {label}", [f"{r['order_sensitivity'][key]['cosine_mean']:.4f} ± "
                                          f"{r['order_sensitivity'][key]['cosine_std']:.4f}" for r in results]))
+        rows.append((f"displacement {label}", [_pm(r["order_sensitivity"][key], "displacement") for r in results]))
         if any("top1_agreement" in r["order_sensitivity"][key] for r in results):
             rows.append((f"top-1 agreement {label}", [_fmt(r["order_sensitivity"][key].get("top1_agreement"), True) for r in results]))
         if any("accuracy_change" in r["order_sensitivity"][key] for r in results):
