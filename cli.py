@@ -7,15 +7,18 @@ and option errors answer instantly, without importing torch or DALI.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from typer._click import exceptions as click_exceptions  # typer vendors its own click
 
 from droppos import UserError
+from droppos.recipes import FinetuneConfig, PretrainConfig, ProbeConfig
 
 app = typer.Typer(
     name="droppos",
@@ -115,13 +118,83 @@ def _default(config_cls: type, name: str) -> str:
     return f"(default: {value})"
 
 
-def _pd(text: str, name: str) -> str:
-    from droppos.recipes import PretrainConfig
+def _with_default(config_cls: type) -> Callable[[str, str], str]:
+    return lambda text, name: f"{text} {_default(config_cls, name)}"
 
-    return f"{text} {_default(PretrainConfig, name)}"
+
+def _option(name: str, annotation: Any, *decls: str, **kwargs: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(None, *decls, **kwargs))
+
+
+def _source_options() -> list[inspect.Parameter]:
+    """Where the encoder of finetune/probe comes from."""
+    return [
+        _option("encoder", Optional[Path], help="An exported encoder (RUN/encoder.safetensors)."),
+        _option("run", Optional[Path], help="A `droppos pretrain` run directory (its encoder.safetensors)."),
+        _option("timm_model", Optional[str], help="A timm ViT name, randomly initialised (no download)."),
+        _option("random_init", Optional[bool], "--random-init/--no-random-init",
+                help="Use --encoder/--run's architecture without its weights (a baseline)."),
+        _option("depth", Optional[int], min=1, help="With --timm-model: override the depth (small experiments)."),
+    ]
+
+
+def _launch_options(config_cls: type) -> list[inspect.Parameter]:
+    """Input pipeline, devices, processes, seed, checkpoints and logging: the same for every training stage."""
+    d = _with_default(config_cls)
+    return [
+        _option("loader", Optional[str], help=d("Input pipeline: auto, dali or pil.", "loader")),
+        _option("workers", Optional[int], min=0, help="Decode threads / loader workers (default: per backend)."),
+        _option("compile", Optional[bool], "--compile/--no-compile", help="torch.compile (default: on with CUDA, off on CPU)."),
+        _option("precision", Optional[str], help=d("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
+        _option("device", Optional[str], help=d("auto, cuda or cpu.", "device")),
+        _option("gpus", Optional[int], min=0, help="Start one process per GPU on this node (NCCL)."),
+        _option("nproc", Optional[int], min=1, help="CPU: number of gloo processes."),
+        _option("nnodes", Optional[int], min=1, help="Number of nodes."),
+        _option("node_rank", Optional[int], min=0, help="This node's rank (0 hosts the rendezvous)."),
+        _option("rdzv_endpoint", Optional[str], help="HOST:PORT of the rendezvous, for several nodes."),
+        _option("seed", Optional[int], help=d("Seed.", "seed")),
+        _option("max_steps", Optional[int], min=0, help="Stop after this many optimizer steps (schedule unchanged)."),
+        _option("ckpt_every", Optional[int], min=1, help=d("Checkpoint every N steps.", "ckpt_every")),
+        _option("ckpt_minutes", Optional[float], min=0, help=d("...and every M minutes.", "ckpt_minutes")),
+        _option("log_every", Optional[int], min=1, help=d("Log every N steps.", "log_every")),
+    ]
+
+
+def _with_options(*groups: list[inspect.Parameter]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Append option groups to a command that takes them as `**shared`.
+
+    Typer has no option groups; it reads a command's options from its signature, so the shared ones
+    are spliced into that signature instead of being declared again in every stage's command.
+    """
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [p for group in groups for p in group]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            command(**kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+        return wrapper
+
+    return decorate
+
+
+def _options(values: dict[str, Any]) -> dict[str, Any]:
+    """A command's options for `make_config`: the shared ones flattened in, paths as strings."""
+    flat = {k: v for k, v in values.items() if k != "shared"}
+    flat.update(values.get("shared", {}))
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in flat.items()}
+
+
+_pd = _with_default(PretrainConfig)
 
 
 @app.command()
+@_with_options(_launch_options(PretrainConfig))
 def pretrain(
     data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
     out: Optional[Path] = typer.Option(None, help="Run directory (created; resumed when it holds a checkpoint)."),
@@ -149,26 +222,12 @@ def pretrain(
     pos_weight: Optional[float] = typer.Option(None, min=0, help=_pd("Weight of the position loss with --aux-mae.", "pos_weight")),
     decoder_depth: Optional[int] = typer.Option(None, min=1, help=_pd("Position decoder blocks.", "decoder_depth")),
     decoder_width: Optional[int] = typer.Option(None, min=8, help=_pd("Position decoder width.", "decoder_width")),
-    loader: Optional[str] = typer.Option(None, help=_pd("Input pipeline: auto, dali or pil.", "loader")),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile (default: on with CUDA, off on CPU)."),
-    precision: Optional[str] = typer.Option(None, help=_pd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
-    device: Optional[str] = typer.Option(None, help=_pd("auto, cuda or cpu.", "device")),
-    gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
-    nproc: Optional[int] = typer.Option(None, min=1, help="CPU: number of gloo processes."),
-    nnodes: Optional[int] = typer.Option(None, min=1, help="Number of nodes."),
-    node_rank: Optional[int] = typer.Option(None, min=0, help="This node's rank (0 hosts the rendezvous)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous, for several nodes."),
-    seed: Optional[int] = typer.Option(None, help=_pd("Seed.", "seed")),
-    max_steps: Optional[int] = typer.Option(None, min=0, help="Stop after this many optimizer steps (schedule unchanged)."),
-    ckpt_every: Optional[int] = typer.Option(None, min=1, help=_pd("Checkpoint every N steps.", "ckpt_every")),
-    ckpt_minutes: Optional[float] = typer.Option(None, min=0, help=_pd("...and every M minutes.", "ckpt_minutes")),
     keep_every: Optional[int] = typer.Option(None, min=0, help="Also keep checkpoints/step-N.pt every N steps."),
-    log_every: Optional[int] = typer.Option(None, min=1, help=_pd("Log every N steps.", "log_every")),
     export_only: bool = typer.Option(False, "--export-only", help="Export encoder.safetensors from --out's last checkpoint and exit."),
+    **shared: Any,
 ) -> None:
     """Pre-train a DropPos ViT; re-run the same command to resume."""
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "export_only"}
+    options = _options({k: v for k, v in locals().items() if k != "export_only"})
     from droppos.recipes import PRETRAIN_PRESETS, PretrainConfig, make_config
 
     if export_only:
@@ -182,21 +241,14 @@ def pretrain(
     stage.run(config, export_only=export_only)
 
 
-def _fd(text: str, name: str) -> str:
-    from droppos.recipes import FinetuneConfig
-
-    return f"{text} {_default(FinetuneConfig, name)}"
+_fd = _with_default(FinetuneConfig)
 
 
 @app.command()
+@_with_options(_source_options(), _launch_options(FinetuneConfig))
 def finetune(
     data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
     out: Optional[Path] = typer.Option(None, help="Run directory (created; resumed when it holds a checkpoint)."),
-    encoder: Optional[Path] = typer.Option(None, help="An exported encoder (RUN/encoder.safetensors)."),
-    run: Optional[Path] = typer.Option(None, help="A `droppos pretrain` run directory (its encoder.safetensors)."),
-    timm_model: Optional[str] = typer.Option(None, help="A timm ViT name, randomly initialised (no download)."),
-    random_init: Optional[bool] = typer.Option(None, "--random-init/--no-random-init", help="Use --encoder/--run's architecture without its weights (a baseline)."),
-    depth: Optional[int] = typer.Option(None, min=1, help="With --timm-model: override the depth (small experiments)."),
     preset: Optional[str] = typer.Option(None, help="Recipe bundle: vit_b16, vit_l16, cpu-demo."),
     img_size: Optional[int] = typer.Option(None, min=8, help="Input resolution (default: the encoder's own)."),
     pool: Optional[str] = typer.Option(None, help=_fd("Feature: avg (patch tokens, fc_norm) or token ([CLS]).", "pool")),
@@ -217,24 +269,10 @@ def finetune(
     reprob: Optional[float] = typer.Option(None, min=0, max=1, help=_fd("Random-erasing probability.", "reprob")),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Keep and evaluate an EMA of the weights (default: off)."),
     ema_decay: Optional[float] = typer.Option(None, min=0, max=1, help=_fd("EMA decay.", "ema_decay")),
-    loader: Optional[str] = typer.Option(None, help=_fd("Input pipeline: auto, dali or pil.", "loader")),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile (default: on with CUDA, off on CPU)."),
-    precision: Optional[str] = typer.Option(None, help=_fd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
-    device: Optional[str] = typer.Option(None, help=_fd("auto, cuda or cpu.", "device")),
-    gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
-    nproc: Optional[int] = typer.Option(None, min=1, help="CPU: number of gloo processes."),
-    nnodes: Optional[int] = typer.Option(None, min=1, help="Number of nodes."),
-    node_rank: Optional[int] = typer.Option(None, min=0, help="This node's rank (0 hosts the rendezvous)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous, for several nodes."),
-    seed: Optional[int] = typer.Option(None, help=_fd("Seed.", "seed")),
-    max_steps: Optional[int] = typer.Option(None, min=0, help="Stop after this many optimizer steps (schedule unchanged)."),
-    ckpt_every: Optional[int] = typer.Option(None, min=1, help=_fd("Checkpoint every N steps.", "ckpt_every")),
-    ckpt_minutes: Optional[float] = typer.Option(None, min=0, help=_fd("...and every M minutes.", "ckpt_minutes")),
-    log_every: Optional[int] = typer.Option(None, min=1, help=_fd("Log every N steps.", "log_every")),
+    **shared: Any,
 ) -> None:
     """Fine-tune an encoder end to end (MAE protocol); top-1/top-5 in OUT/results.json. Re-run to resume."""
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    options = _options(locals())
     from droppos.recipes import FINETUNE_PRESETS, FinetuneConfig, make_config
 
     config = make_config(FinetuneConfig, FINETUNE_PRESETS, options)
@@ -243,21 +281,14 @@ def finetune(
     stage.run(config)
 
 
-def _prd(text: str, name: str) -> str:
-    from droppos.recipes import ProbeConfig
-
-    return f"{text} {_default(ProbeConfig, name)}"
+_prd = _with_default(ProbeConfig)
 
 
 @app.command()
+@_with_options(_source_options(), _launch_options(ProbeConfig))
 def probe(
     data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
     out: Optional[Path] = typer.Option(None, help="Run directory (created; resumed when it holds a checkpoint)."),
-    encoder: Optional[Path] = typer.Option(None, help="An exported encoder (RUN/encoder.safetensors)."),
-    run: Optional[Path] = typer.Option(None, help="A `droppos pretrain` run directory (its encoder.safetensors)."),
-    timm_model: Optional[str] = typer.Option(None, help="A timm ViT name, randomly initialised (no download)."),
-    random_init: Optional[bool] = typer.Option(None, "--random-init/--no-random-init", help="Use --encoder/--run's architecture without its weights (a baseline)."),
-    depth: Optional[int] = typer.Option(None, min=1, help="With --timm-model: override the depth (small experiments)."),
     preset: Optional[str] = typer.Option(None, help="Recipe bundle: mae, cpu-demo."),
     cached: Optional[bool] = typer.Option(None, "--cached/--no-cached", help="Extract frozen features once (eval transforms), then train the head on them (default: off)."),
     img_size: Optional[int] = typer.Option(None, min=8, help="Input resolution (default: the encoder's own)."),
@@ -269,24 +300,10 @@ def probe(
     lr: Optional[float] = typer.Option(None, min=0, help="Absolute lr (overrides --blr)."),
     min_lr: Optional[float] = typer.Option(None, min=0, help=_prd("Final lr of the cosine.", "min_lr")),
     weight_decay: Optional[float] = typer.Option(None, min=0, help=_prd("LARS weight decay.", "weight_decay")),
-    loader: Optional[str] = typer.Option(None, help=_prd("Input pipeline: auto, dali or pil.", "loader")),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the encoder (default: on with CUDA, off on CPU)."),
-    precision: Optional[str] = typer.Option(None, help=_prd("auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", "precision")),
-    device: Optional[str] = typer.Option(None, help=_prd("auto, cuda or cpu.", "device")),
-    gpus: Optional[int] = typer.Option(None, min=0, help="Start one process per GPU on this node (NCCL)."),
-    nproc: Optional[int] = typer.Option(None, min=1, help="CPU: number of gloo processes."),
-    nnodes: Optional[int] = typer.Option(None, min=1, help="Number of nodes."),
-    node_rank: Optional[int] = typer.Option(None, min=0, help="This node's rank (0 hosts the rendezvous)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous, for several nodes."),
-    seed: Optional[int] = typer.Option(None, help=_prd("Seed.", "seed")),
-    max_steps: Optional[int] = typer.Option(None, min=0, help="Stop after this many steps (schedule unchanged)."),
-    ckpt_every: Optional[int] = typer.Option(None, min=1, help=_prd("Checkpoint every N steps.", "ckpt_every")),
-    ckpt_minutes: Optional[float] = typer.Option(None, min=0, help=_prd("...and every M minutes.", "ckpt_minutes")),
-    log_every: Optional[int] = typer.Option(None, min=1, help=_prd("Log every N steps.", "log_every")),
+    **shared: Any,
 ) -> None:
     """Linear-probe a frozen encoder (MAE protocol); top-1/top-5 in OUT/results.json. Re-run to resume."""
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    options = _options(locals())
     from droppos.recipes import PROBE_PRESETS, ProbeConfig, make_config
 
     config = make_config(ProbeConfig, PROBE_PRESETS, options)
