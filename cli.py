@@ -12,7 +12,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 import typer
 from typer._click import exceptions as click_exceptions  # typer vendors its own click
@@ -358,7 +358,7 @@ def eval_pos(
     evalpos.run(config)
 
 
-def _fail(message: str) -> "NoReturn":  # noqa: F821
+def _fail(message: str) -> NoReturn:
     print(f"droppos: error: {message}", file=sys.stderr)
     sys.exit(2)
 

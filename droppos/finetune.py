@@ -57,16 +57,9 @@ def run(config: FinetuneConfig) -> None:
     out = runtime.check_out_dir(config.out)
     _validate(config)
     encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
-    device = runtime.resolve_device(config.device, config.gpus)
-    nproc, world = runtime.plan_processes(device, config.gpus, config.nproc, config.nnodes)
-    runtime.check_train_data(config.data, config.batch_size * config.accum, world,
-                             need_val="fine-tuning evaluates on it after every epoch")
-    runtime.check_resumable(out, to_dict(config), ARCH_KEYS, "a fine-tuning checkpoint of other options")
-    out.mkdir(parents=True, exist_ok=True)
-    runtime.launch(
-        _worker, dict(to_dict(config), device=device), nproc_per_node=nproc, nnodes=config.nnodes,
-        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=runtime.run_id_for("finetune", out),
-    )
+    runtime.start("finetune", _worker, config, out, step_batch=config.batch_size * config.accum,
+                  arch_keys=ARCH_KEYS, mismatch="a fine-tuning checkpoint of other options",
+                  need_val="fine-tuning evaluates on it after every epoch")
 
 
 def _validate(config: FinetuneConfig) -> None:
@@ -168,11 +161,7 @@ class Finetuner:
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
         self._resume()
 
-        wrapped: torch.nn.Module = self.model
-        if info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.ddp = wrapped
+        wrapped = self.ddp = runtime.wrap_ddp(self.model, info)
         self.forward = torch.compile(wrapped) if self.use_compile else wrapped
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -181,35 +170,23 @@ class Finetuner:
     # -- state ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        path = runtime.checkpoint_path(self.out)
-        if not path.exists():
-            return
-        saved = runtime.load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None and "ema" in saved:
-            self.ema.module.load_state_dict(saved["ema"])
-        self.step = int(saved["step"])
-        self.best = dict(saved.get("best") or self.best)
-        if self.info.is_main:
-            print(f"resuming {self.out} from step {self.step} (epoch {self.step // self.steps_per_epoch})", file=sys.stderr)
+        saved = runtime.resume(self.out, self.device, self._parts(), self.info.is_main)
+        if saved is not None:
+            self.step = int(saved["step"])
+            self.best = dict(saved.get("best") or self.best)
+
+    def _parts(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
+        if self.ema is not None:  # `ema` is an ARCH_KEY: a resumed checkpoint has it exactly when this run does
+            parts["ema"] = self.ema.module
+        return parts
 
     def save(self, reason: str) -> None:
         if not self.info.is_main:
             return
-        state = {
-            "model": runtime.clean_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "config": to_dict(self.config),
-            "encoder": _plain(self.encoder_info),
-            "best": self.best,
-            "rng": runtime.rng_state(),
-            "reason": reason,
-        }
-        if self.ema is not None:
-            state["ema"] = runtime.clean_state_dict(self.ema.module.state_dict())
+        state = runtime.checkpoint_state(
+            self._parts(), step=self.step, epoch=self.step // self.steps_per_epoch, config=to_dict(self.config),
+            encoder=_plain(self.encoder_info), best=self.best, rng=runtime.rng_state(), reason=reason)
         runtime.save_checkpoint(runtime.checkpoint_path(self.out), state)
 
     # -- loop -------------------------------------------------------------------------

@@ -84,20 +84,8 @@ def run(config: PretrainConfig, export_only: bool = False) -> None:
     if config.model not in MODELS:
         raise UserError(f"unknown --model {config.model!r}; choose one of: {', '.join(MODELS)}")
     _validate(config)
-    device = runtime.resolve_device(config.device, config.gpus)
-    nproc, world = runtime.plan_processes(device, config.gpus, config.nproc, config.nnodes)
-    runtime.check_train_data(config.data, config.batch_size * config.accum, world)
-    runtime.check_resumable(out, to_dict(config), ARCH_KEYS, "a checkpoint of another model")
-    out.mkdir(parents=True, exist_ok=True)
-    runtime.launch(
-        _worker,
-        dict(to_dict(config), device=device),
-        nproc_per_node=nproc,
-        nnodes=config.nnodes,
-        node_rank=config.node_rank,
-        rdzv_endpoint=config.rdzv_endpoint,
-        run_id=runtime.run_id_for("pretrain", out),
-    )
+    runtime.start("pretrain", _worker, config, out, step_batch=config.batch_size * config.accum,
+                  arch_keys=ARCH_KEYS, mismatch="a checkpoint of another model")
 
 
 def _validate(config: PretrainConfig) -> None:
@@ -185,11 +173,7 @@ class Trainer:
 
         # DDP first, then compile the wrapped module: DDPOptimizer splits the graph at bucket
         # boundaries so gradient all-reduce overlaps the backward pass (PyTorch's advice).
-        wrapped: torch.nn.Module = self.model
-        if info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.ddp = wrapped
+        wrapped = self.ddp = runtime.wrap_ddp(self.model, info)
         self.forward = torch.compile(wrapped) if use_compile else wrapped
         self.sigma = torch.zeros((), device=self.device)
         self.metrics = runtime.MetricsLog(self.out, info.is_main)
@@ -198,29 +182,20 @@ class Trainer:
     # -- state ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        path = runtime.checkpoint_path(self.out)
-        if not path.exists():
-            return
-        saved = runtime.load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.step = int(saved["step"])
-        if self.info.is_main:
-            print(f"resuming {self.out} from step {self.step} (epoch {self.step // self.steps_per_epoch})", file=sys.stderr)
+        saved = runtime.resume(self.out, self.device, self._parts(), self.info.is_main)
+        if saved is not None:
+            self.step = int(saved["step"])
+
+    def _parts(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer}
 
     def save(self, reason: str) -> None:
         if not self.info.is_main:
             return
-        state = {
-            "model": runtime.clean_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "batch": (self.step % self.steps_per_epoch) * self.config.accum,
-            "config": to_dict(self.config),
-            "rng": runtime.rng_state(),
-            "reason": reason,
-        }
+        state = runtime.checkpoint_state(
+            self._parts(), step=self.step, epoch=self.step // self.steps_per_epoch,
+            batch=(self.step % self.steps_per_epoch) * self.config.accum, config=to_dict(self.config),
+            rng=runtime.rng_state(), reason=reason)
         runtime.save_checkpoint(runtime.checkpoint_path(self.out), state)
         if self.config.keep_every and self.step % self.config.keep_every == 0:
             runtime.save_checkpoint(self.out / "checkpoints" / f"step-{self.step:08d}.pt", state)

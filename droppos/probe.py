@@ -75,16 +75,9 @@ def run(config: ProbeConfig) -> None:
         if not ok:
             raise UserError(message)
     encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
-    device = runtime.resolve_device(config.device, config.gpus)
-    nproc, world = runtime.plan_processes(device, config.gpus, config.nproc, config.nnodes)
-    runtime.check_train_data(config.data, config.batch_size, world,
-                             need_val="the probe is evaluated on it after every epoch")
-    runtime.check_resumable(out, to_dict(config), ARCH_KEYS, "a probe checkpoint of other options")
-    out.mkdir(parents=True, exist_ok=True)
-    runtime.launch(
-        _worker, dict(to_dict(config), device=device), nproc_per_node=nproc, nnodes=config.nnodes,
-        node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=runtime.run_id_for("probe", out),
-    )
+    runtime.start("probe", _worker, config, out, step_batch=config.batch_size, arch_keys=ARCH_KEYS,
+                  mismatch="a probe checkpoint of other options",
+                  need_val="the probe is evaluated on it after every epoch")
 
 
 def _worker(payload: dict) -> None:
@@ -266,29 +259,22 @@ class HeadTrainer:
         self.criterion = nn.CrossEntropyLoss()
         self.step = 0
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
-        path = runtime.checkpoint_path(self.out)
-        if path.exists():
-            saved = runtime.load_checkpoint(path, map_location=self.device)
-            self.head.load_state_dict(saved["head"])
-            self.optimizer.load_state_dict(saved["optimizer"])
+        saved = runtime.resume(self.out, self.device, self._parts(), info.is_main)
+        if saved is not None:
             self.step, self.best = int(saved["step"]), dict(saved.get("best") or self.best)
-            if info.is_main:
-                print(f"resuming {self.out} from step {self.step}", file=sys.stderr)
-        self.train_head: nn.Module = self.head
-        if info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_head = torch.nn.parallel.DistributedDataParallel(self.head, device_ids=ids)
+        self.train_head = runtime.wrap_ddp(self.head, info)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = runtime.MetricsLog(self.out, info.is_main)
 
+    def _parts(self) -> dict[str, Any]:
+        return {"head": self.head, "optimizer": self.optimizer}
+
     def save(self, reason: str) -> None:
         if self.info.is_main:
-            runtime.save_checkpoint(runtime.checkpoint_path(self.out), {
-                "head": runtime.clean_state_dict(self.head.state_dict()), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "config": to_dict(self.config), "best": self.best, "reason": reason,
-                "encoder": json.loads(json.dumps(self.encoder_info)),
-            })
+            runtime.save_checkpoint(runtime.checkpoint_path(self.out), runtime.checkpoint_state(
+                self._parts(), step=self.step, config=to_dict(self.config), best=self.best, reason=reason,
+                encoder=json.loads(json.dumps(self.encoder_info))))
 
     def train(self) -> None:
         config, info = self.config, self.info

@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -143,6 +144,24 @@ def plan_processes(device: str, gpus: int, nproc: int, nnodes: int) -> tuple[int
 def run_id_for(tag: str, out: Path) -> str:
     """A rendezvous id every node derives alike from the same command."""
     return f"droppos-{tag}-" + hashlib.sha1(str(out).encode()).hexdigest()[:12]
+
+
+def start(stage: str, worker: Callable[[dict], Any], config: Any, out: Path, *, step_batch: int,
+          arch_keys: tuple[str, ...], mismatch: str, need_val: str = "") -> None:
+    """What every training stage does once its own options are checked: pick the device, plan the
+    processes, check the data fits a step, refuse a checkpoint of other options, launch the workers.
+
+    `config` is the stage's recipe (a LaunchOptions dataclass); the workers get it as a dict plus
+    the resolved device.
+    """
+    options = dataclasses.asdict(config)
+    device = resolve_device(config.device, config.gpus)
+    nproc, world = plan_processes(device, config.gpus, config.nproc, config.nnodes)
+    check_train_data(config.data, step_batch, world, need_val=need_val)
+    check_resumable(out, options, arch_keys, mismatch)
+    out.mkdir(parents=True, exist_ok=True)
+    launch(worker, dict(options, device=device), nproc_per_node=nproc, nnodes=config.nnodes,
+           node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=run_id_for(stage, out))
 
 
 def launch(
@@ -297,6 +316,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """The model as the training step calls it: DDP-wrapped when there are several processes."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip `module.` and `_orig_mod.` prefixes that DDP and compile add to keys."""
     out = {}
@@ -324,6 +351,31 @@ def check_resumable(out: Path, config: dict, keys: tuple[str, ...], what: str) -
     diff = [f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
     if diff:
         raise UserError(f"{out} holds {what}: {', '.join(diff)}; use another --out or the same options")
+
+
+def checkpoint_state(parts: dict[str, Any], **extra: Any) -> dict:
+    """A training stage's checkpoint: each part's state (modules without DDP/compile prefixes,
+    optimizers as they are) by key, plus the stage's own `extra` entries."""
+    state = {key: clean_state_dict(part.state_dict()) if isinstance(part, torch.nn.Module) else part.state_dict()
+             for key, part in parts.items()}
+    return {**state, **extra}
+
+
+def resume(out: Path, device: torch.device, parts: dict[str, Any], is_main: bool) -> Optional[dict]:
+    """Load OUT's last checkpoint into `parts` (the keys `checkpoint_state` saved them under).
+
+    Returns the checkpoint, for the stage's own entries (None: nothing to resume, a fresh start).
+    """
+    path = checkpoint_path(out)
+    if not path.exists():
+        return None
+    saved = load_checkpoint(path, map_location=device)
+    for key, part in parts.items():
+        part.load_state_dict(saved[key])
+    if is_main:
+        epoch = f" (epoch {saved['epoch']})" if "epoch" in saved else ""
+        print(f"resuming {out} from step {int(saved['step'])}{epoch}", file=sys.stderr)
+    return saved
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

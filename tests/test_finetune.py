@@ -4,7 +4,6 @@ evaluation across 2 gloo ranks, resume after SIGTERM, results.json and user mist
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -40,7 +39,6 @@ def val_count(data: Path) -> int:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny DropPos encoder (32 px, 8 px patches, 2 blocks) exported as a pretrain run would."""
-    import droppos.model
     from droppos.model import export_encoder
 
     torch.manual_seed(0)

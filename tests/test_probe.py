@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from droppos import runtime

@@ -100,7 +100,7 @@ def test_every_input_kind_becomes_an_rgb_baseline_jpeg(kind: str) -> None:
     make, action = INPUT_KINDS[kind]
     data = make()
     result = convert_image(data, quality=90)
-    out = _assert_rgb_baseline_jpeg(result.jpg)
+    _assert_rgb_baseline_jpeg(result.jpg)
     original = Image.open(io.BytesIO(data))
     assert (result.width, result.height) == original.size
     if action is None:
