@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from droppos import UserError
+from droppos import UserError, runtime
 
 __all__ = ["DEFAULT_RATIOS", "EvalPosConfig", "Subject", "load_subject", "run"]
 
@@ -194,8 +194,6 @@ def load_subject(source: str, img_size: Optional[int] = None, timm_name: bool = 
 
 
 def _from_checkpoint(path: Path, source: str, name: str, kind: str) -> Subject:
-    from droppos import runtime
-
     saved = runtime.load_checkpoint(path)
     config = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(config, dict) or "model" not in saved:
@@ -929,9 +927,7 @@ def _validate(config: EvalPosConfig) -> None:
         (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
         (bool(config.ratios), "give at least one --ratio"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    runtime.check_all(checks)
     for g, gp in config.ratios:
         if not (0.0 <= g < 1.0 and 0.0 < gp <= 1.0):
             raise UserError(f"--ratio {g}:{gp}: gamma must be in [0, 1) and gamma_pos in (0, 1]")
@@ -964,8 +960,6 @@ def _unique_names(subjects: Sequence[Subject]) -> None:
 
 def run(config: EvalPosConfig) -> Path:
     """Load every model, evaluate each on the same images, write report.json / .html / PNGs; returns report.html."""
-    from droppos import runtime
-
     _validate(config)
     device = torch.device(runtime.resolve_device(config.device, 0))
     if device.type == "cuda":

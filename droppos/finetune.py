@@ -72,13 +72,8 @@ def _validate(config: FinetuneConfig) -> None:
         (0 <= config.smoothing < 1 and 0 <= config.reprob <= 1, "--smoothing must be in [0, 1) and --reprob in [0, 1]"),
         (0 < config.ema_decay < 1, "--ema-decay must be in (0, 1)"),
         (config.pool in ("avg", "token"), "--pool: choose avg or token"),
-        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
-        (config.nproc >= 1 and config.nnodes >= 1, "--nproc and --nnodes must be >= 1"),
-        (config.log_every >= 1 and config.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    runtime.check_all(checks)
 
 
 # ---------------------------------------------------------------------------------------

@@ -96,15 +96,10 @@ def _validate(config: PretrainConfig) -> None:
         (config.batch_size >= 1 and config.accum >= 1, "--batch-size and --accum must be >= 1"),
         (config.sigma >= 0 and config.tau > 0, "--sigma must be >= 0 and --tau > 0"),
         (config.mask_token in ("learnable", "zeros", "wrong"), "--mask-token: choose learnable, zeros or wrong"),
-        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
-        (config.nproc >= 1 and config.nnodes >= 1, "--nproc and --nnodes must be >= 1"),
-        (config.log_every >= 1 and config.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
     ]
     patch = config.patch_size or int(config.model.split("patch")[-1])
     checks.append((config.img_size % patch == 0, f"--img-size {config.img_size} is not divisible by the patch size {patch}"))
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    runtime.check_all(checks)
 
 
 def export_from_checkpoint(out: Path) -> Path:

@@ -67,13 +67,8 @@ def run(config: ProbeConfig) -> None:
     checks = [
         (config.epochs >= 1 and config.batch_size >= 2, "--epochs must be >= 1 and --batch-size >= 2 (BatchNorm)"),
         (config.pool in ("avg", "token"), "--pool: choose token ([CLS]) or avg"),
-        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
-        (config.nproc >= 1 and config.nnodes >= 1, "--nproc and --nnodes must be >= 1"),
-        (config.log_every >= 1 and config.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    runtime.check_all(checks)
     encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
     runtime.start("probe", _worker, config, out, step_batch=config.batch_size, arch_keys=ARCH_KEYS,
                   mismatch="a probe checkpoint of other options",

@@ -146,6 +146,22 @@ def run_id_for(tag: str, out: Path) -> str:
     return f"droppos-{tag}-" + hashlib.sha1(str(out).encode()).hexdigest()[:12]
 
 
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """Stop at the first failed (condition, message) check with its one-line message."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def check_launch_options(config: Any) -> None:
+    """The options every training stage shares (recipes.LaunchOptions)."""
+    check_all([
+        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
+        (config.nproc >= 1 and config.nnodes >= 1, "--nproc and --nnodes must be >= 1"),
+        (config.log_every >= 1 and config.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
+    ])
+
+
 def start(stage: str, worker: Callable[[dict], Any], config: Any, out: Path, *, step_batch: int,
           arch_keys: tuple[str, ...], mismatch: str, need_val: str = "") -> None:
     """What every training stage does once its own options are checked: pick the device, plan the
@@ -154,6 +170,7 @@ def start(stage: str, worker: Callable[[dict], Any], config: Any, out: Path, *, 
     `config` is the stage's recipe (a LaunchOptions dataclass); the workers get it as a dict plus
     the resolved device.
     """
+    check_launch_options(config)
     options = dataclasses.asdict(config)
     device = resolve_device(config.device, config.gpus)
     nproc, world = plan_processes(device, config.gpus, config.nproc, config.nnodes)
