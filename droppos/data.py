@@ -11,10 +11,16 @@ Two backends behind one `build_loader`, giving the same batches in form and in d
 Where batches are normalised (the one cost both backends add after augmentation):
 - `dali`: `fn.crop_mirror_normalize` (flip, normalise and HWC->CHW float in one pass) in DALI's
   own threads, on the GPU with 'mixed'.
-- `pil` with a CUDA device: uint8 HWC batches cross the process and PCIe boundaries (four times
-  fewer bytes) and `normalize` runs on the GPU.
-- `pil` with a CPU device: each DataLoader worker normalises its own batches (in parallel, into
-  shared memory, so nothing is copied again), leaving the main process free for the model.
+- `pil`: workers fill uint8 HWC batches in a shared-memory ring made once per loader (`_Ring`; no
+  per-batch allocation, so no page faults) and send only slot indices; the main process normalises
+  each batch on the training device as it arrives (`normalize`; four times fewer bytes over PCIe
+  than float). On a CPU device it writes into a few reused output batches (`_BatchPool`): a fresh
+  38 MB float batch per step costs more in page faults than the normalisation itself.
+
+DALI's CPU mode is the slower CPU backend: its resampling is not vectorised (NVIDIA/DALI#4581).
+Measured here with 2 threads on ~500x375 JPEGs: ROI decode 1.05 ms per image, antialiased bicubic
+resize to 224 ~2.4 ms (Pillow-SIMD: 0.2 ms). It stays bicubic, as the recipe says; on a CPU-only
+machine `--loader pil` is the faster choice (benchmarks/bench_loader.py).
 
 How samples are split (identical for both backends, so they cover the same samples per rank):
 - The split's samples are the concatenation of its shards, in manifest order for eval and in an
@@ -37,9 +43,9 @@ import hashlib
 import io
 import logging
 import math
+import multiprocessing
 import os
 import random
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +75,7 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm's config string (pil backend)
 # DALI's RandAugment has magnitude bins and no magnitude noise: m=27 of bins 0..30 is timm's 9/10.
 DALI_RAND_AUGMENT_M, DALI_RAND_AUGMENT_BINS = 27, 31
 SHUFFLE_BUFFER = 1024  # samples per shuffle buffer (DALI `initial_fill`, pil per worker)
+PIL_PREFETCH = 2  # batches queued per pil DataLoader worker
 READER_NAME = "reader"
 
 
@@ -95,17 +102,58 @@ def _seed(*parts: int) -> int:
 def normalize(images: torch.Tensor, device: torch.device | str, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B,H,W,3] (any device) -> float32 [B,3,H,W] ImageNet-normalised on `device` (or into `out`).
 
-    Three flat passes (convert-and-reorder copy, then in-place scale and shift) are about 8x
-    faster on the CPU than one broadcast `(x - mean) / std` that mixes dtypes and layouts.
+    A few flat passes (convert-and-reorder, scale, shift, in place) rather than one broadcast
+    `(x - mean) / std` that mixes dtypes and layouts (about 8x slower on the CPU). On the CPU it
+    runs in numpy, single-threaded on purpose: it runs in the main process while loader workers
+    keep every core busy, and torch's intra-op threads would spin at their barriers (measured with
+    2 threads on 2 cores: 0.37-0.45 vs 0.23-0.25 ms of main-process CPU per image). Same float32 operations,
+    so the same bits as the torch path.
     """
+    scale = [1.0 / (255.0 * s) for s in IMAGENET_STD]
+    shift = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    if torch.device(device).type == "cpu" and images.device.type == "cpu":
+        if out is None:
+            batch, height, width, _ = images.shape
+            out = torch.empty((batch, 3, height, width), dtype=torch.float32)
+        dst = out.numpy()
+        np.multiply(images.numpy().transpose(0, 3, 1, 2), np.array(scale, np.float32).reshape(1, 3, 1, 1),
+                    out=dst, dtype=np.float32)
+        np.add(dst, np.array(shift, np.float32).reshape(1, 3, 1, 1), out=dst)
+        return out
     images = images.to(device, non_blocking=True)
     if out is None:
         batch, height, width, _ = images.shape
         out = torch.empty((batch, 3, height, width), dtype=torch.float32, device=images.device)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD], device=out.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=out.device).view(1, 3, 1, 1)
     out.copy_(images.permute(0, 3, 1, 2))
-    return out.mul_(scale).add_(shift)
+    return out.mul_(torch.tensor(scale, device=out.device).view(1, 3, 1, 1)).add_(
+        torch.tensor(shift, device=out.device).view(1, 3, 1, 1))
+
+
+class _BatchPool:
+    """Float32 CPU batches to normalise into, reused once nothing outside the pool refers to them.
+
+    The pool keeps storages, not tensors: each batch handed out is a new tensor on a pooled
+    storage, so any reference the consumer keeps (the batch, a view, `.numpy()`) shows in the
+    storage's use count, and a storage is reused only when the pool's is the last one. Consumers
+    that keep every batch simply get fresh ones.
+    """
+
+    def __init__(self, capacity: int = 3) -> None:
+        self.capacity = capacity
+        self.storages: list[torch.UntypedStorage] = []
+        self._use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: no reuse, still correct
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = math.prod(shape) * 4
+        storage = None
+        if self._use_count is not None:
+            storage = next((s for s in self.storages if s.nbytes() >= nbytes and self._use_count(s._cdata) == 1),
+                           None)
+        if storage is None:
+            storage = torch.UntypedStorage(nbytes)
+            if self._use_count is not None and len(self.storages) < self.capacity:
+                self.storages.append(storage)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
 def batch_augment(
@@ -202,6 +250,8 @@ class Loader:
             self.rank_samples = self.steps_per_epoch * batch_size
         self.skipped = 0  # corrupt samples skipped by the pil backend (the dali backend stops instead)
         self.skipped_keys: list[str] = []
+        self._pool = _BatchPool()
+        self._ring: _Ring | None = None  # the pil backend's shared batch slots, kept across epochs
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -220,10 +270,13 @@ class Loader:
         lo, hi = rank_range(self.num_samples, self.rank, self.world_size)
         source = _dali_epoch if self.backend == "dali" else _pil_epoch
         for images, labels in source(self, shards, lo, hi, epoch, start_step):
-            if images.dtype == torch.uint8:  # pil on CUDA: normalise on the device
-                images = normalize(images, self.device)
             images, labels = _pad_eval(images, labels, self.batch_size)
             yield images.to(self.device, non_blocking=True), labels.to(self.device, torch.int64, non_blocking=True)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,H,W,3] -> normalised float32 [B,3,H,W] on the device (into a reused batch on a CPU)."""
+        out = self._pool.take((images.shape[0], 3, *images.shape[1:3])) if self.device.type == "cpu" else None
+        return normalize(images, self.device, out=out)
 
     def _note_skipped(self, keys: Sequence[str]) -> None:
         if keys:
@@ -234,7 +287,9 @@ class Loader:
                         len(keys), self.split, self.data_dir, self.skipped, ", ".join(keys[:3]), self.data_dir)
 
     def close(self) -> None:
-        """Nothing persistent is held between epochs; kept for the contract and future caching."""
+        """Free the buffers kept across epochs (the pil backend's shared ring, the output pool)."""
+        self._ring = None
+        self._pool = _BatchPool()
 
 
 def build_loader(
@@ -292,6 +347,8 @@ def _dali_pipeline(files, index_files, mode, img_size, shard_id, num_shards, shu
     Training decodes only the random crop's region (`image_random_crop`: the ROI decoding that makes
     RandomResizedCrop cheap); `crop_mirror_normalize` fuses the flip (and eval's centre crop) with
     normalisation and the HWC->CHW float conversion, in DALI's threads (on the GPU with 'mixed').
+    (Measured on the CPU: ending in uint8 and normalising in the main process instead costs the
+    same, and does not scale with `num_threads`.)
 
     Defined at module level in a source file because DALI's conditionals (AutoGraph, needed by
     RandAugment) read the function's source. Wrapped by `pipeline_def` in `_dali_epoch`.
@@ -438,49 +495,81 @@ class _Role:
 
 
 class _PilEpoch(torch.utils.data.IterableDataset):
-    """The epoch's roles; DataLoader worker i plays role i (roles were rotated for resuming)."""
+    """The epoch's roles; DataLoader worker i plays role i (roles were rotated for resuming).
 
-    def __init__(self, roles: list[_Role], mode: str, img_size: int, batch_size: int, normalise: bool) -> None:
-        self.roles, self.mode, self.img_size, self.batch_size = roles, mode, img_size, batch_size
-        self.normalise = normalise
+    Yields ((worker, slot, count), labels, skipped keys): the images themselves stay in the
+    loader's shared `_Ring`, which the main process reads (and releases) by slot.
+    """
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __init__(self, roles: list[_Role], mode: str, img_size: int, ring: torch.Tensor,
+                 free_slots: Sequence | None) -> None:
+        self.roles, self.mode, self.img_size, self.ring, self.free_slots = roles, mode, img_size, ring, free_slots
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int, int], torch.Tensor, list[str]]]:
         info = torch.utils.data.get_worker_info()
-        role = self.roles[info.id if info is not None else 0]
+        worker = info.id if info is not None else 0
         transform = _PilTransform(self.mode, self.img_size)
-        batches = _BatchWriter(self.batch_size, self.img_size, self.normalise, shared=info is not None)
+        batches = _BatchWriter(worker, self.ring[worker], self.free_slots[worker] if self.free_slots else None)
         if self.mode == "eval":
-            yield from _eval_batches(role, transform, batches)
+            yield from _eval_batches(self.roles[worker], transform, batches)
         else:
-            yield from _train_batches(role, transform, batches)
+            yield from _train_batches(self.roles[worker], transform, batches)
+
+
+class _Ring:
+    """uint8 [workers, depth, B, H, W, 3] batch slots in shared memory, made once per Loader.
+
+    A fresh shared batch per step (what DataLoader's collate does) costs page faults twice, in the
+    worker that fills it and in the main process that reads it; measured here at ~0.15 ms per 224 px
+    image in the worker plus ~0.1 ms in the main process, about the cost of the Pillow resize. Slots reused across batches and epochs fault once. Worker w
+    writes its j-th batch into slot j % depth after taking one of its `depth` semaphore units; the
+    main process gives the unit back once it has normalised the slot (`_pil_epoch`).
+    """
+
+    def __init__(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool) -> None:
+        shape = (workers, depth, batch_size, img_size, img_size, 3)
+        if shared:
+            storage = torch.UntypedStorage._new_shared(math.prod(shape))
+            self.slots = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+        else:
+            self.slots = torch.empty(shape, dtype=torch.uint8)
+        self.shared = shared
+        self.busy = False  # an epoch's workers may be writing into it
+
+    def fits(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool) -> bool:
+        w, d, b, h = self.slots.shape[:4]
+        return w >= workers and d == depth and b == batch_size and h == img_size and self.shared == shared
 
 
 class _BatchWriter:
-    """Images go straight into one reused uint8 [B,H,W,3] buffer (no per-image arrays to stack).
+    """Images are written straight into a ring slot (no per-image arrays to stack, no batch copy)."""
 
-    `finish` hands out the first n images: normalised into a fresh float32 batch when this worker
-    normalises (CPU training device), else as a fresh uint8 batch (normalised on the device). In a
-    DataLoader worker the batch is allocated in shared memory, as torch's own collate does, so
-    sending it to the main process copies nothing.
-    """
+    def __init__(self, worker: int, slots: torch.Tensor, free_slots) -> None:
+        self.worker, self.free_slots = worker, free_slots
+        self.ring = slots.numpy()  # [depth, B, H, W, 3]
+        self.batch_size = self.ring.shape[1]
+        self._written = 0  # batches started so far
+        self._slots: np.ndarray | None = None
 
-    def __init__(self, batch_size: int, img_size: int, normalise: bool, shared: bool) -> None:
-        self.batch_size, self.img_size, self.normalise, self.shared = batch_size, img_size, normalise, shared
-        self.buffer = torch.empty((batch_size, img_size, img_size, 3), dtype=torch.uint8)
-        self.slots = self.buffer.numpy()
+    def _take_slot(self) -> None:
+        if self.free_slots is not None:
+            self.free_slots.acquire()  # blocks only while the main process still reads this slot
+        self._slots = self.ring[self._written % len(self.ring)]
+        self._written += 1
 
-    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if not self.shared:
-            return torch.empty(shape, dtype=dtype)
-        numel = math.prod(shape)
-        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, (numel,)).view(shape)
+    @property
+    def slots(self) -> np.ndarray:
+        """The batch being filled, as numpy HWC slots (its ring slot is taken on first use)."""
+        if self._slots is None:
+            self._take_slot()
+        return self._slots
 
-    def finish(self, count: int) -> torch.Tensor:
-        images = self.buffer[:count]
-        if self.normalise:
-            return normalize(images, "cpu", out=self._empty((count, 3, self.img_size, self.img_size), torch.float32))
-        return self._empty(tuple(images.shape), torch.uint8).copy_(images)
+    def finish(self, count: int) -> tuple[int, int, int]:
+        """(worker, slot, count) of the batch just filled; the next image starts a new batch."""
+        if self._slots is None:  # an eval batch of unreadable samples only
+            self._take_slot()
+        self._slots = None
+        return self.worker, (self._written - 1) % len(self.ring), count
 
 
 class _PilTransform:
@@ -516,8 +605,9 @@ class _PilTransform:
         # the crop stays at least img_size on both sides.
         img.draft("RGB", (math.ceil(width * self.size / w), math.ceil(height * self.size / h)))
         sx, sy = img.size[0] / width, img.size[1] / height
-        img = _rgb(img)
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        # Nor rows below the last one the bicubic filter reads (support 2 px x the downscale factor).
+        img = _rgb(img, rows=math.ceil(box[3] + 2.0 * max(1.0, (box[3] - box[1]) / self.size)) + 1)
         img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if random.random() < 0.5:  # Pillow's flip: 5x faster than a reversed-stride numpy copy
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -546,10 +636,52 @@ class _PilTransform:
         return np.asarray(img.resize((self.size, self.size), Image.BICUBIC, box=box))
 
 
-def _rgb(img):
-    """The decoded image in RGB; `convert` would copy an image that already is (as sharded JPEGs are)."""
+def _rgb(img, rows: int | None = None):
+    """The decoded image in RGB, or only its first `rows` rows when that saves decoding.
+
+    `convert` would copy an image that already is RGB (as sharded JPEGs are).
+    """
+    if rows is not None and rows < img.size[1] and img.mode == "RGB":
+        top = _decode_rows(img, rows)
+        if top is not None:
+            return top
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+_UNWRITTEN = (1, 254, 3)  # marks a row the decoder has not written (any colour would do)
+
+
+def _decode_rows(img, rows: int):
+    """The first `rows` rows of an opened (and drafted) RGB JPEG, decoded by Pillow's own decoder.
+
+    libjpeg decodes top to bottom, so stopping after the rows a crop needs saves the rest (~10% of
+    the decode for RandomResizedCrop; the resized crop is bit-identical). Pillow has no public
+    call for it: this runs its JPEG decoder on an image of `rows` rows. libjpeg then reports the
+    rows left unread as an error when it finishes, which is indistinguishable by code from a
+    corrupt stream; so the last row is marked first and must have been overwritten. Anything
+    unexpected returns None and the caller decodes the whole image the ordinary way (which also
+    raises for a corrupt file).
+    """
+    from PIL import Image
+
+    try:
+        (codec, _, offset, args), = img.tile
+        width = img.size[0]
+        core = Image.core.new("RGB", (width, rows))
+        core.paste(_UNWRITTEN, (0, rows - 1, width, rows))
+        decoder = Image._getdecoder("RGB", codec, args, img.decoderconfig)
+        try:
+            decoder.setimage(core, (0, 0, width, rows))
+            img.fp.seek(offset)
+            consumed, _ = decoder.decode(img.fp.read())
+        finally:
+            decoder.cleanup()
+    except Exception:
+        return None
+    if consumed >= 0 or any(core.getpixel((x, rows - 1)) == _UNWRITTEN for x in (0, width // 2, width - 1)):
+        return None  # the decoder wanted more data, or stopped before the last row
+    return Image.Image()._new(core)
 
 
 def _read_segment(segment: _Segment) -> Iterator[dict]:
@@ -690,25 +822,42 @@ def _pil_roles(loader: Loader, shards: list[_Shard], lo: int, hi: int, epoch: in
 
 def _pil_epoch(loader: Loader, shards: list[_Shard], lo: int, hi: int, epoch: int,
                start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch through torch DataLoader workers, each yielding whole batches (see `_BatchWriter`)."""
+    """One epoch through torch DataLoader workers, each filling whole batches (see `_Ring`)."""
     roles = _pil_roles(loader, shards, lo, hi, epoch, start_step)
     # Workers are forked each epoch: import the transforms' modules here, once per process, rather
     # than in every worker of every epoch (timm's import alone costs a worker about a CPU second).
     import timm.data.auto_augment  # noqa: F401
     import timm.data.transforms  # noqa: F401
-    # A CPU training device leaves normalisation to the (parallel) workers; CUDA gets uint8.
-    dataset = _PilEpoch(roles, loader.mode, loader.img_size, loader.batch_size,
-                        normalise=loader.device.type != "cuda")
-    if loader.workers == 0:
+    # Workers fill uint8 slots of the loader's shared ring and send only their indices; each batch
+    # is normalised here on the training device, and its slot handed back at once. A worker holds
+    # at most PIL_PREFETCH batches in the queue plus the one it writes: depth = PIL_PREFETCH + 1.
+    workers = len(roles) if loader.workers > 0 else 0
+    depth = PIL_PREFETCH + 1 if workers else 1
+    shape = (max(1, loader.workers), depth, loader.batch_size, loader.img_size, workers > 0)
+    ring = loader._ring
+    if ring is None or ring.busy or not ring.fits(*shape):
+        ring = _Ring(*shape)
+        if loader._ring is None or not loader._ring.busy:
+            loader._ring = ring  # kept for the next epochs; an epoch still open elsewhere keeps its own
+    free_slots = [multiprocessing.Semaphore(depth) for _ in range(workers)] if workers else None
+    dataset = _PilEpoch(roles, loader.mode, loader.img_size, ring.slots, free_slots)
+    if workers == 0:
         batches: Iterator = iter(dataset)
     else:
         batches = iter(torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=len(roles), prefetch_factor=2,
-            pin_memory=loader.device.type == "cuda", persistent_workers=False))
+            dataset, batch_size=None, num_workers=workers, prefetch_factor=PIL_PREFETCH, persistent_workers=False))
+    ring.busy = True
     produced = 0
-    for images, labels, skipped in batches:
-        loader._note_skipped(skipped)
-        produced += 1
-        yield images, labels
+    try:
+        for (worker, slot, count), labels, skipped in batches:
+            images = loader._normalise(ring.slots[worker, slot, :count])
+            if free_slots:
+                free_slots[worker].release()
+            loader._note_skipped(skipped)
+            produced += 1
+            yield images, labels
+    finally:
+        del batches  # the last reference: DataLoader's iterator stops its workers before the ring is free
+        ring.busy = False
     if produced != loader.steps_per_epoch - start_step:
         raise RuntimeError(f"pil loader produced {produced} batches, expected {loader.steps_per_epoch - start_step}")

@@ -170,6 +170,41 @@ def test_order_is_deterministic_new_each_epoch_and_resumable(flat_shards: Path, 
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_pil_batches_survive_ring_reuse_and_an_epoch_left_open(flat_shards: Path) -> None:
+    """Workers write into shared slots reused across batches and epochs; kept batches never change."""
+    def loader():
+        return build_loader(flat_shards, "train", "pretrain", batch_size=4, img_size=SIZE, backend="pil",
+                            seed=3, workers=2)
+
+    expected = [_epoch(loader(), epoch=e) for e in (0, 1)]
+    same = loader()
+    open_epoch = same.epoch(0)
+    first = next(open_epoch)  # epoch 0 left open: its workers still hold slots
+    for e in (1, 0):  # the next epochs of the same loader, one of them beside the open one
+        for (a, la), (b, lb) in zip(_epoch(same, epoch=e), expected[e], strict=True):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    rest = [first, *open_epoch]
+    for (a, la), (b, lb) in zip(rest, expected[0], strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_partial_jpeg_decode_is_exact_and_falls_back(sample_shards: Path) -> None:
+    """Decoding only a crop's top rows gives the full decode's rows; an unusable stream says so."""
+    import io
+
+    from droppos.data import _decode_rows
+
+    shard = split_shards(sample_shards, "train")[0]
+    sample = next(s for s in wds.WebDataset(str(shard.tar), shardshuffle=False) if "jpg" in s)
+    full = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    rows = full.height // 2 + 1
+    top = _decode_rows(Image.open(io.BytesIO(sample["jpg"])), rows)
+    assert top is not None and top.size == (full.width, rows)
+    assert top.tobytes() == full.crop((0, 0, full.width, rows)).tobytes()
+    cut = sample["jpg"][: len(sample["jpg"]) // 4]  # the stream ends before the rows asked for
+    assert _decode_rows(Image.open(io.BytesIO(cut)), rows) is None
+
+
 def _corrupt_one_jpeg(data_dir: Path, tmp_path: Path) -> tuple[Path, str]:
     """A copy of `data_dir` whose train shard 1 has one JPEG overwritten with garbage (sizes kept)."""
     copy = tmp_path / "corrupt"
