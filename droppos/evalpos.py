@@ -488,8 +488,9 @@ class OrderSensitivity:
         self.cos: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in permutations] for k in VARIANTS}
         self.shift: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in permutations] for k in VARIANTS}
         # Running sums of the intact features: their spread across images is the displacement's unit.
-        self.ref_sum: Optional[torch.Tensor] = None
-        self.ref_sq_sum, self.count = 0.0, 0
+        self.ref_sum: Optional[torch.Tensor] = None  # [D]
+        self.ref_sq_sum: Optional[torch.Tensor] = None  # scalar; tensors, so no host sync per batch
+        self.count = 0
         self.agree: dict[str, list[torch.Tensor]] = {k: [] for k in VARIANTS}
         self.correct: dict[str, list[torch.Tensor]] = {k: [] for k in ("reference", *VARIANTS)}
 
@@ -497,8 +498,10 @@ class OrderSensitivity:
         x, pe, prefix = _token_parts(vit, images)
         reference = _encode(vit, prefix, x + pe)
         ref_feat = _pooled(vit, reference).double()
-        self.ref_sum = ref_feat.sum(0) if self.ref_sum is None else self.ref_sum + ref_feat.sum(0)
-        self.ref_sq_sum += float(ref_feat.square().sum())
+        if self.ref_sum is None:
+            self.ref_sum, self.ref_sq_sum = ref_feat.sum(0), ref_feat.square().sum()
+        else:
+            self.ref_sum, self.ref_sq_sum = self.ref_sum + ref_feat.sum(0), self.ref_sq_sum + ref_feat.square().sum()
         self.count += ref_feat.shape[0]
         ref_pred = vit.forward_head(reference).argmax(-1) if self.classifier else None
         if ref_pred is not None and self.labelled:
@@ -520,7 +523,7 @@ class OrderSensitivity:
         """Mean squared distance between the intact features of two different images (i != j)."""
         n = self.count
         mean = self.ref_sum / n
-        variance = self.ref_sq_sum / n - float(mean.square().sum())  # total variance, population
+        variance = float(self.ref_sq_sum) / n - float(mean.square().sum())  # total variance, population
         return max(0.0, variance) * 2 * n / (n - 1) if n > 1 else 0.0
 
     def result(self, pool: str) -> dict[str, Any]:

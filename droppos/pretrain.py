@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -199,12 +198,9 @@ class Trainer:
 
     def train(self) -> None:
         config, info = self.config, self.info
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dict(to_dict(config), world_size=info.world_size), indent=2))
-        if self.step >= self.stop_step:
+        record = dict(to_dict(config), world_size=info.world_size)
+        if not runtime.open_run(self.out, record, self.step, self.stop_step, info.is_main):
             if info.is_main:
-                print(f"{self.out}: already at step {self.step} of {self.stop_step}; nothing to train", file=sys.stderr)
                 _export(self.model, self.out)
             return
         progress = runtime.Progress(self.stop_step, self.step, info.is_main, "pretrain")

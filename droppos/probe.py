@@ -273,13 +273,9 @@ class HeadTrainer:
 
     def train(self) -> None:
         config, info = self.config, self.info
-        if info.is_main:
-            record = dict(to_dict(config), world_size=info.world_size, img_size_used=self.img_size,
-                          peak_lr=self.peak_lr, encoder_info=self.encoder_info)
-            (self.out / "config.json").write_text(json.dumps(record, indent=2))
-        if self.step >= self.stop_step:
-            if info.is_main:
-                print(f"{self.out}: already at step {self.step} of {self.stop_step}; nothing to train", file=sys.stderr)
+        record = dict(to_dict(config), world_size=info.world_size, img_size_used=self.img_size,
+                      peak_lr=self.peak_lr, encoder_info=self.encoder_info)
+        if not runtime.open_run(self.out, record, self.step, self.stop_step, info.is_main):
             return
         progress = runtime.Progress(self.stop_step, self.step, info.is_main, "probe")
         sums = torch.zeros(2, device=self.device)  # loss, top-1 hits (train)

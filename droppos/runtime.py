@@ -350,6 +350,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def open_run(out: Path, record: dict, step: int, stop_step: int, is_main: bool) -> bool:
+    """Write OUT/config.json (rank 0: the options the run was started or resumed with) and say
+    whether any step is left; a finished run says so on stderr."""
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(record, indent=2))
+    if step < stop_step:
+        return True
+    if is_main:
+        print(f"{out}: already at step {step} of {stop_step}; nothing to train", file=sys.stderr)
+    return False
+
+
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """The model as the training step calls it: DDP-wrapped when there are several processes."""
     if not info.distributed:
