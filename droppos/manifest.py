@@ -8,11 +8,11 @@ dataset directory, so a dataset can be moved or copied as a whole.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 from droppos import UserError
+from droppos.files import fsync_dir, write_json_atomic  # noqa: F401 - re-exported for the shard stage
 
 FORMAT = "droppos-wds/1"
 MANIFEST_NAME = "manifest.json"
@@ -70,34 +70,3 @@ def split_shards(data_dir: Path, split: str, manifest: dict | None = None) -> li
                 raise UserError(f"{path} is listed in {data_dir / MANIFEST_NAME} but missing; re-run `droppos shard`")
         entries.append(entry)
     return entries
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary file, fsync it, rename it: readers see the old or the new file, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make renames inside `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -426,20 +426,10 @@ def resume(out: Path, device: torch.device, parts: dict[str, Any], is_main: bool
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, rename, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """Write atomically (files.atomic_write): a full disk leaves the previous checkpoint and no temporary file."""
+    from droppos.files import atomic_write
+
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
