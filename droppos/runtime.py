@@ -579,3 +579,88 @@ class Timer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------
+# Run card: what produced a result
+
+
+def _package_version(name: str) -> Optional[str]:
+    import importlib.metadata as metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    """The commit of the droppos checkout this code runs from ('+dirty' with local changes); None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
+
+
+def file_sha256(path: Path) -> Optional[str]:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def run_card(world_size: int = 1, data_dir: Optional[str] = None) -> dict[str, Any]:
+    """What produced a run or a report: package versions, the project's version and commit, the
+    hardware, the world size and the data manifest's sha256 (recorded in config.json and report.json)."""
+    import platform
+
+    import droppos
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    dali = next((f"{name} {v}" for name in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")
+                 if (v := _package_version(name))), None)
+    pil = next((f"{name} {v}" for name in ("pillow-simd", "pillow") if (v := _package_version(name))), None)
+    card: dict[str, Any] = {
+        "droppos": droppos.__version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "packages": {name: _package_version(name) for name in (
+            "torch", "torchvision", "timm", "webdataset", "safetensors", "numpy")} | {"dali": dali, "pil": pil},
+        "hardware": {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "gpus": gpus,
+            "gpu_count": len(gpus),
+            "cuda": torch.version.cuda if gpus else None,
+        },
+        "host": platform.node(),
+        "world_size": world_size,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if data_dir:
+        from droppos.manifest import MANIFEST_NAME
+
+        card["data_manifest_sha256"] = file_sha256(Path(data_dir) / MANIFEST_NAME)
+    return card
