@@ -569,17 +569,19 @@ def export_encoder(model: nn.Module, path: Union[str, Path]) -> Path:
     return path
 
 
-def create_from_config(config: dict) -> "DropPosViT":
-    """The DropPos model a pretrain config describes (as in a run's config.json or checkpoint).
+def create_from_config(config: Any) -> "DropPosViT":
+    """The DropPos model a pretrain config describes (a PretrainConfig, or its dict from config.json or a
+    checkpoint): the options declared `model_arg` in droppos/recipes.py are its constructor arguments.
 
     One place for pretrain (which builds it) and eval-pos (which rebuilds it from a run).
     """
     import timm
 
-    pretext = ("mask_ratio", "pos_mask_ratio", "mask_token", "decoder_width", "decoder_depth", "decoder_heads",
-               "attentive", "tau", "aux_mae", "pos_weight", "patch_size", "depth", "embed_dim", "num_heads")
-    kwargs = {k: config[k] for k in pretext if config.get(k) is not None}
-    return timm.create_model(f"droppos_{config['model']}", img_size=config["img_size"], **kwargs)
+    from droppos.recipes import PretrainConfig, from_dict, model_args
+
+    if isinstance(config, dict):
+        config = from_dict(PretrainConfig, config)
+    return timm.create_model(f"droppos_{config.model}", img_size=config.img_size, **model_args(config))
 
 
 # ----------------------------------------------------------------------------------------------------------

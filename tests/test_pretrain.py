@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from droppos.pretrain import lr_at, sigma_at_step
-from droppos.recipes import PRETRAIN_PRESETS, PretrainConfig, make_config
+from droppos.loop import lr_at
+from droppos.pretrain import sigma_at_step
+from droppos.recipes import PretrainConfig, make_config
 
 TINY = [
     "--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
@@ -61,16 +62,16 @@ def test_defaults_and_presets_are_the_papers_recipe():
     assert (c.blr, c.weight_decay, c.clip_grad) == (1.5e-4, 0.05, 5.0)
     assert (c.mask_ratio, c.pos_mask_ratio, c.sigma, c.sigma_decay, c.tau) == (0.75, 0.75, 1.0, True, 0.1)
     assert (c.attentive, c.mask_token, c.decoder_width, c.decoder_depth) == (True, "learnable", 512, 2)
-    b800 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_800ep"})
-    b200 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_200ep"})
-    l800 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_l16_800ep"})
+    b800 = make_config(PretrainConfig, {"preset": "vit_b16_800ep"})
+    b200 = make_config(PretrainConfig, {"preset": "vit_b16_200ep"})
+    l800 = make_config(PretrainConfig, {"preset": "vit_l16_800ep"})
     assert (b800.model, b800.epochs, b800.warmup_epochs, b800.batch_size, b800.blr) == ("vit_base_patch16", 800, 10, 64, 1.5e-4)
     assert (b200.model, b200.epochs, b200.warmup_epochs, b200.batch_size) == ("vit_base_patch16", 200, 10, 64)
     assert (l800.model, l800.epochs, l800.warmup_epochs, l800.batch_size, l800.blr) == ("vit_large_patch16", 800, 40, 128, 1.5e-4)
     for preset in (b800, b200, l800):
         assert (preset.mask_ratio, preset.pos_mask_ratio, preset.sigma, preset.attentive) == (0.75, 0.75, 1.0, True)
     # The command line overrides the preset.
-    assert make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
+    assert make_config(PretrainConfig, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
 
 
 def test_lr_warmup_then_cosine_and_sigma_linear():
@@ -180,7 +181,7 @@ def test_divergence_stops_cleanly_and_keeps_a_finite_checkpoint(sample_shards, t
     [
         (["--data", "/nonexistent/shards", "--out", "{tmp}/r"], "does not exist"),
         (["--data", "{shards}", "--out", "{tmp}/r", "--gpus", "8"], "--gpus"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--model", "vit_enormous"], "unknown --model"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--model", "vit_enormous"], "--model 'vit_enormous'"),
         (["--data", "{shards}", "--out", "{tmp}/r", "--preset", "nope"], "unknown preset"),
         (["--data", "{shards}"], "--out is required"),
         (["--data", "{shards}", "--out", "{tmp}/r", "--mask-ratio", "1.5"], "--mask-ratio"),
@@ -208,12 +209,12 @@ def test_checkpoint_of_another_model_is_refused(sample_shards, tmp_path):
 
 @pytest.mark.slow
 def test_cpu_demo_preset_learns_positions(demo_run):
-    """The cpu-demo preset lifts held-out position accuracy (val split) to >= 5x chance."""
+    """The cpu-demo preset lifts held-out position accuracy (val split, percent) to >= 5x chance."""
     config = json.loads((demo_run / "config.json").read_text())
     patch = config["patch_size"]
     num_positions = (config["img_size"] // patch) ** 2
     held_out = [r["val_pos_acc"] for r in metrics(demo_run) if "val_pos_acc" in r]
     assert held_out, "no held-out evaluation was logged"
-    assert held_out[-1] >= 5.0 / num_positions, (held_out, num_positions)
+    assert held_out[-1] >= 5 * 100.0 / num_positions, (held_out, num_positions)  # percent
     assert held_out[-1] > held_out[0]  # it learned during the run
     assert (demo_run / "encoder.safetensors").exists()
