@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from droppos.loop import lr_at
 from droppos.pretrain import sigma_at_step
 from droppos.recipes import PretrainConfig, make_config
 
@@ -74,12 +73,7 @@ def test_defaults_and_presets_are_the_papers_recipe():
     assert make_config(PretrainConfig, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
 
 
-def test_lr_warmup_then_cosine_and_sigma_linear():
-    assert lr_at(0, 1.0, 10, 100) == 0.0
-    assert lr_at(5, 1.0, 10, 100) == pytest.approx(0.5)
-    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
-    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
-    assert lr_at(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
+def test_sigma_linear():
     assert sigma_at_step(0, 100, 1.0, True) == 1.0
     assert sigma_at_step(50, 100, 1.0, True) == pytest.approx(0.5)
     assert sigma_at_step(100, 100, 1.0, True) == 0.0
@@ -112,44 +106,6 @@ def test_short_run_writes_every_output(sample_shards, tmp_path):
     assert (run / "encoder.safetensors").exists()
 
 
-def test_kill9_then_resume_matches_an_uninterrupted_run(sample_shards, tmp_path):
-    # The whole TINY schedule (4 epochs x 15 steps): long enough that the kill at step >= 7 lands mid-run
-    # even on an idle machine (with 12 steps a fast run could finish before the kill).
-    STEPS = 60
-    common = ["--data", str(sample_shards), *TINY, "--max-steps", str(STEPS), "--log-every", "1", "--ckpt-every", "3"]
-    straight = tmp_path / "straight"
-    assert droppos("pretrain", "--out", str(straight), *common).returncode == 0
-    resumed = tmp_path / "resumed"
-    proc = start("pretrain", "--out", str(resumed), *common)
-    wait_for_step(resumed, 7, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"]
-    assert 3 <= killed_at < STEPS
-    result = droppos("pretrain", "--out", str(resumed), *common)
-    assert result.returncode == 0, result.stderr
-    assert f"from step {killed_at}" in result.stderr
-    want = {r["step"]: r for r in metrics(straight) if "loss" in r}
-    got = {r["step"]: r for r in metrics(resumed) if "loss" in r}  # the last record of a step wins
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert got[step]["lr"] == want[step]["lr"], step
-        assert got[step]["sigma"] == want[step]["sigma"], step
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4, abs=1e-5), step
-
-
-def test_sigterm_saves_a_checkpoint(sample_shards, tmp_path):
-    run = tmp_path / "run"
-    proc = start("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--log-every", "1", "--ckpt-every", "1000")
-    wait_for_step(run, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in err and "Traceback" not in err
-    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["step"] >= 2 and saved["reason"] == "stopped by SIGTERM"
-
-
 def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
     run = tmp_path / "run"
     result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--nproc", "2",
@@ -160,34 +116,6 @@ def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
     assert [r["step"] for r in metrics(run) if "loss" in r] == [2, 4]
 
 
-def test_divergence_stops_cleanly_and_keeps_a_finite_checkpoint(sample_shards, tmp_path):
-    run = tmp_path / "run"
-    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--lr", "1e30",
-                     "--clip-grad", "0", "--warmup-epochs", "0", "--log-every", "1", "--ckpt-every", "1", "--max-steps", "20")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "non-finite" in lines[-1] and "Traceback" not in result.stderr
-    last = run / "checkpoints" / "last.pt"
-    if last.exists():
-        saved = torch.load(last, weights_only=True)
-        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
-
-
-# --- user mistakes -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--data", "/nonexistent/shards", "--out", "{tmp}/r"], "does not exist"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--gpus", "8"], "--gpus"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--model", "vit_enormous"], "--model 'vit_enormous'"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--preset", "nope"], "unknown preset"),
-        (["--data", "{shards}"], "--out is required"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--mask-ratio", "1.5"], "--mask-ratio"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--img-size", "30", "--patch-size", "8"], "divisible"),
-    ],
-)
 def test_user_mistakes_are_one_line(sample_shards, tmp_path, args, message):
     if "--gpus" in args and torch.cuda.is_available():
         pytest.skip("CUDA present")
