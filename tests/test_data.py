@@ -192,7 +192,7 @@ def test_partial_jpeg_decode_is_exact_and_falls_back(sample_shards: Path) -> Non
     """Decoding only a crop's top rows gives the full decode's rows; an unusable stream says so."""
     import io
 
-    from droppos.data import _decode_rows
+    from droppos.fastpaths import decode_rows as _decode_rows
 
     shard = split_shards(sample_shards, "train")[0]
     sample = next(s for s in wds.WebDataset(str(shard.tar), shardshuffle=False) if "jpg" in s)
