@@ -81,9 +81,13 @@ class Loader:
             raise UserError(f"start_step {start_step} is outside this epoch's 0..{self.steps_per_epoch} steps")
         if start_step == self.steps_per_epoch:
             return
-        for images, labels, skipped in self._backend.epoch(epoch, start_step):
-            self._note_skipped(skipped)
-            yield pad_eval(images, labels, self.batch_size)
+        batches = self._backend.epoch(epoch, start_step)
+        try:
+            for images, labels, skipped in batches:
+                self._note_skipped(skipped)
+                yield pad_eval(images, labels, self.batch_size)
+        finally:
+            batches.close()  # an epoch left early stops its workers (and frees its ring) now
 
     def _note_skipped(self, keys: Sequence[str]) -> None:
         if keys:
