@@ -84,7 +84,7 @@ class FinetuneTask(loop.Task):
     def __init__(self, config: FinetuneConfig, info: runtime.DistInfo) -> None:
         from timm.loss import SoftTargetCrossEntropy
 
-        from droppos.data import batch_augment, build_loader
+        from droppos.data import batch_augment, build_loader, resolve_backend
         from droppos.encoders import load_encoder
         from droppos.manifest import load_manifest
 
@@ -102,7 +102,8 @@ class FinetuneTask(loop.Task):
         if img_h != img_w:
             raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
         self.img_size = img_h
-        loader = dict(batch_size=config.batch_size, img_size=img_h, backend=config.loader, device=self.device,
+        backend = resolve_backend(config.loader, self.device, "finetune")  # train and val alike
+        loader = dict(batch_size=config.batch_size, img_size=img_h, backend=backend, device=self.device,
                       rank=info.rank, world_size=info.world_size, seed=config.seed, workers=config.workers)
         self.loader = build_loader(config.data, "train", "finetune", **loader)
         self.val_loader = build_loader(config.data, "val", "eval", **loader)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -27,6 +27,30 @@ def sigma_at_step(step: int, total_steps: int, sigma0: float, decay: bool) -> fl
     if not decay:
         return sigma0
     return sigma0 * max(0.0, 1.0 - step / max(1, total_steps))
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float, mode: str) -> torch.Tensor:
+    """Clip gradients in place; returns the global gradient norm (before clipping), for the non-finite check.
+
+    'global': torch's clip_grad_norm_ (all gradients scaled together). 'per-param': each parameter
+    tensor's gradient scaled to norm <= max_norm on its own, max_norm / (norm + 1e-6) as the published
+    code does. max_norm 0: no clipping. No host sync either way (the coefficients stay on the device).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if mode == "global" or max_norm <= 0:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))  # type: ignore[arg-type]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, decay_tokens: bool) -> list[dict]:
+    """AdamW groups by timm's rule (no decay on 1-D parameters and biases); the [CLS] and [MASK] tokens are
+    decayed too when `decay_tokens` (the published code's rule), else exempt (timm's no_weight_decay)."""
+    from timm.optim import param_groups_weight_decay
+
+    no_decay = () if decay_tokens else set(model.no_weight_decay())
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
 def build_model(config: PretrainConfig) -> torch.nn.Module:
@@ -96,8 +120,6 @@ class PretrainTask(loop.Task):
     eval_metrics = (Metric("val_pos_acc", percent=True, label="held-out pos_acc (val)"),)
 
     def __init__(self, config: PretrainConfig, info: runtime.DistInfo) -> None:
-        from timm.optim import param_groups_weight_decay
-
         from droppos.data import build_loader
 
         self.config, self.info, self.device = config, info, info.device
@@ -109,11 +131,11 @@ class PretrainTask(loop.Task):
         self.model = build_model(config).to(self.device)
         self.loader = build_loader(
             config.data, "train", "pretrain", config.batch_size, img_size=config.img_size, backend=config.loader,
-            device=self.device, rank=info.rank, world_size=info.world_size, seed=config.seed, workers=config.workers)
+            device=self.device, rank=info.rank, world_size=info.world_size, seed=config.seed, workers=config.workers,
+            labels_to_device=False)  # the pretext needs no labels: no copy to the device every step
         self.resolved = {"device": self.device.type, "precision": self.precision, "compile": use_compile,
                          "loader": self.loader.backend}
-        no_decay = set(getattr(self.model, "no_weight_decay", lambda: set())())
-        groups = param_groups_weight_decay(self.model, config.weight_decay, no_weight_decay_list=no_decay)
+        groups = optimizer_groups(self.model, config.weight_decay, config.decay_tokens)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=self.device.type == "cuda")
         # DDP first, then compile the wrapped module: DDPOptimizer splits the graph at bucket
         # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice).
@@ -151,8 +173,7 @@ class PretrainTask(loop.Task):
             sums[0] += out["loss"].detach().float() / len(micro)
             sums[1] += out["pos_acc"].detach().float() / len(micro)
             sums[2] += out["pos_acc_weighted"].detach().float() / len(micro)
-        max_norm = config.clip_grad if config.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_gradients(self.model.parameters(), config.clip_grad, config.clip_mode)
         sums[3] += (~torch.isfinite(grad_norm)).float() + (~torch.isfinite(out["loss"].detach())).float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

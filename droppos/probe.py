@@ -69,7 +69,7 @@ def _worker(payload: dict) -> None:
 
 
 def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
-    from droppos.data import build_loader
+    from droppos.data import build_loader, resolve_backend
     from droppos.encoders import load_encoder
     from droppos.manifest import load_manifest
 
@@ -100,11 +100,11 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
                                    device=info.device)
         head_info = runtime.DistInfo(rank=0, world_size=1, local_rank=info.local_rank, device=info.device)
     else:
-        source = EncoderSource(frozen, loader("train", "pretrain"), loader("val", "eval"), info.device, precision)
+        source = EncoderSource(frozen, loader("train", "probe"), loader("val", "eval"), info.device, precision)
         head_info = info
     task = ProbeTask(config, head_info, source, encoder_info, num_classes, img_h)
     resolved = {"device": info.device.type, "precision": precision, "compile": use_compile,
-                "loader": _resolved_loader(config, info)}
+                "loader": resolve_backend(config.loader, info.device, "probe")}
     # Batch x world size per step, also when rank 0 alone trains the head on the gathered cached features.
     schedule = loop.make_schedule(config, source.steps_per_epoch, info.world_size)
     loop.train(task, loop.Run(config, schedule, head_info, Path(config.out), resolved))
@@ -300,11 +300,3 @@ class ProbeTask(loop.Task):
             print(f"probe {self.out}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% on {r['num_eval_samples']} val "
                   f"images; results in {results}", file=sys.stderr)
         return [("results", str(results))]
-
-
-def _resolved_loader(config: ProbeConfig, info: runtime.DistInfo) -> str:
-    from droppos.data import dali_available
-
-    if config.loader != "auto":
-        return config.loader
-    return "dali" if dali_available() else "pil"

@@ -104,7 +104,8 @@ class LaunchOptions:
     """Input pipeline, device, processes, seed, checkpoints and logs: the same for every training stage."""
 
     data: str = option("", "Dataset directory written by `droppos shard`.", DATA, default_text="required")
-    loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' with CUDA, Pillow on a CPU).",
+    loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' on CUDA; Pillow on a CPU and "
+                         "for fine-tuning, whose RandAugment DALI does not match).",
                          DATA, choices=LOADERS)
     workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil).", DATA, low=0,
                                     default_text="the usable cores / processes per node")
@@ -149,7 +150,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": dict(
         model="vit_tiny_patch16", img_size=48, patch_size=8, depth=4, mask_ratio=0.5, decoder_width=192,
         decoder_depth=1, epochs=8, warmup_epochs=1, batch_size=64, blr=3e-3, device="cpu", loader="pil",
-        compile=False, log_every=10, ckpt_every=200,
+        compile=False, log_every=10, ckpt_every=200, clip_mode="global", decay_tokens=False,
     ),
 }
 
@@ -198,7 +199,12 @@ class PretrainConfig(LaunchOptions):
                                  default_text="from --blr")
     min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
     weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms).", OPTIM, low=0, resume="run")
+    decay_tokens: bool = option(True, "Weight decay on the [CLS] and [MASK] tokens too, as the published code "
+                                "(its rule skips only 1-D parameters and biases).", OPTIM, resume="run")
     clip_grad: float = option(5.0, "Gradient-norm clip (0: off).", OPTIM, low=0, resume="run")
+    clip_mode: str = option("per-param", "per-param: each parameter tensor's gradient to norm --clip-grad (the "
+                            "published code); global: the norm of all gradients together.", OPTIM,
+                            choices=CLIP_MODES, resume="run")
     eval_every: int = option(1, "Held-out position accuracy (val split) every N epochs (0: only at the end).",
                              OUTPUT, low=0)
 
@@ -227,8 +233,9 @@ class EncoderOptions(LaunchOptions):
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md: 100 epochs for ViT-B, warm-up 5, effective batch 1024 (8 x 128).
     "vit_b16": dict(epochs=100, warmup_epochs=5, batch_size=128, drop_path=0.1),
-    # METHOD.md: 50 epochs for ViT-L; drop path 0.2 as in MAE's ViT-L fine-tuning command.
-    "vit_l16": dict(epochs=50, warmup_epochs=5, batch_size=128, drop_path=0.2),
+    # METHOD.md: 50 epochs for ViT-L; drop path 0.1 as in the published DropPos ViT-L fine-tuning script
+    # (MAE's own ViT-L command uses 0.2).
+    "vit_l16": dict(epochs=50, warmup_epochs=5, batch_size=128, drop_path=0.1),
     # The sample data on a 2-core CPU: the encoder's own (small) resolution, a few epochs.
     "cpu-demo": dict(epochs=5, warmup_epochs=1, batch_size=32, blr=2e-3, device="cpu", compile=False,
                      log_every=10, ckpt_every=100),

@@ -10,7 +10,6 @@ as one worker. Only rank 0 prints, logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -264,20 +263,6 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def keep_heap() -> bool:
-    """glibc only: large blocks from the heap (no mmap), never trimmed, so steps reuse memory without page faults.
-
-    torch's CPU allocator is plain malloc/free; glibc's default hands blocks above a (dynamic, at most 32 MiB)
-    threshold back to the kernel on free, so the next step faults every page in again. True if glibc took it.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
 def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
     """A worker's life: join the group, run `body`, leave the group.
 
@@ -285,7 +270,9 @@ def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
     and exit status 2 (the launcher would otherwise print every rank's traceback).
     """
     if device == "cpu":
-        keep_heap()  # every step reuses its activations' memory instead of faulting it in again
+        from droppos import fastpaths
+
+        fastpaths.keep_heap()  # every step reuses its activations' memory instead of faulting it in again
     info = init_distributed(device)
     try:
         body(info)

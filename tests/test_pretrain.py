@@ -73,6 +73,41 @@ def test_defaults_and_presets_are_the_papers_recipe():
     assert make_config(PretrainConfig, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
 
 
+def test_paper_recipe_clips_per_parameter_and_decays_the_tokens():
+    """The published code: each gradient tensor to norm 5 (clip / (norm + 1e-6)), weight decay on every
+    parameter but 1-D ones and biases, so on [CLS] and [MASK] too. cpu-demo keeps the global clip."""
+    from droppos.model import create_from_config
+    from droppos.pretrain import clip_gradients, optimizer_groups
+
+    defaults = PretrainConfig()
+    assert (defaults.clip_mode, defaults.decay_tokens) == ("per-param", True)
+    demo = make_config(PretrainConfig, {"preset": "cpu-demo"})
+    assert (demo.clip_mode, demo.decay_tokens) == ("global", False)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 3)) for _ in range(4)]
+    for i, p in enumerate(params):
+        p.grad = torch.randn(7, 3) * (0.3 + 3 * i)
+    expected = []
+    for p in params:  # the reference: one tensor at a time, in plain Python
+        norm = float(p.grad.pow(2).sum().sqrt())
+        expected.append(p.grad * min(1.0, 5.0 / (norm + 1e-6)))
+    total = float(torch.cat([p.grad.flatten() for p in params]).norm())
+    assert float(clip_gradients(params, 5.0, "per-param")) == pytest.approx(total, rel=1e-6)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want)
+    model = create_from_config(make_config(PretrainConfig, {"preset": "cpu-demo", "depth": 1}))
+    for decay_tokens, token_decay in ((True, 0.05), (False, 0.0)):
+        groups = optimizer_groups(model, 0.05, decay_tokens)
+        decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "mask_pos_token"):
+                assert decay[id(p)] == token_decay, name
+            elif p.ndim <= 1 or name.endswith(".bias"):
+                assert decay[id(p)] == 0.0, name
+            else:
+                assert decay[id(p)] == 0.05, name
+
+
 def test_sigma_linear():
     assert sigma_at_step(0, 100, 1.0, True) == 1.0
     assert sigma_at_step(50, 100, 1.0, True) == pytest.approx(0.5)

@@ -23,7 +23,7 @@ from droppos.data.recipe import MODES, RECIPES
 
 log = logging.getLogger("droppos.data")
 
-BACKENDS = ("auto", "dali", "pil")
+from droppos.recipes import LOADERS as BACKENDS  # the one list (recipes is torch-free)
 
 
 def dali_available() -> bool:
