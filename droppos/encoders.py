@@ -86,6 +86,14 @@ def check_encoder_source(
     """
     from droppos import weights as foreign
 
+    _check_source(encoder, run, timm_model, weights, pretrained, random_init)
+    if pretrained and not random_init:
+        foreign.hub_weights_file(timm_model)
+
+
+def _check_source(encoder, run, timm_model, weights, pretrained: bool, random_init: bool) -> None:
+    from droppos import weights as foreign
+
     given = [name for name, value in (("--encoder", encoder), ("--run", run), ("--timm-model", timm_model),
                                       ("--weights", weights)) if value]
     sources = [name for name in given if not (name == "--timm-model" and weights)]  # NAME + FILE: one source
@@ -105,8 +113,6 @@ def check_encoder_source(
                                                       if path.is_dir() else "no such file"))
     elif encoder or run:
         foreign.read_sidecar(encoder_file(encoder, run))
-    if pretrained and not random_init:
-        foreign.hub_weights_file(timm_model)
 
 
 def load_encoder(
@@ -136,7 +142,7 @@ def load_encoder(
     """
     from droppos import weights as foreign
 
-    check_encoder_source(encoder, run, timm_model, weights=weights, pretrained=pretrained, random_init=random_init)
+    _check_source(encoder, run, timm_model, weights, pretrained, random_init)
     if global_pool not in POOLS:
         raise UserError(f"--pool {global_pool!r}: choose avg (mean of patch tokens) or token ([CLS])")
     if num_classes < 0 or not 0 <= drop_path_rate < 1:

@@ -142,16 +142,17 @@ def file_kind(path: Path) -> str:
     """'safetensors', 'torch-zip' or 'torch-pickle' from the first bytes; anything else is refused."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(9)
+            head = handle.read(10)
         size = path.stat().st_size
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    # safetensors first: its 8-byte header length may begin with any byte (0x80, 'PK'); then '{"'.
+    if len(head) == 10 and head[8:10] == b'{"' and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80":
         return "torch-pickle"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
-        return "safetensors"
     raise UserError(f"{path} is neither a safetensors file nor a PyTorch checkpoint")
 
 
@@ -671,9 +672,11 @@ def hub_weights_file(name: str) -> tuple[Path, str]:
         except (HfHubHTTPError, OSError, ValueError) as err:
             raise UserError(f"cannot get timm weights {full_name} from the hub ({repo}): "
                             f"{str(err).splitlines()[0][:160]}") from None
-    why = "HF_HUB_OFFLINE=1 forbids downloading" if offline else "they could not be downloaded (no network?)"
     if not_local is None:
-        why = f"the hub repo {repo} has none of {', '.join(files)}"
+        raise UserError(f"the hub repo {repo} of timm weights {full_name} has none of {', '.join(files)}: "
+                        "pass a local --weights FILE")
+    why, get = (("HF_HUB_OFFLINE=1 forbids downloading", "run once with network access and HF_HUB_OFFLINE unset")
+                if offline else ("they could not be downloaded (no network?)", "run once with network access"))
     raise UserError(f"timm weights {full_name} are not in the Hugging Face cache {constants.HF_HUB_CACHE} and {why}: "
-                    f"run once with network access (unset HF_HUB_OFFLINE), or `hf download {repo} {files[0]}`, "
+                    f"{get}, or `hf download {repo} {files[0]}` (HF_HOME/HF_HUB_CACHE choose the cache), "
                     "or pass a local --weights FILE")
