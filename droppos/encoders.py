@@ -91,7 +91,9 @@ def check_encoder_source(
         foreign.hub_weights_file(timm_model)
 
 
-def _check_source(encoder, run, timm_model, weights, pretrained: bool, random_init: bool) -> None:
+def _check_source(encoder: Any, run: Any, timm_model: Optional[str], weights: Any, pretrained: bool,
+                  random_init: bool) -> None:
+    """Exactly one source, each named file present, timm names known, sidecars valid (nothing downloaded)."""
     from droppos import weights as foreign
 
     given = [name for name, value in (("--encoder", encoder), ("--run", run), ("--timm-model", timm_model),
@@ -185,16 +187,18 @@ def load_encoder(
     return model, info
 
 
-def _resolve(encoder, run, timm_model, weights, pretrained, random_init, depth):
+def _resolve(encoder: Any, run: Any, timm_model: Optional[str], weights: Any, pretrained: bool, random_init: bool,
+             depth: Optional[int]) -> tuple[str, dict, str, Optional[Path], Any, Optional[dict]]:
     """(architecture name, model_args, info source, path, Weights or None, provenance source and extras)."""
     from droppos import weights as foreign
 
     if timm_model:
         model_args = {"depth": depth} if depth is not None else {}
         name = timm_model
-        if weights:
+        if weights:  # the architecture is NAME's: a random-init twin needs nothing from the file
             loaded = None if random_init else foreign.read_weights(weights)
-            return name, model_args, "weights", Path(weights), loaded, _origin(loaded, timm_name=timm_model)
+            path = None if random_init else Path(weights)
+            return name, model_args, "weights", path, loaded, _origin(loaded, timm_name=timm_model)
         if pretrained and not random_init:
             path, full_name = foreign.hub_weights_file(timm_model)
             loaded = foreign.read_weights(path)
@@ -205,7 +209,8 @@ def _resolve(encoder, run, timm_model, weights, pretrained, random_init, depth):
         if loaded.arch is None:
             hint = foreign.suggest_timm_name(loaded.state)
             raise UserError(f"--weights {weights} ({loaded.layout} layout) does not name its architecture: add "
-                            f"--timm-model {hint or 'NAME'}" + (" (its widths; num_heads is not in the weights)" if hint else ""))
+                            f"--timm-model {hint or 'NAME'}"
+                            + (" (its widths; num_heads is not in the weights)" if hint else ""))
         arch = loaded.arch
         return (arch["model"], dict(arch["model_args"]), "weights", Path(weights), None if random_init else loaded,
                 _origin(loaded))
@@ -216,7 +221,7 @@ def _resolve(encoder, run, timm_model, weights, pretrained, random_init, depth):
             {"source": "droppos-export", "extra": {}})
 
 
-def _origin(loaded, **extra: Any) -> Optional[dict]:
+def _origin(loaded: Any, **extra: Any) -> Optional[dict]:
     if loaded is None:
         return None
     return {"source": "droppos-export" if loaded.layout == "droppos-export" else "file", "extra": extra}

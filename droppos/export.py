@@ -319,7 +319,7 @@ def downstream_command(fmt: str, path: Union[str, Path], meta: dict[str, Any]) -
         return f"python -c \"import timm; m = timm.create_model('local-dir:{path}', pretrained=True)\""
     if fmt == "detectron2":
         net = "model.backbone.net."
-        extra = [f"{net}{k}={differs[k]}" for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio") if k in differs]
+        extra = [f"{net}{k}={differs[k]}" for k in _BASE_ARCH if k in differs]
         if img != 224:
             extra.append(f"{net}pretrain_img_size={img}")
         return (f"python tools/lazyconfig_train_net.py --num-gpus 8 --config-file {_DETECTRON2_CONFIG} "

@@ -215,10 +215,6 @@ def _strip(state: dict, prefixes: tuple[str, ...]) -> dict:
     return out
 
 
-def _looks_like_vit(state: dict) -> bool:
-    return "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state)
-
-
 def _select(raw: Any, path: Path) -> tuple[dict, str, Optional[str], Counter]:
     """(state, layout, branch, dropped) for the layouts above, from the keys alone."""
     dropped: Counter = Counter()
@@ -342,7 +338,8 @@ def droppos_model_from(raw: dict, path: Path) -> nn.Module:
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - a foreign config fails in many ways
-        raise UserError(f"{path}: cannot rebuild its model: {type(err).__name__}: {str(err).splitlines()[0][:160]}") from None
+        first = str(err).splitlines()[0][:160] if str(err) else ""
+        raise UserError(f"{path}: cannot rebuild its model: {type(err).__name__}: {first}") from None
     return model.eval()
 
 
@@ -403,7 +400,8 @@ def check_img_size(img_size: Any, patch: int, where: str) -> list[int]:
         raise UserError(f"{where}: img_size {sides} is not divisible by the patch size {patch}")
     tokens = (sides[0] // patch) * (sides[1] // patch)
     if tokens > BOUNDS["tokens"][1]:
-        raise UserError(f"{where}: img_size {sides} at patch {patch} is {tokens} patches (at most {int(BOUNDS['tokens'][1])})")
+        raise UserError(f"{where}: img_size {sides} at patch {patch} is {tokens} patches "
+                        f"(at most {int(BOUNDS['tokens'][1])})")
     return sides
 
 
@@ -437,23 +435,36 @@ def _check_model_args(args: Any, where: str) -> dict:
     return clean
 
 
+def _numbers(value: Any, low: float, high: float) -> bool:
+    """A list of 1..16 finite numbers in [low, high] (mean, std)."""
+    return isinstance(value, list) and 1 <= len(value) <= 16 and all(
+        type(x) in (int, float) and math.isfinite(x) and low <= x <= high for x in value)
+
+
 def _check_pretrained_cfg(cfg: Any, where: str) -> dict:
     _known_keys(cfg, _PRETRAINED_CFG, "pretrained_cfg", where)
-    checks = {
-        "input_size": lambda v: isinstance(v, list) and len(v) == 3
-        and _int(v[0], "input_size[0]", where, "in_chans") and all(_int(s, "input_size", where, "img_size") for s in v[1:]),
-        "fixed_input_size": lambda v: _bool(v, "fixed_input_size", where) in (True, False),
-        "interpolation": lambda v: _word(v, "interpolation", where, ("bicubic", "bilinear", "nearest")),
-        "crop_pct": lambda v: _number(v, "crop_pct", where, "crop_pct"),
-        "crop_mode": lambda v: _word(v, "crop_mode", where, ("center", "squash", "border")),
-        "mean": lambda v: isinstance(v, list) and 1 <= len(v) <= 16 and all(type(x) in (int, float) and math.isfinite(x) for x in v),
-        "std": lambda v: isinstance(v, list) and 1 <= len(v) <= 16 and all(type(x) in (int, float) and 0 < x < 1e3 for x in v),
-        "num_classes": lambda v: _int(v, "num_classes", where, "num_classes") >= 0,
-        "first_conv": lambda v: _word(v, "first_conv", where),
-        "classifier": lambda v: _word(v, "classifier", where),
-    }
     for key, value in cfg.items():
-        if not checks[key](value):
+        if key == "input_size":
+            valid = isinstance(value, list) and len(value) == 3
+            if valid:
+                _int(value[0], "pretrained_cfg.input_size[0]", where, "in_chans")
+                for side in value[1:]:
+                    _int(side, "pretrained_cfg.input_size", where, "img_size")
+        elif key == "fixed_input_size":
+            valid = _bool(value, key, where) in (True, False)
+        elif key == "interpolation":
+            valid = bool(_word(value, key, where, ("bicubic", "bilinear", "nearest")))
+        elif key == "crop_mode":
+            valid = bool(_word(value, key, where, ("center", "squash", "border")))
+        elif key == "crop_pct":
+            valid = bool(_number(value, key, where, "crop_pct"))
+        elif key in ("mean", "std"):
+            valid = _numbers(value, -1e3, 1e3) and (key == "mean" or all(x > 0 for x in value))
+        elif key == "num_classes":
+            valid = _int(value, key, where, "num_classes") >= 0
+        else:  # first_conv, classifier
+            valid = bool(_word(value, key, where))
+        if not valid:
             raise UserError(f"{where}: pretrained_cfg.{key} has an invalid value {str(value)[:40]!r}")
     return dict(cfg)
 
