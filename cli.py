@@ -19,7 +19,7 @@ import typer
 from typer._click import exceptions as click_exceptions  # typer vendors its own click
 
 from droppos import UserError
-from droppos.recipes import FinetuneConfig, PretrainConfig, ProbeConfig
+from droppos.recipes import ExportConfig, FinetuneConfig, PretrainConfig, ProbeConfig, ShardConfig
 
 app = typer.Typer(
     name="droppos",
@@ -47,79 +47,6 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """Pre-train Vision Transformers with DropPos, evaluate them, and measure how location-aware they are."""
 
 
-@app.command()
-def shard(
-    source: Optional[Path] = typer.Argument(
-        None, help="ImageNet-style folder (train/<class>/*, val/<class>/*) or the root of --list paths."
-    ),
-    out: Optional[Path] = typer.Argument(None, help="Output dataset directory."),
-    sample: bool = typer.Option(
-        False, "--sample", help="Shard the built-in procedural sample data set (then the only argument is OUT)."
-    ),
-    list_files: List[str] = typer.Option(
-        [], "--list", help="List file of `relative/path class_index` lines; `FILE` is the train split, "
-        "`SPLIT=FILE` names another (repeatable).",
-    ),
-    verify: bool = typer.Option(False, "--verify", help="Re-check the shards of the dataset given as the only argument."),
-    decode: bool = typer.Option(False, "--decode", help="With --verify: also decode every image."),
-    seed: int = typer.Option(0, help="Seed of the global shuffle (same seed + input = byte-identical shards)."),
-    workers: int = typer.Option(0, min=0, help="Worker processes (0: all cores)."),
-    max_side: int = typer.Option(0, min=0, help="Downscale images whose longer side exceeds PX (0: keep size)."),
-    quality: int = typer.Option(90, min=1, max=100, help="JPEG quality when an image has to be re-encoded."),
-    shard_size: Optional[int] = typer.Option(
-        None, min=1, help="Input images per tar shard (default: 1000; 200 with --sample, so that ranks x workers get many shards)."
-    ),
-    sample_classes: int = typer.Option(10, min=2, help="--sample: number of classes."),
-    sample_train: int = typer.Option(260, min=0, help="--sample: train images per class."),
-    sample_val: int = typer.Option(50, min=0, help="--sample: val images per class."),
-) -> None:
-    """Write validated WebDataset shards (+ DALI indexes, manifest.json) from ImageNet-style data."""
-    from tools import shard_imagenet
-
-    positional = [p for p in (source, out) if p is not None]
-    if verify:
-        if len(positional) != 1:
-            raise UserError("--verify takes exactly one argument: the dataset directory")
-        shard_imagenet.verify(positional[0], decode=decode)
-        return
-    if decode:
-        raise UserError("--decode only applies with --verify")
-    if sample:
-        if len(positional) != 1:
-            raise UserError("--sample takes exactly one argument: the output directory")
-        if list_files:
-            raise UserError("--sample and --list cannot be combined")
-    elif len(positional) != 2:
-        raise UserError("expected SOURCE and OUT (or --sample OUT, or --verify DIR)")
-    shard_imagenet.run(
-        source=None if sample else positional[0],
-        out=positional[-1],
-        sample=sample,
-        lists=_parse_lists(list_files),
-        seed=seed,
-        workers=workers or (os.cpu_count() or 1),
-        max_side=max_side,
-        quality=quality,
-        shard_size=shard_size or (200 if sample else 1000),
-        sample_options=dict(num_classes=sample_classes, train_per_class=sample_train, val_per_class=sample_val),
-    )
-
-
-def _parse_lists(values: List[str]) -> dict:
-    """`FILE` -> {'train': FILE}; `val=FILE` -> {'val': FILE}."""
-    lists: dict = {}
-    for value in values:
-        split, sep, path = value.partition("=")
-        if not sep:
-            split, path = "train", value
-        if not split.isidentifier() or not path:
-            raise UserError(f"--list {value!r}: expected FILE or SPLIT=FILE")
-        if split in lists:
-            raise UserError(f"--list given twice for split {split!r}")
-        lists[split] = Path(path)
-    return lists
-
-
 # ---------------------------------------------------------------------------------------------
 # Training stages: their options come from the declarations in droppos/recipes.py
 
@@ -130,7 +57,7 @@ def _show_default(spec: Any, default: Any) -> str:
         return spec.default_text
     if isinstance(default, bool):
         return "on" if default else "off"
-    return "none" if default in (None, "") else f"{default:g}" if isinstance(default, float) else str(default)
+    return "none" if default in (None, "", ()) else f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def _help(spec: Any, default: Any) -> str:
@@ -152,6 +79,12 @@ def _typer_parameter(field: Any, annotation: Any) -> inspect.Parameter:
 
     spec = spec_of(field)
     base = typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Union else annotation
+    if typing.get_origin(base) is tuple:  # a repeatable option
+        base = List[typing.get_args(base)[0]]
+    if spec.positional:
+        default = typer.Argument(None, help=_help(spec, field.default), show_default=False, metavar=field.name.upper())
+        return inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[base],
+                                 default=default)
     decls = [spec.flag] if spec.flag else []
     if base is bool and not decls:
         decls = [f"{flag_name(field.name)}/--no-{field.name.replace('_', '-')}"]
@@ -161,15 +94,20 @@ def _typer_parameter(field: Any, annotation: Any) -> inspect.Parameter:
 
 
 def _metavar(base: Any, spec: Any) -> Optional[str]:
+    if spec.metavar:
+        return spec.metavar
     if spec.choices:
         return "CHOICE"
+    if typing.get_origin(base) is list:
+        return "TEXT"
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(base)
 
 
 def _panel_order(parameter: inspect.Parameter) -> int:
     from droppos.recipes import PANELS
 
-    return PANELS.index(parameter.default.rich_help_panel)
+    panel = getattr(parameter.default, "rich_help_panel", None)
+    return -1 if panel is None else PANELS.index(panel)  # arguments first
 
 
 def _preset_epilog(presets: dict[str, dict[str, Any]]) -> str:
@@ -188,17 +126,20 @@ def stage_command(name: str, config_cls: type, summary: str, actions: Sequence[i
     `run(config, **actions)`, which gets the checked config (and the values of the `actions` flags)."""
     from droppos.recipes import PRESETS, fields
 
+    presets = PRESETS.get(config_cls)
     hints = typing.get_type_hints(config_cls)
     declared = [_typer_parameter(f, hints[f.name]) for f in fields(config_cls) if f.metadata["spec"].cli]
-    parameters = sorted([_PRINT_CONFIG, *actions, *declared], key=_panel_order)  # stable: declaration order within
+    actions = [_PRINT_CONFIG, *actions] if presets else list(actions)
+    parameters = sorted([*actions, *declared], key=_panel_order)  # stable: declaration order within a panel
 
     def decorate(body: Callable[..., None]) -> Callable[..., None]:
         def command(**values: Any) -> None:
             from droppos.recipes import make_config, to_dict
 
-            flags = {p.name: values.pop(p.name) for p in (_PRINT_CONFIG, *actions)}
+            flags = {p.name: values.pop(p.name) for p in actions}
+            values = {k: (tuple(v) or None) if isinstance(v, list) else v for k, v in values.items()}  # repeated
             config = make_config(config_cls, values)
-            if flags.pop("print_config"):
+            if flags.pop("print_config", False):
                 print(json.dumps(to_dict(config), indent=2))
                 return
             body(config, **flags)
@@ -207,10 +148,60 @@ def stage_command(name: str, config_cls: type, summary: str, actions: Sequence[i
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.__doc__ = summary
         command.__name__ = name.replace("-", "_")
-        app.command(name, help=summary, epilog=_preset_epilog(PRESETS[config_cls]))(command)
+        app.command(name, help=summary, epilog=_preset_epilog(presets) if presets else None)(command)
         return body
 
     return decorate
+
+
+@stage_command("shard", ShardConfig, "Write validated WebDataset shards (+ DALI indexes, manifest.json) from "
+               "ImageNet-style data.")
+def shard(config: ShardConfig) -> None:
+    from tools import shard_imagenet
+
+    positional = [p for p in (config.source, config.out) if p is not None]
+    if config.verify:
+        if len(positional) != 1:
+            raise UserError("--verify takes exactly one argument: the dataset directory")
+        shard_imagenet.verify(Path(positional[0]), decode=config.decode)
+        return
+    if config.decode:
+        raise UserError("--decode only applies with --verify")
+    if config.sample:
+        if len(positional) != 1:
+            raise UserError("--sample takes exactly one argument: the output directory")
+        if config.lists:
+            raise UserError("--sample and --list cannot be combined")
+    elif len(positional) != 2:
+        raise UserError("expected SOURCE and OUT (or --sample OUT, or --verify DIR)")
+    shard_imagenet.run(
+        source=None if config.sample else Path(positional[0]),
+        out=Path(positional[-1]),
+        sample=config.sample,
+        lists=_parse_lists(config.lists),
+        seed=config.seed,
+        workers=config.workers or (os.cpu_count() or 1),
+        max_side=config.max_side,
+        quality=config.quality,
+        shard_size=config.shard_size or (200 if config.sample else 1000),
+        sample_options=dict(num_classes=config.sample_classes, train_per_class=config.sample_train,
+                            val_per_class=config.sample_val),
+    )
+
+
+def _parse_lists(values: Sequence[str]) -> dict:
+    """`FILE` -> {'train': FILE}; `val=FILE` -> {'val': FILE}."""
+    lists: dict = {}
+    for value in values:
+        split, sep, path = value.partition("=")
+        if not sep:
+            split, path = "train", value
+        if not split.isidentifier() or not path:
+            raise UserError(f"--list {value!r}: expected FILE or SPLIT=FILE")
+        if split in lists:
+            raise UserError(f"--list given twice for split {split!r}")
+        lists[split] = Path(path)
+    return lists
 
 
 _EXPORT_ONLY = inspect.Parameter(
@@ -241,6 +232,19 @@ def probe(config: ProbeConfig) -> None:
     from droppos import probe as stage
 
     stage.run(config)
+
+
+@stage_command("export", ExportConfig, "Export an encoder for timm (local-dir / Hugging Face Hub folder), "
+               "Detectron2's ViTDet or MMSegmentation's MAE backbone.")
+def export(config: ExportConfig) -> None:
+    from droppos import export as stage
+
+    for name in ("source", "out"):
+        if not getattr(config, name):
+            raise UserError(f"{'SOURCE' if name == 'source' else '--out'} is required (see `droppos export --help`)")
+    path = stage.run(config.source, config.format, config.out)
+    print(f"exported {config.source} for {config.format} -> {path}")
+    print("next: " + stage.downstream_command(config.format, path, stage.read_source(config.source).meta))
 
 
 @app.command("eval-pos")

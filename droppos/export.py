@@ -79,7 +79,7 @@ from droppos.files import atomic_write, write_bytes_atomic, write_text_atomic
 __all__ = ["FORMATS", "Encoder", "detectron2_state", "downstream_command", "encoder_meta", "export_encoder",
            "mmseg_state", "read_source", "run", "safetensors_bytes", "write_timm_folder"]
 
-FORMATS = ("timm", "detectron2", "mmseg")
+from droppos.recipes import EXPORT_FORMATS as FORMATS  # the one list of formats
 _DETECTRON2_CONFIG = "projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"
 _MMSEG_CONFIG = "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
 _BASE_ARCH = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}  # both configs'

@@ -58,7 +58,8 @@ def run(config: FinetuneConfig) -> None:
     mixing = config.mixup > 0 or config.cutmix > 0
     runtime.check_all([(not mixing or config.batch_size % 2 == 0, f"--batch-size {config.batch_size} must be even "
                         "with mixup/cutmix (or pass --mixup 0 --cutmix 0)")])
-    encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
+    encoders.check_encoder_source(config.encoder, config.run, config.timm_model, config.weights, config.pretrained,
+                                  config.random_init)
     runtime.start("finetune", _worker, config, out, step_batch=config.batch_size * config.accum,
                   need_val="fine-tuning evaluates on it after every epoch")
 
@@ -97,7 +98,7 @@ class FinetuneTask(loop.Task):
         model, self.encoder_info = load_encoder(
             config.encoder, config.run, config.timm_model, num_classes=self.num_classes, global_pool=config.pool,
             drop_path_rate=config.drop_path, img_size=config.img_size, depth=config.depth,
-            random_init=config.random_init)
+            random_init=config.random_init, weights=config.weights, pretrained=config.pretrained)
         img_h, img_w = self.encoder_info["img_size"]
         if img_h != img_w:
             raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
@@ -143,9 +144,7 @@ class FinetuneTask(loop.Task):
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
-        source = self.encoder_info.get("path") or self.encoder_info["model"]
-        init = "pre-trained" if self.encoder_info["pretrained"] else "random-init"
-        return (f"{self.encoder_info['model']} ({init}, {source}; {params / 1e6:.1f}M parameters, {self.img_size} px, "
+        return (f"{self.encoder_info['label']} ({params / 1e6:.1f}M parameters, {self.img_size} px, "
                 f"{self.num_classes} classes) on {self.config.data} ({self.loader.num_samples} train / "
                 f"{self.val_loader.num_samples} val)")
 

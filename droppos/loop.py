@@ -215,12 +215,12 @@ class StopRequest:
 class MetricsLog:
     """metrics.jsonl (one object per log step and per evaluation), plus TensorBoard when installed."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int]) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
         self.enabled, self._file, self._tb = enabled, None, None
         if not enabled:
             return
         path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is not None and path.exists():
+        if path.exists():
             _truncate_after(path, resume_step)
         self._file = open(path, "a", encoding="utf-8")
         try:
@@ -348,7 +348,7 @@ def train(task: Task, run: Run) -> None:
         _finish(task, run, None, step, step, 0.0, {}, {})
         return
 
-    log = MetricsLog(out, info.is_main, step if resumed else None)
+    log = MetricsLog(out, info.is_main, step)  # a fresh run (step 0) keeps none of an earlier file's records
     progress = runtime.Progress(stop_step, step, info.is_main, task.stage)
     sums = torch.zeros(len(metrics_names) + 1, device=info.device)  # the metrics, then the non-finite count
     window, start_step, timer, t_start = 0, step, Timer(), time.perf_counter()

@@ -90,7 +90,7 @@ def export_from_checkpoint(out: Path) -> Path:
 
 
 def _export(model: torch.nn.Module, out: Path) -> Path:
-    from droppos.model import export_encoder
+    from droppos.export import export_encoder
 
     target = Path(out) / "encoder.safetensors"
     export_encoder(runtime.unwrap(model), target)

@@ -58,7 +58,8 @@ def run(config: ProbeConfig) -> None:
     from droppos import encoders
 
     out = runtime.check_out_dir(config.out)
-    encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
+    encoders.check_encoder_source(config.encoder, config.run, config.timm_model, config.weights, config.pretrained,
+                                  config.random_init)
     runtime.start("probe", _worker, config, out, step_batch=config.batch_size,
                   need_val="the probe is evaluated on it after every epoch")
 
@@ -78,7 +79,8 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
     torch.manual_seed(config.seed)  # a --timm-model / --random-init encoder is the same on every rank and run
     encoder, encoder_info = load_encoder(
         config.encoder, config.run, config.timm_model, num_classes=0, global_pool=config.pool,
-        img_size=config.img_size, depth=config.depth, random_init=config.random_init)
+        img_size=config.img_size, depth=config.depth, random_init=config.random_init, weights=config.weights,
+        pretrained=config.pretrained)
     img_h, img_w = encoder_info["img_size"]
     if img_h != img_w:
         raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
@@ -168,9 +170,8 @@ def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int) -> dict:
 
     key: dict[str, Any] = {k: getattr(config, k) for k in ("timm_model", "depth", "random_init", "pool", "seed")}
     key["img_size"] = img_size
-    if encoder_info["path"]:
-        stat = Path(encoder_info["path"]).stat()
-        key["encoder"] = [str(Path(encoder_info["path"]).resolve()), stat.st_size, stat.st_mtime_ns]
+    key["weights"] = encoder_info["weights"].get("sha256")  # the weights' content, wherever they came from
+    key["architecture"] = [encoder_info["model"], encoder_info["model_args"]]
     manifest = load_manifest(Path(config.data))
     key["data"] = [str(Path(config.data).resolve())] + [
         [s["sha256"] for s in manifest["splits"][split]["shards"]] for split in ("train", "val")]
@@ -254,12 +255,10 @@ class ProbeTask(loop.Task):
 
     def describe(self) -> str:
         info = self.encoder_info
-        init = "pre-trained" if info["pretrained"] else "random-init"
         feature = "[CLS] token" if self.config.pool == "token" else "mean of the patch tokens"
         how = "cached features" if self.config.cached else "features of augmented images every step"
-        return (f"a linear head on the frozen {info['model']} ({init}, {info.get('path') or info['model']}; "
-                f"{info['num_features']}-d {feature}, {self.img_size} px, {self.num_classes} classes, {how}) on "
-                f"{self.config.data}")
+        return (f"a linear head on the frozen {info['label']} ({info['num_features']}-d {feature}, {self.img_size} "
+                f"px, {self.num_classes} classes, {how}) on {self.config.data}")
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.source.train_epoch(epoch, start_batch)

@@ -44,12 +44,13 @@ PRECISIONS = ("auto", "bf16", "fp32")
 MASK_TOKENS = ("learnable", "zeros", "wrong")
 POOLS = ("avg", "token")  # timm's names: mean of the patch tokens (+ fc_norm), or the [CLS] token
 CLIP_MODES = ("per-param", "global")
+EXPORT_FORMATS = ("timm", "detectron2", "mmseg")
 
 # Help panels, in the order --help shows them.
-RECIPE, DATA, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT = (
-    "Recipe", "Data", "Encoder", "Model", "Pretext", "Augmentation and regularisation", "Optimisation",
-    "Launch", "Output, checkpoints and logging")
-PANELS = (RECIPE, DATA, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT)
+RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT = (
+    "Recipe", "Data", "Sample data", "Images", "Verify", "Encoder", "Model", "Pretext",
+    "Augmentation and regularisation", "Optimisation", "Launch", "Output, checkpoints and logging")
+PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Spec:
     default_text: Optional[str] = None  # how --help shows a default that is None or needs words
     cli: bool = True  # False: recorded and used, but not a command-line option
     flag: Optional[str] = None  # the option's spelling when not derived from its name
+    positional: bool = False  # a command-line argument rather than an option
+    metavar: Optional[str] = None  # how --help names the value
 
 
 def option(default: Any, help: str, panel: str, **spec: Any) -> Any:
@@ -220,8 +223,14 @@ class EncoderOptions(LaunchOptions):
     encoder: Optional[str] = option(None, "An exported encoder (RUN/encoder.safetensors).", ENCODER, resume="arch")
     run: Optional[str] = option(None, "A `droppos pretrain` run directory (its encoder.safetensors).", ENCODER,
                                 resume="arch")
-    timm_model: Optional[str] = option(None, "A timm ViT by name, randomly initialised (nothing is downloaded).",
-                                       ENCODER, resume="arch")
+    timm_model: Optional[str] = option(None, "A timm ViT by name: randomly initialised, or with --pretrained or "
+                                       "--weights.", ENCODER, resume="arch")
+    pretrained: bool = option(False, "With --timm-model: timm's pretrained weights from the Hugging Face cache "
+                              "(HF_HUB_OFFLINE is honoured; nothing is downloaded in offline mode).", ENCODER,
+                              resume="arch")
+    weights: Optional[str] = option(None, "A local checkpoint: timm (.safetensors/.pth), MAE/DeiT {'model'}, MoCo v3, "
+                                    "DINO (teacher), or a droppos export or checkpoint; add --timm-model NAME for "
+                                    "foreign layouts.", ENCODER, resume="arch")
     random_init: bool = option(False, "Keep --encoder/--run's architecture, not its weights (a baseline).",
                                ENCODER, resume="arch")
     depth: Optional[int] = option(None, "With --timm-model: override the depth (small experiments).", ENCODER,
@@ -304,6 +313,46 @@ class ProbeConfig(EncoderOptions):
                                  default_text="from --blr")
     min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
     weight_decay: float = option(0.0, "LARS weight decay.", OPTIM, low=0, resume="run")
+
+
+@dataclass
+class ShardConfig:
+    """`droppos shard`: an ImageNet-style folder or list files -> validated WebDataset shards."""
+
+    source: Optional[str] = option(None, "ImageNet-style folder (train/<class>/*, val/<class>/*) or the root of the "
+                                   "--list paths.", DATA, positional=True)
+    out: Optional[str] = option(None, "Output dataset directory (created; a re-run finishes an interrupted one).",
+                                OUTPUT, positional=True)
+    sample: bool = option(False, "Shard the built-in procedural sample data set (then the only argument is OUT).",
+                          DATA, flag="--sample")
+    lists: tuple[str, ...] = option((), "A list file of `relative/path class_index` lines: FILE is the train split, "
+                                    "SPLIT=FILE names another (repeatable).", DATA, flag="--list",
+                                    metavar="[SPLIT=]FILE")
+    verify: bool = option(False, "Re-check the shards of the dataset given as the only argument.", VERIFY,
+                          flag="--verify")
+    decode: bool = option(False, "With --verify: also decode every image.", VERIFY, flag="--decode")
+    seed: int = option(0, "Seed of the global shuffle (the same seed and input give byte-identical shards).", OUTPUT)
+    workers: int = option(0, "Worker processes (0: all cores).", LAUNCH, low=0)
+    max_side: int = option(0, "Downscale images whose longer side exceeds PX pixels (0: keep the size).", IMAGES,
+                           low=0)
+    quality: int = option(90, "JPEG quality when an image has to be re-encoded.", IMAGES, low=1, high=100)
+    shard_size: Optional[int] = option(None, "Input images per tar shard.", OUTPUT, low=1,
+                                       default_text="1000; 200 with --sample, so that ranks x workers get many shards")
+    sample_classes: int = option(10, "--sample: number of classes.", SAMPLE, low=2)
+    sample_train: int = option(260, "--sample: train images per class.", SAMPLE, low=0)
+    sample_val: int = option(50, "--sample: val images per class.", SAMPLE, low=0)
+
+
+@dataclass
+class ExportConfig:
+    """`droppos export`: an encoder in the layout another library loads."""
+
+    source: str = option("", "A pretrain run directory, its checkpoint (.pt) or an encoder .safetensors.", DATA,
+                         positional=True, default_text="required")
+    format: str = option("timm", "timm: a local-dir/Hub folder; detectron2: a ViTDet .pth; mmseg: an MMSegmentation "
+                         "MAE-backbone .pth.", OUTPUT, choices=EXPORT_FORMATS)
+    out: str = option("", "Where to write: a folder for timm, a .pth (or a folder) for the others.", OUTPUT,
+                      default_text="required")
 
 
 PRESETS: dict[type, dict[str, dict[str, Any]]] = {

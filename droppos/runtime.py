@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -353,9 +354,12 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, static_graph: bool = True) 
     """
     if not info.distributed:
         return model
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.14 names it forward_sync_buffers (it still syncs once at init: our buffers agree then anyway).
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                                     gradient_as_bucket_view=True, static_graph=static_graph)
+    return ddp(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph, **no_sync)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def val_count(data: Path) -> int:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny DropPos encoder (32 px, 8 px patches, 2 blocks) exported as a pretrain run would."""
-    from droppos.model import export_encoder
+    from droppos.export import export_encoder
 
     torch.manual_seed(0)
     model = timm.create_model("droppos_vit_tiny_patch16", img_size=32, patch_size=8, depth=2).eval()

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from droppos import UserError
+from droppos.export import export_encoder
 from droppos.model import (
     DropPosViT,
     attentive_weights,
-    export_encoder,
     mask_counts,
     position_targets,
     sigma_at,
