@@ -914,12 +914,19 @@ def _resume(out: Path, fingerprint: str) -> dict[str, dict]:
             continue  # a line torn by an interruption: that shard is simply redone
         if isinstance(record, dict) and isinstance(record.get("name"), str):
             records[record["name"]] = record
-    return {name: record for name, record in records.items() if _shard_intact(out, record)}
+    intact = {}
+    for name, record in records.items():
+        problem = _shard_problem(out, record)
+        if problem is None:
+            intact[name] = record
+        else:
+            print(f"rewriting {name}: {problem}", file=sys.stderr, flush=True)
+    return intact
 
 
-def _shard_intact(out: Path, record: dict) -> bool:
-    """A recorded shard is reusable when its tar has the recorded size and sha256 and its index
-    matches the tar entry by entry (and the recorded index sha256, when there is one).
+def _shard_problem(out: Path, record: dict) -> str | None:
+    """Why a recorded shard cannot be reused (None: its tar has the recorded size and sha256, and
+    its index the recorded sha256 and, entry by entry, the tar's real layout).
 
     A record from before index hashes were recorded gets `index_sha256` here, once its index
     is checked against the tar: that is how a re-run upgrades an older dataset in place,
@@ -927,23 +934,26 @@ def _shard_intact(out: Path, record: dict) -> bool:
     """
     entry = record.get("entry")
     if entry is None:  # every candidate of that shard was skipped: nothing on disk to check
-        return True
+        return None
     try:
         tar, index = out / entry["tar"], out / entry["index"]
         if tar.stat().st_size != entry["bytes"]:
-            return False
+            return "its tar has another size than when it was written"
         scan = _scan_tar(tar)
         index_sha256 = file_sha256(index)
-    except (OSError, KeyError, TypeError, _BadShard):
-        return False
-    if scan.sha256 != entry["sha256"] or entry.get("index_sha256", index_sha256) != index_sha256:
-        return False
+    except (KeyError, TypeError):
+        return "its progress record is malformed"
+    except (OSError, _BadShard) as err:
+        return str(err) if isinstance(err, _BadShard) else f"cannot read it ({err.strerror})"
+    if scan.sha256 != entry["sha256"]:
+        return "its tar's sha256 differs from when it was written"
+    if entry.get("index_sha256", index_sha256) != index_sha256:
+        return f"{index.name}'s sha256 differs from when it was written"
     problem = _index_problem(index, scan.members)
     if problem is not None:
-        print(f"{index.name}: {problem}; rewriting that shard", file=sys.stderr, flush=True)
-        return False
+        return f"{index.name}: {problem}"
     entry["index_sha256"] = index_sha256
-    return True
+    return None
 
 
 def _write_shards(
