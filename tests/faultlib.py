@@ -35,7 +35,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 ENV = "DROPPOS_FAULTS"
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
@@ -113,7 +113,8 @@ class _Budget:
         self.left -= size
 
 
-def _install(faults: list[Fault]) -> "callable":
+def _install(faults: list[Fault]) -> Callable[[], None]:
+    """Patch open/os for `faults`; returns the function that puts the real ones back."""
     real = {"open": builtins.open, "io_open": io.open, "os_open": os.open, "mkdir": os.mkdir, "replace": os.replace,
             "rename": os.rename, "scandir": os.scandir, "listdir": os.listdir, "write": os.write, "pwrite": os.pwrite}
     budgets = {id(f): _Budget(f) for f in faults if f.op == "write" and f.after is not None}

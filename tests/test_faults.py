@@ -408,6 +408,11 @@ def test_a_folder_without_permissions_is_one_skipped_entry(tmp_path: Path) -> No
     assert manifest["written"] + manifest["skipped"] == manifest["found"] == 11
 
 
+def test_a_source_that_cannot_be_listed_is_one_line(source: Path, tmp_path: Path) -> None:
+    with faultlib.inject(Fault("list", source)), pytest.raises(UserError, match="cannot be listed: Permission denied"):
+        shard_imagenet.run(source, tmp_path / "out", workers=1)
+
+
 def test_out_inside_source_through_a_symlink_is_refused(source: Path, tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(source / "train")

@@ -785,7 +785,12 @@ def _checked_source(source: Path, out: Path) -> Path:
     a symlink must not get OUT into what is being read)."""
     if not source.is_dir():
         raise UserError(f"SOURCE {source} does not exist or is not a directory")
-    if not any(source.iterdir()):
+    try:
+        with os.scandir(source) as listing:
+            empty = not any(listing)
+    except OSError as err:
+        raise UserError(f"SOURCE {source} cannot be listed: {err.strerror}") from None
+    if empty:
         raise UserError(f"SOURCE {source} is empty")
     real_out = out.resolve()
     split_dirs = [(source / split).resolve() for split in IMAGENET_SPLITS]
