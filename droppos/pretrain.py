@@ -10,10 +10,9 @@ position accuracy on the val split is logged; at the end the encoder is exported
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -139,7 +138,7 @@ class PretrainTask(loop.Task):
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=self.device.type == "cuda")
         # DDP first, then compile the wrapped module: DDPOptimizer splits the graph at bucket
         # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice).
-        self.ddp = runtime.wrap_ddp(self.model, info)
+        self.ddp = runtime.wrap_ddp(self.model, info, config.accum)
         self.forward = torch.compile(self.ddp) if use_compile else self.ddp
         self.sigma = torch.zeros((), device=self.device)
         self.total_steps = 1  # set from the schedule before training
@@ -178,11 +177,11 @@ class PretrainTask(loop.Task):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         held_out = self.evaluate_positions()
         if held_out is None:
             return None
-        progress.log(f"epoch {epoch}: held-out position accuracy {held_out:.2f}%")
+        say(f"epoch {epoch}: held-out position accuracy {held_out:.2f}%")
         return {"val_pos_acc": held_out}
 
     @torch.no_grad()

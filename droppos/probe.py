@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -275,7 +275,7 @@ class ProbeTask(loop.Task):
         sums[1] += (logits.detach().argmax(-1) == labels).float().mean()
         sums[2] += (~torch.isfinite(loss.detach())).float()
 
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         from droppos.encoders import evaluate_topk
         from droppos.files import write_json_atomic
 
@@ -288,7 +288,7 @@ class ProbeTask(loop.Task):
                 step=step, epoch=epoch, **scores, best_top1=self.best["top1"], best_epoch=self.best["epoch"],
                 task="probe", cached=self.config.cached, pool=self.config.pool, num_classes=self.num_classes,
                 img_size=self.img_size, encoder=runtime.plain(self.encoder_info), units="percent"))
-            progress.log(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
+            say(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
                          f"on {scores['num_eval_samples']} images")
         return {"val_top1": scores["top1"], "val_top5": scores["top5"]}
 

@@ -152,6 +152,20 @@ def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
     assert [r["step"] for r in metrics(run) if "loss" in r] == [2, 4]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/shards", "--out", "{tmp}/r"], "does not exist"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--gpus", "8"], "--gpus"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--model", "vit_enormous"], "--model 'vit_enormous'"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--preset", "nope"], "unknown preset"),
+        (["--data", "{shards}"], "--out is required"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--mask-ratio", "1.5"], "--mask-ratio"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--img-size", "30", "--patch-size", "8"], "divisible"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--clip-mode", "sideways"], "--clip-mode"),
+        (["--data", "{shards}", "--out", "{tmp}/r", "--tau", "0"], "--tau 0 is out of range"),
+    ],
+)
 def test_user_mistakes_are_one_line(sample_shards, tmp_path, args, message):
     if "--gpus" in args and torch.cuda.is_available() and torch.cuda.device_count() >= 8:
         pytest.skip("8 GPUs are visible: --gpus 8 is no mistake here")
