@@ -367,6 +367,7 @@ def _drawn_texts(fig):
                 if lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
                     yield from (label for label in (tick.label1, tick.label2) if label.get_visible())
             yield axis.label
+            yield axis.get_offset_text()
         yield ax.title
         yield from ax.texts
         if ax.get_legend() is not None:

@@ -38,7 +38,7 @@ import torch
 from droppos import UserError, files, runtime
 from droppos.evalpos import report
 from droppos.evalpos.load import ImageSource, Subject, list_images, load_subject, load_subjects, random_like
-from droppos.evalpos.metrics import PROBE_FILLS, VARIANTS, OrderSensitivity, PositionAccuracy, ProbeFeatures
+from droppos.evalpos.metrics import PROBE_FILLS, OrderSensitivity, PositionAccuracy, ProbeFeatures
 
 __all__ = ["DEFAULT_RATIOS", "EvalPosConfig", "Subject", "evaluate", "exact_fp32", "load_subject", "parse_ratio",
            "random_like", "run"]

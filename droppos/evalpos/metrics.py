@@ -172,8 +172,8 @@ class OrderSensitivity:
     def __init__(self, permutations: torch.Tensor, classifier: bool, labelled: bool) -> None:
         self.permutations = permutations  # [P, L]
         self.classifier, self.labelled = classifier, labelled
-        per_perm = lambda: {k: [[] for _ in permutations] for k in VARIANTS}  # noqa: E731
-        self.cos, self.shift, self.agree, self.correct = per_perm(), per_perm(), per_perm(), per_perm()
+        # Per variant and permutation, one tensor per batch of: cosine, squared shift, agreement, correct.
+        self.cos, self.shift, self.agree, self.correct = (_per_permutation(len(permutations)) for _ in range(4))
         self.correct_intact: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
         # Weighted sums on the device: the intact features' spread (the displacement's unit) and the RMS of
@@ -224,7 +224,10 @@ class OrderSensitivity:
 
     def result(self, pool: str) -> dict[str, Any]:
         valid = torch.cat(self.valid)
-        stacked = lambda lists: torch.stack([torch.cat(v) for v in lists])[:, valid]  # noqa: E731 - [P, images]
+
+        def stacked(per_permutation: list[list[torch.Tensor]]) -> torch.Tensor:  # [P, valid images]
+            return torch.stack([torch.cat(batches) for batches in per_permutation])[:, valid]
+
         unit = self.pair_distance()
         out: dict[str, Any] = {}
         for key, (label, what) in VARIANTS.items():
@@ -255,6 +258,10 @@ class OrderSensitivity:
             "prefix_tokens": "keep their PE in every variant",
         }
         return out
+
+
+def _per_permutation(count: int) -> dict[str, list[list[torch.Tensor]]]:
+    return {key: [[] for _ in range(count)] for key in VARIANTS}
 
 
 def _spread(name: str, values: torch.Tensor) -> dict[str, Any]:

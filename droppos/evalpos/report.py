@@ -119,10 +119,10 @@ def resolved_settings(config: Any, *, device: str, precision: dict, loader: str,
     """Every option as given, plus what `auto` and the defaults turned into, plus the units."""
     settings = dataclasses.asdict(config)
     settings.update(
-        ratios=[list(r) for r in config.ratios], device=device, device_requested=config.device, precision=precision,
-        loader_requested=config.loader,
-        loader=loader, workers=workers, probe_fill=f"{config.probe_fill} ({PROBE_FILLS[config.probe_fill]})",
-        primary="top-level position_accuracy / order_sensitivity / position_probe are models[0]'s", units=UNITS)
+        ratios=[list(r) for r in config.ratios], probe_fill=f"{config.probe_fill} ({PROBE_FILLS[config.probe_fill]})",
+        device=device, device_requested=config.device, loader=loader, loader_requested=config.loader, workers=workers,
+        precision=precision, primary="top-level position_accuracy / order_sensitivity / position_probe are models[0]'s",
+        units=UNITS)
     return settings
 
 
@@ -230,8 +230,8 @@ def summary_rows(results: list[dict]) -> list[tuple[str, list[Row]]]:
         ("top-1", "test images", "%", "probe_top1", [_num(r["position_probe"].get("top1"), 2) for r in results]),
         ("chance", "", "%", "probe_top1", [_num(r["position_probe"].get("chance_top1"), 2) for r in results]),
     ]
-    sections = [("models", models), ("1. position accuracy (DropPos position head)", position),
-                ("2. token-order sensitivity", order), ("3. position linear probe", probe)]
+    sections = [("models", models), ("position accuracy (DropPos position head)", position),
+                ("token-order sensitivity", order), ("position linear probe", probe)]
     return [(title, rows) for title, rows in sections if rows]
 
 
@@ -291,7 +291,10 @@ def _hbars(ax: Any, names: Sequence[str], values: Sequence[Optional[float]], col
     vals = np.array([np.nan if v is None else v for v in values], dtype=float)
     errs = None if errors is None else np.array([0.0 if e is None else e for e in errors], dtype=float)
     ax.barh(y, np.nan_to_num(vals), color=[colors[n] for n in names], xerr=errs, capsize=3, height=0.65)
-    top = xmax if xmax is not None else max(1e-12, float(np.nanmax(np.nan_to_num(vals) + (0 if errs is None else errs))))
+    ends = np.nan_to_num(vals) + (0 if errs is None else errs)
+    levels = [level for level in (chance or []) if level is not None]
+    top = max([xmax if xmax is not None else float(ends.max()), *levels])
+    top = top if top > 0 else 1.0  # every value 0: still a readable axis
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlim(0, top * 1.32)
@@ -600,9 +603,7 @@ SETTINGS_TEXT = {  # report.json settings key -> (option, what it is)
     "probe_steps": ("--probe-steps", "L-BFGS iterations of the probe"),
     "seed": ("--seed", "seed of masks, permutations, the probe and the random baseline"),
     "device": ("--device", "device used (resolved from --device)"),
-    "device_requested": ("--device", "as given"),
     "loader": ("--loader", "input pipeline used (resolved from --loader)"),
-    "loader_requested": ("--loader", "as given"),
     "workers": ("--workers", "decode workers used"),
     "out": ("--out", "this report's folder"),
 }
@@ -612,10 +613,13 @@ def _settings_table(settings: dict) -> str:
     """Options as a table (option, value, meaning); the precision as one statement with its flags."""
     rows = []
     for key, value in settings.items():
-        if key in ("units", "precision", "primary"):
+        if key in ("units", "precision", "primary") or key.endswith("_requested"):
             continue
         option, meaning = SETTINGS_TEXT.get(key, (key, ""))
-        rows.append((option, _flatten("", value)[0][1] if not isinstance(value, dict) else json.dumps(value), meaning))
+        text = ("yes" if value else "no") if isinstance(value, bool) else _flatten("", value)[0][1]
+        if f"{key}_requested" in settings and settings[f"{key}_requested"] != value:
+            text += f" (given: {settings[f'{key}_requested']})"
+        rows.append((option, text, meaning))
     precision = settings.get("precision", {})
     flags = ", ".join(f"{k} {v}" for k, v in precision.items() if k != "statement")
     rows.append(("precision", precision.get("statement", "–"), f"what ran (read back from torch): {flags}"))
@@ -634,7 +638,7 @@ def write_html(report: dict, figures: Sequence[Figure]) -> str:
     position = ""
     if any(r["position_accuracy"] for r in results):
         position = (
-            "<h2 id='position'>1. Position accuracy</h2><p>Only models with a DropPos position head. Each image is "
+            "<h2 id='position'>Position accuracy</h2><p>Only models with a DropPos position head. Each image is "
             "masked as in pre-training: a fraction γ of the patches is removed, and of the visible ones a fraction "
             "γpos loses its PE (it gets the model's [MASK] token instead). The position head then names a cell for "
             "every visible patch; only the patches whose PE was dropped are scored. The masks are seeded: every model "
@@ -645,14 +649,14 @@ def write_html(report: dict, figures: Sequence[Figure]) -> str:
             + _position_tables(results))
     variants = "".join(f"<li>{_e(VARIANT_TEXT[k])}</li>" for k in VARIANTS)
     order = (
-        "<h2 id='order'>2. Token-order sensitivity</h2><p>Any ViT. The patch tokens of each image are permuted "
+        "<h2 id='order'>Token-order sensitivity</h2><p>Any ViT. The patch tokens of each image are permuted "
         f"(--permutations seeded permutations) in three ways, and the pooled feature "
         f"({_e(results[0]['order_sensitivity']['settings']['feature'])} for the first model) is compared with the "
         f"intact image's. The [CLS] and register tokens keep their PE throughout.</p><ul>{variants}</ul>"
         + _definitions(["displacement", "cosine", "top1_agreement", "accuracy_change"], anchored)
         + _figure(by_name["order_sensitivity.png"]) + _order_table(results))
     probe = (
-        "<h2 id='probe'>3. Position linear probe</h2><p>Any ViT, frozen. For each image a seeded fraction "
+        "<h2 id='probe'>Position linear probe</h2><p>Any ViT, frozen. For each image a seeded fraction "
         f"(--probe-drop) of the patch PEs is replaced by {_e(results[0]['position_probe'].get('fill', '–'))}; the output "
         "tokens of those patches, standardised, train a linear softmax classifier over the cells (L-BFGS, small L2) "
         "on the even-indexed images and are scored on the odd ones.</p>"
