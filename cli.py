@@ -258,7 +258,10 @@ def eval_pos(
     images: Optional[Path] = typer.Option(None, help="Instead of --data: a folder of images in any format Pillow reads (recursive)."),
     timm_model: List[str] = typer.Option([], "--timm-model", help="A timm ViT by name, randomly initialised (no download); repeatable."),
     compare: bool = typer.Option(False, "--compare", help="Evaluate every SOURCE (and --timm-model) side by side in one report."),
-    random_baseline: bool = typer.Option(False, "--random-baseline", help="Add the first model's architecture with fresh random weights."),
+    random_baseline: bool = typer.Option(False, "--random-baseline", help="Add the first model's architecture with fresh "
+                                         "random weights, initialised as its training started (see the report)."),
+    label: List[str] = typer.Option([], "--label", help="Name of a model in the report, repeatable, in the order the models "
+                                    "are given: SOURCEs, --timm-model names, the random baseline (default: folder or file names)."),
     img_size: Optional[int] = typer.Option(None, min=16, help="Input size for encoders / timm models (default: the model's own)."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     max_images: int = typer.Option(0, min=0, help="Evaluate at most N images (0: all)."),
@@ -266,10 +269,11 @@ def eval_pos(
                                     "(default: 0.75:0.75 0.5:0.75 0:0.75 0:1)."),
     permutations: int = typer.Option(5, min=1, help="Token permutations for the order sensitivity."),
     probe_drop: float = typer.Option(0.75, help="Position probe: fraction of patch PEs dropped."),
-    probe_fill: str = typer.Option("mean", help="Position probe: what replaces a dropped PE: mean (mean patch PE) or zeros."),
+    probe_fill: str = typer.Option("mean", help="Position probe: what replaces a dropped PE: mean (mean patch PE), zeros, "
+                                   "or mask-token (the model's own learnable [MASK] token; DropPos runs and checkpoints)."),
     probe_images: int = typer.Option(1000, min=0, help="Position probe: images used, half to fit, half to test (0: all)."),
     probe_steps: int = typer.Option(100, min=1, help="Position probe: L-BFGS iterations."),
-    seed: int = typer.Option(0, help="Seed of masks, permutations and the probe (same seed: same numbers)."),
+    seed: int = typer.Option(0, help="Seed of masks, permutations, the probe and the random baseline (same seed: same numbers)."),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     loader: str = typer.Option("auto", help="Input pipeline for --data: auto, dali or pil."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
@@ -283,7 +287,7 @@ def eval_pos(
     if out is None:
         raise UserError("--out is required: the folder the report is written to")
     config = evalpos.EvalPosConfig(
-        out=str(out), sources=sources, timm_models=list(timm_model), random_baseline=random_baseline,
+        out=str(out), sources=sources, timm_models=list(timm_model), random_baseline=random_baseline, labels=list(label),
         data=str(data) if data else None, split=split, images=str(images) if images else None, img_size=img_size,
         batch_size=batch_size, max_images=max_images,
         ratios=[evalpos.parse_ratio(r) for r in ratio] or list(evalpos.DEFAULT_RATIOS),
