@@ -44,13 +44,20 @@ PRECISIONS = ("auto", "bf16", "fp32")
 MASK_TOKENS = ("learnable", "zeros", "wrong")
 POOLS = ("avg", "token")  # timm's names: mean of the patch tokens (+ fc_norm), or the [CLS] token
 CLIP_MODES = ("per-param", "global")
+PROBE_FILLS = {  # eval-pos --probe-fill -> what replaces a dropped PE in the position probe
+    "mean": "the mean patch PE",
+    "zeros": "zeros",
+    "mask-token": "the model's own learnable [MASK] token",
+}
 EXPORT_FORMATS = ("timm", "detectron2", "mmseg")
 
 # Help panels, in the order --help shows them.
-RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT = (
-    "Recipe", "Data", "Sample data", "Images", "Verify", "Encoder", "Model", "Pretext",
-    "Augmentation and regularisation", "Optimisation", "Launch", "Output, checkpoints and logging")
-PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT)
+RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PRETEXT, DIAGNOSTICS, AUGMENT, OPTIM, LAUNCH, \
+    OUTPUT = ("Recipe", "Data", "Sample data", "Images", "Verify", "Models", "Encoder", "Model", "Pretext",
+              "Diagnostics", "Augmentation and regularisation", "Optimisation", "Launch",
+              "Output, checkpoints and logging")
+PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PRETEXT, DIAGNOSTICS, AUGMENT, OPTIM,
+          LAUNCH, OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -341,6 +348,68 @@ class ShardConfig:
     sample_classes: int = option(10, "--sample: number of classes.", SAMPLE, low=2)
     sample_train: int = option(260, "--sample: train images per class.", SAMPLE, low=0)
     sample_val: int = option(50, "--sample: val images per class.", SAMPLE, low=0)
+
+
+def parse_ratio(text: Any) -> tuple[float, float]:
+    """'0.75:0.75' -> (0.75, 0.75) (gamma : gamma_pos); a (gamma, gamma_pos) pair passes through (Python callers)."""
+    try:
+        parts = text.replace(",", ":").split(":") if isinstance(text, str) else list(text)
+        g, gp = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"--ratio {text!r}: expected GAMMA:GAMMA_POS, e.g. 0.75:0.75") from None
+    return g, gp
+
+
+@dataclass
+class EvalPosConfig:
+    """`droppos eval-pos`: how location-aware a ViT is (docs/METHOD.md, "Location-awareness diagnostics")."""
+
+    sources: tuple[str, ...] = option((), "Pretrain run directory or checkpoint (it has the position head), finetune "
+                                      "run, or encoder .safetensors. Several only with --compare.", MODELS_PANEL,
+                                      positional=True, metavar="[SOURCE]...")
+    timm_models: tuple[str, ...] = option((), "A timm ViT by name (repeatable): random init, seeded by --seed, "
+                                          "unless --pretrained or --weights.", MODELS_PANEL, flag="--timm-model")
+    pretrained: bool = option(False, "With --timm-model: timm's pretrained weights from the Hugging Face cache "
+                              "(HF_HUB_OFFLINE is honoured).", MODELS_PANEL)
+    weights: Optional[str] = option(None, "A local checkpoint for the one --timm-model (or a droppos export alone): "
+                                    "timm, MAE/DeiT, MoCo v3, DINO layouts.", MODELS_PANEL)
+    compare: bool = option(False, "Evaluate every model given side by side in one report.", MODELS_PANEL,
+                           flag="--compare")
+    random_baseline: bool = option(False, "Add the first model's architecture with fresh random weights, initialised "
+                                   "as its training started (see the report).", MODELS_PANEL, flag="--random-baseline")
+    labels: tuple[str, ...] = option((), "A model's name in the report (repeatable), in the order the models are given: "
+                                     "SOURCEs, --timm-model names, the random baseline.", MODELS_PANEL, flag="--label",
+                                     default_text="folder or file names")
+    img_size: Optional[int] = option(None, "Input size for encoders and timm models.", MODELS_PANEL, low=16,
+                                     default_text="the model's own")
+    data: Optional[str] = option(None, "Dataset directory written by `droppos shard`.", DATA)
+    split: str = option("val", "Split of --data to evaluate on.", DATA)
+    images: Optional[str] = option(None, "Instead of --data: a folder of images in any format Pillow reads "
+                                   "(recursive).", DATA)
+    max_images: int = option(0, "Evaluate at most N images (0: all).", DATA, low=0)
+    batch_size: int = option(64, "Images per batch.", DATA, low=1)
+    loader: str = option("auto", "Input pipeline for --data.", DATA, choices=LOADERS)
+    workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil).", DATA, low=0,
+                                    default_text="per backend")
+    ratios: tuple[str, ...] = option(("0.75:0.75", "0.5:0.75", "0:0.75", "0:1"), "GAMMA:GAMMA_POS of a position-"
+                                     "accuracy measurement (repeatable).", DIAGNOSTICS, flag="--ratio",
+                                     metavar="GAMMA:GAMMA_POS", default_text="0.75:0.75 0.5:0.75 0:0.75 0:1")
+    permutations: int = option(5, "Token permutations for the order sensitivity.", DIAGNOSTICS, low=1)
+    probe_drop: float = option(0.75, "Position probe: the fraction of patch PEs dropped.", DIAGNOSTICS, low=0,
+                               low_open=True, high=1)
+    probe_fill: str = option("mean", "Position probe: what replaces a dropped PE (mask-token: DropPos runs and "
+                             "checkpoints).", DIAGNOSTICS, choices=tuple(PROBE_FILLS))
+    probe_images: int = option(1000, "Position probe: images used, half to fit, half to test (0: all).", DIAGNOSTICS,
+                               low=0)
+    probe_steps: int = option(100, "Position probe: L-BFGS iterations.", DIAGNOSTICS, low=1)
+    seed: int = option(0, "Seed of masks, permutations, the probe and random models (same seed: same numbers).",
+                       LAUNCH)
+    device: str = option("auto", "Device (auto: cuda when available).", LAUNCH, choices=DEVICES)
+    out: str = option("", "Report folder: report.json, report.html, PNG figures.", OUTPUT, default_text="required")
+
+    @property
+    def ratio_pairs(self) -> list[tuple[float, float]]:
+        return [parse_ratio(text) for text in self.ratios]
 
 
 @dataclass

@@ -484,7 +484,7 @@ def test_timm_model_on_scikit_image_photos(tmp_path):
         (["{run}", "--images", "{tmp}/missing", "--out", "{tmp}/r"], "not a directory"),
         (["{run}/encoder.safetensors", "--probe-fill", "mask-token", "--data", "{shards}", "--out", "{tmp}/r"],
          "has no learnable [MASK] token"),
-        (["{run}", "--probe-fill", "noise", "--data", "{shards}", "--out", "{tmp}/r"], "--probe-fill: choose"),
+        (["{run}", "--probe-fill", "noise", "--data", "{shards}", "--out", "{tmp}/r"], "--probe-fill 'noise': choose one of"),
         (["{run}", "--label", "a", "--label", "b", "--data", "{shards}", "--out", "{tmp}/r"], "2 --label given for 1 model"),
     ],
 )

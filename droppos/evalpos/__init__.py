@@ -29,13 +29,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
 from droppos import UserError, files, runtime
+from droppos.recipes import EvalPosConfig, check, parse_ratio
 from droppos.evalpos import report
 from droppos.evalpos.load import ImageSource, Subject, list_images, load_subject, load_subjects, random_like
 from droppos.evalpos.metrics import PROBE_FILLS, OrderSensitivity, PositionAccuracy, ProbeFeatures
@@ -43,44 +43,8 @@ from droppos.evalpos.metrics import PROBE_FILLS, OrderSensitivity, PositionAccur
 __all__ = ["DEFAULT_RATIOS", "EvalPosConfig", "Subject", "evaluate", "exact_fp32", "load_subject", "parse_ratio",
            "random_like", "run"]
 
-DEFAULT_RATIOS: tuple[tuple[float, float], ...] = ((0.75, 0.75), (0.5, 0.75), (0.0, 0.75), (0.0, 1.0))
+DEFAULT_RATIOS: tuple[tuple[float, float], ...] = tuple(EvalPosConfig().ratio_pairs)
 PROGRESS_EVERY_S = 30.0  # plain progress lines (not a terminal): at most one per this many seconds
-
-
-@dataclass
-class EvalPosConfig:
-    """Every option of `droppos eval-pos` (defaults = the CLI's)."""
-
-    out: str
-    sources: list[str] = field(default_factory=list)
-    timm_models: list[str] = field(default_factory=list)
-    random_baseline: bool = False
-    labels: list[str] = field(default_factory=list)
-    data: Optional[str] = None
-    split: str = "val"
-    images: Optional[str] = None
-    img_size: Optional[int] = None
-    batch_size: int = 64
-    max_images: int = 0
-    ratios: list[tuple[float, float]] = field(default_factory=lambda: list(DEFAULT_RATIOS))
-    permutations: int = 5
-    probe_drop: float = 0.75
-    probe_fill: str = "mean"
-    probe_images: int = 1000
-    probe_steps: int = 100
-    seed: int = 0
-    device: str = "auto"
-    loader: str = "auto"
-    workers: Optional[int] = None
-
-
-def parse_ratio(text: str) -> tuple[float, float]:
-    """'0.75:0.75' -> (0.75, 0.75) (gamma : gamma_pos)."""
-    try:
-        g, gp = (float(v) for v in text.replace(",", ":").split(":"))
-    except ValueError:
-        raise UserError(f"--ratio {text!r}: expected GAMMA:GAMMA_POS, e.g. 0.75:0.75") from None
-    return g, gp
 
 
 def _validate(config: EvalPosConfig) -> None:
@@ -94,21 +58,18 @@ def _validate(config: EvalPosConfig) -> None:
         raise UserError(f"--data {config.data} is not a directory: give a dataset written by `droppos shard`")
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise UserError(f"--out {config.out} is a file: give a directory")
-    models = len(config.sources) + len(config.timm_models) + int(config.random_baseline)
+    models = len(config.sources) + len(config.timm_models) + int(config.random_baseline) + int(
+        bool(config.weights and not config.timm_models))
+    check(config)  # every option's type, choices and bounds, from its declaration
     runtime.check_all([
-        (config.batch_size >= 1, "--batch-size must be >= 1"),
-        (config.permutations >= 1, "--permutations must be >= 1"),
-        (0.0 < config.probe_drop <= 1.0, "--probe-drop must be in (0, 1]"),
-        (config.probe_fill in PROBE_FILLS, f"--probe-fill: choose {', '.join(PROBE_FILLS)}"),
-        (config.probe_steps >= 1, "--probe-steps must be >= 1"),
-        (config.max_images >= 0 and config.probe_images >= 0, "--max-images and --probe-images must be >= 0"),
-        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
-        (bool(config.ratios), "give at least one --ratio"),
+        (len(config.sources) + len(config.timm_models) <= 1 or config.compare,
+         "several models given: add --compare to put them side by side (or give one SOURCE)"),
+        (bool(config.ratio_pairs), "give at least one --ratio"),
         (len(config.labels) <= models, f"{len(config.labels)} --label given for {models} model(s): one per model, "
                                        "in the order SOURCE..., --timm-model..., --random-baseline"),
         (all(label.strip() for label in config.labels), "--label must not be empty"),
     ])
-    for g, gp in config.ratios:
+    for g, gp in config.ratio_pairs:
         if not (0.0 <= g < 1.0 and 0.0 < gp <= 1.0):
             raise UserError(f"--ratio {g}:{gp}: gamma must be in [0, 1) and gamma_pos in (0, 1]")
     if config.images is not None:
@@ -206,10 +167,10 @@ def evaluate(subject: Subject, images: ImageSource, config: EvalPosConfig, devic
     num_patches = rows * cols
     seeds = torch.Generator().manual_seed(config.seed)
     permutations = torch.stack([torch.randperm(num_patches, generator=seeds) for _ in range(config.permutations)]).to(device)
-    ratio_gens = [torch.Generator(device=device).manual_seed(config.seed + 1000 + i) for i in range(len(config.ratios))]
+    ratio_gens = [torch.Generator(device=device).manual_seed(config.seed + 1000 + i) for i in range(len(config.ratio_pairs))]
     accuracies = []
     if subject.droppos is not None:
-        accuracies = [PositionAccuracy(g, gp, subject.grid, device) for g, gp in config.ratios]
+        accuracies = [PositionAccuracy(g, gp, subject.grid, device) for g, gp in config.ratio_pairs]
     order = OrderSensitivity(permutations, classifier=subject.num_classes > 0,
                              labelled=images.data is not None and subject.num_classes > 0)
     probe = ProbeFeatures(num_patches, config.probe_drop, config.probe_fill, config.probe_images,
@@ -267,7 +228,7 @@ def _start_line(subjects: list[Subject], images: ImageSource, planned: int, conf
                 device: torch.device, precision: str) -> str:
     models = "; ".join(f"{s.name} ({s.kind}, {s.img_size}px, grid {s.grid[0]}x{s.grid[1]}"
                        f"{', position head' if s.droppos is not None else ''})" for s in subjects)
-    ratios = " ".join(f"{g:g}:{gp:g}" for g, gp in config.ratios)
+    ratios = " ".join(f"{g:g}:{gp:g}" for g, gp in config.ratio_pairs)
     return (f"eval-pos: {len(subjects)} model(s): {models}\n"
             f"eval-pos: up to {planned} images of {images.describe()}, device {device}, {precision}; "
             f"ratios {ratios}; {config.permutations} permutation(s); probe drops {config.probe_drop:g} of the PEs "
@@ -282,7 +243,7 @@ def run(config: EvalPosConfig) -> Path:
     with files.OutputLock(out, "eval-pos"), exact_fp32() as precision:
         files.remove_stale_temporaries(out)
         subjects = load_subjects(config.sources, config.timm_models, config.img_size, config.random_baseline,
-                                 config.seed, config.labels)
+                                 config.seed, config.labels, pretrained=config.pretrained, weights=config.weights)
         _check_probe_fill(subjects, config.probe_fill)
         images = ImageSource(config.data, config.split, config.images, config.max_images, config.batch_size,
                              config.loader, config.workers)

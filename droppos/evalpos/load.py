@@ -85,10 +85,16 @@ class Subject:
 
 
 def load_subjects(sources: Sequence[str], timm_models: Sequence[str], img_size: Optional[int],
-                  random_baseline: bool, seed: int, labels: Sequence[str] = ()) -> list[Subject]:
-    """Every model of one report, in order (sources, --timm-model names, the random baseline), named by `labels`."""
+                  random_baseline: bool, seed: int, labels: Sequence[str] = (), pretrained: bool = False,
+                  weights: Optional[str] = None) -> list[Subject]:
+    """Every model of one report, in order (sources, --timm-model names or a --weights file, the random
+    baseline), named by `labels`. `pretrained` applies to every --timm-model; `weights` to the one given."""
+    if weights and len(timm_models) > 1:
+        raise UserError("--weights FILE goes with one --timm-model NAME (its architecture), not several")
     subjects = [load_subject(s, img_size) for s in sources]
-    subjects += [load_timm(name, img_size, seed) for name in timm_models]
+    subjects += [load_timm(name, img_size, seed, pretrained=pretrained, weights=weights) for name in timm_models]
+    if weights and not timm_models:
+        subjects.append(load_timm(None, img_size, seed, weights=weights))  # a file that names its architecture
     if random_baseline:
         subjects.append(random_like(subjects[0], seed))
     if len(labels) > len(subjects):
@@ -130,17 +136,23 @@ def load_subject(source: str, img_size: Optional[int] = None, timm_name: bool = 
     return _from_checkpoint(path, source, path.stem, "droppos-checkpoint")
 
 
-def load_timm(name: str, img_size: Optional[int], seed: int = 0) -> Subject:
-    """A timm ViT by name, with timm's random initialisation, seeded (never a download).
-
-    Pretrained weights (`--pretrained`, `--weights FILE`) plug in here as one call,
-    `encoders.load_encoder(timm_model=name, num_classes=..., img_size=img_size, pretrained=..., weights=...)`,
-    whose `info["weights"]` (source, path, sha256) replaces the record below.
-    """
+def load_timm(name: Optional[str], img_size: Optional[int], seed: int = 0, pretrained: bool = False,
+              weights: Optional[str] = None) -> Subject:
+    """A timm ViT by name: timm's random initialisation, seeded (with its classifier head, so top-1 agreement
+    is measured), or timm's pretrained weights (`pretrained`: the Hugging Face cache, never a silent random
+    model) or a local checkpoint (`weights`), loaded as features through `encoders.load_encoder`."""
     torch.manual_seed(seed)
-    vit = _timm_vit(name, img_size)
-    info = {"timm_model": name, "weights": _random_weights("timm", seed)}
-    return _subject_from_timm(vit, f"random-init {name}", name, "timm", img_size, info)
+    if not (pretrained or weights):
+        vit = _timm_vit(name, img_size)
+        info = {"timm_model": name, "weights": _random_weights("timm", seed)}
+        return _subject_from_timm(vit, f"random-init {name}", name, "timm", img_size, info)
+    from droppos.encoders import check_encoder_source, load_encoder
+
+    check_encoder_source(timm_model=name, weights=weights, pretrained=pretrained)
+    # [CLS] pooling keeps the pre-trained final norm, as for encoder files.
+    vit, info = load_encoder(timm_model=name, num_classes=0, global_pool="token", img_size=img_size,
+                             weights=weights, pretrained=pretrained)
+    return _subject_from_timm(vit, info["label"], weights or name, "timm", img_size, dict(info))
 
 
 def _timm_vit(name: str, img_size: Optional[int]) -> nn.Module:
@@ -164,20 +176,23 @@ def _weights_record(path: Path, source: str) -> dict[str, Any]:
 
 
 def _from_checkpoint(path: Path, source: str, name: str, kind: str) -> Subject:
+    """A droppos checkpoint, by the stage that wrote it: pretrain (the DropPos model with its position
+    head) or finetune (the classifier). Checkpoints before format 2 recorded no stage: those are told
+    apart by their config (a pretrain config names a `model`)."""
+    from droppos.weights import droppos_model_from
+
     saved = runtime.load_checkpoint(path)
     config = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(config, dict) or "model" not in saved:
+    if not isinstance(config, dict) or not any(k in saved for k in ("model", "head")):
         raise UserError(f"{path} is not a droppos checkpoint (no 'model' and 'config'): "
                         "give a pretrain or finetune run directory, its checkpoint, or an encoder .safetensors")
-    if "model" not in config:
+    stage = saved.get("stage") or ("pretrain" if "model" in config else "finetune")
+    if stage == "finetune":
         return _from_finetune(path, saved, source, name)
-    from droppos.model import create_from_config
-
-    model = create_from_config(config)
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: weights do not match the model its config describes: {str(err).splitlines()[0][:160]}") from None
+    if stage != "pretrain":
+        raise UserError(f"{path} is a `droppos {stage}` checkpoint: it holds a head, not an encoder; evaluate the "
+                        "encoder it probed (its --run or --encoder) instead")
+    model = droppos_model_from(saved, path)  # the config's numbers bounded and checked against the tensors first
     info = {"checkpoint": str(path), "step": saved.get("step"), "weights": _weights_record(path, kind),
             "config": {k: config.get(k) for k in ("model", "img_size", "patch_size", "depth", "mask_ratio",
                                                    "pos_mask_ratio", "mask_token", "epochs")}}
@@ -189,29 +204,32 @@ def _from_finetune(path: Path, saved: dict, source: str, name: str) -> Subject:
     from droppos.encoders import load_encoder
 
     config, state = saved["config"], saved["model"]
-    if "head.weight" not in state or not any(config.get(k) for k in ("encoder", "run", "timm_model")):
+    if "head.weight" not in state or not any(config.get(k) for k in ("encoder", "run", "timm_model", "weights")):
         raise UserError(f"{path} is neither a pretrain nor a finetune checkpoint of droppos")
+    # The classifier's architecture from the encoder source it was fine-tuned from; the weights are its own.
     model, info = load_encoder(config.get("encoder") or None, config.get("run") or None, config.get("timm_model") or None,
                                num_classes=int(state["head.weight"].shape[0]), global_pool=config.get("pool", "avg"),
-                               img_size=config.get("img_size"), depth=config.get("depth"), random_init=True)
+                               img_size=config.get("img_size"), depth=config.get("depth"), random_init=True,
+                               weights=config.get("weights") or None)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not match the classifier its config describes: {str(err).splitlines()[0][:160]}") from None
     info = dict(info, checkpoint=str(path), step=saved.get("step"), pretrained=True,
-                weights=_weights_record(path, "finetune-checkpoint"))
+                weights=_weights_record(path, "finetune-checkpoint"), label=f"fine-tuned {info['model']} ({path})")
     return _subject_from_timm(model, name, source, "finetune", None, info)
 
 
 def _from_encoder(path: Path, source: str, name: str, img_size: Optional[int]) -> Subject:
-    from droppos.encoders import load_encoder, read_encoder_meta
+    from droppos.encoders import load_encoder
+    from droppos.weights import read_sidecar
 
     # [CLS] pooling keeps the pre-trained final norm (timm's avg pooling would swap in a fresh fc_norm).
     model, info = load_encoder(encoder=path, num_classes=0, global_pool="token", img_size=img_size)
     info = dict(info)
     info.setdefault("weights", _weights_record(path, "encoder"))
     subject = _subject_from_timm(model, name, source, "encoder", img_size, info)
-    subject.fixed_pe = "droppos" in read_encoder_meta(path)  # exported by `droppos pretrain`: a fixed sin-cos PE
+    subject.fixed_pe = "droppos" in read_sidecar(path)  # exported by `droppos pretrain`: a fixed sin-cos PE
     return subject
 
 

@@ -29,11 +29,7 @@ VARIANTS = {  # report key -> (short label, what is done to the patch tokens)
     "pe_in_place": ("(b) PE in place", "tokens permuted, PEs left in place"),
     "no_pe": ("(c) no PE", "tokens permuted, no PEs at all"),
 }
-PROBE_FILLS = {  # --probe-fill -> what replaces a dropped PE in the position probe
-    "mean": "the mean patch PE",
-    "zeros": "zeros",
-    "mask-token": "the model's own learnable [MASK] token",
-}
+from droppos.recipes import PROBE_FILLS  # noqa: E402 - the one list of fills, with what each means
 
 
 def _percent(hits: float, count: float) -> Optional[float]:

@@ -119,7 +119,7 @@ def resolved_settings(config: Any, *, device: str, precision: dict, loader: str,
     """Every option as given, plus what `auto` and the defaults turned into, plus the units."""
     settings = dataclasses.asdict(config)
     settings.update(
-        ratios=[list(r) for r in config.ratios], probe_fill=f"{config.probe_fill} ({PROBE_FILLS[config.probe_fill]})",
+        ratios=[list(r) for r in config.ratio_pairs], probe_fill=f"{config.probe_fill} ({PROBE_FILLS[config.probe_fill]})",
         device=device, device_requested=config.device, loader=loader, loader_requested=config.loader, workers=workers,
         precision=precision, primary="top-level position_accuracy / order_sensitivity / position_probe are models[0]'s",
         units=UNITS)
