@@ -439,6 +439,36 @@ def test_a_full_disk_while_writing_the_report_is_one_line_and_exit_2(tiny_run, s
     assert not list(out.glob(".*.tmp-*"))  # no temporary file left behind
 
 
+def test_a_downloaded_checkpoint_is_compared_by_its_own_name_and_sha256(sample_shards, tmp_path):
+    """--weights FILE (an MAE-layout {'model': ...} file of a 224-px ViT-Ti/16, written here) for a --timm-model
+    at 64 px: loaded with its PE resampled, named after its weights, its sha256 in report.json, beside a
+    random-init baseline. A file of another architecture is one line, not a silent mismatch."""
+    import timm
+
+    from droppos.files import file_sha256
+
+    torch.manual_seed(1)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    path = tmp_path / "mae-like.pth"
+    torch.save({"model": vit.state_dict(), "epoch": 3}, path)
+    out = tmp_path / "report"
+    result = droppos("eval-pos", "--timm-model", "vit_tiny_patch16_224", "--weights", str(path), "--img-size", "64",
+                     "--data", str(sample_shards), "--out", str(out), "--max-images", "16", "--random-baseline",
+                     "--compare", *FAST)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    loaded, random = report["models"]
+    weights = loaded["info"]["weights"]
+    assert weights["sha256"] == file_sha256(path) and weights["source"] == "file" and weights["layout"] == "mae-deit"
+    assert "random-init" not in loaded["name"] and random["kind"] == "random-init"
+    assert loaded["architecture"]["grid"] == [4, 4]
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    torch.save({"model": small.state_dict()}, tmp_path / "other.pth")
+    result = droppos("eval-pos", "--timm-model", "vit_tiny_patch16_224", "--weights", str(tmp_path / "other.pth"),
+                     "--data", str(sample_shards), "--out", str(tmp_path / "r2"), *FAST, timeout=120)
+    assert result.returncode == 2 and "pick the --timm-model of its architecture" in result.stderr.strip().splitlines()[-1]
+
+
 def test_timm_model_on_scikit_image_photos(tmp_path):
     from PIL import Image
     from skimage import data
