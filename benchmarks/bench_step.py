@@ -17,6 +17,9 @@ with a block over n tokens of width d costing 2 n (4 + 2 mlp_ratio) d^2 + 4 n^2 
 (V = 49, decoder 512 x 2) that is 28.3 + 35.1 GFLOPs per image, the figures in METHOD.md.
 The optimizer, norms, softmax and GELU are not counted (they are memory-bound and small).
 
+With --interleave every configuration is built (and compiled) first and their timed steps then taken in turn,
+one each, so that on a busy shared machine all of them see the same load: use it to compare dtypes or modes.
+
 Per configuration it also reports the peak memory on CUDA and torch.compile's counts (torch._dynamo counters):
 graphs compiled, recompiles (graphs compiled after the first step: should be 0, sigma changes every step)
 and graph breaks.
@@ -221,45 +224,101 @@ def _peak_memory(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+class StepBench:
+    """One configuration: a fresh model whose first step (compiling, when compiled) is timed alone, then timed
+    steps, all at once or a few at a time (interleaved with other configurations, so that they share the load of
+    a busy machine)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, case: Case) -> None:
+        self.case, self.device = case, device
+        _start_memory(device)
+        self.counts0 = _dynamo_counts()
+        self.model, self.step = _make_step(args, device, case)
+        start = time.perf_counter()
+        self.step()
+        _sync(device)
+        self.first_s = time.perf_counter() - start
+        self.counts1 = _dynamo_counts()
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.faults = 0
+
+    def run(self, steps: int, warmup: int = 0) -> None:
+        for _ in range(warmup):
+            self.step()
+        faults = _page_faults()
+        wall, cpu = _timed(self.step, self.device, steps, 0)
+        self.faults += _page_faults() - faults
+        self.wall += wall
+        self.cpu += cpu
+
+    def row(self, built: Optional[dict[str, int]] = None) -> dict:
+        """The figures. `built`: the compile counts once every interleaved configuration was built; then the
+        recompiles (and peak memory) are those of all of them together."""
+        counts2 = _dynamo_counts()
+        shared = built is not None
+        counts1 = built if shared else self.counts1
+        flops = self.model.flops_per_image()
+        flops_img = flops["step"] + flops["attentive"]
+        seconds, cpu_seconds = statistics.median(self.wall), statistics.median(self.cpu)
+        batch = self.case.batch
+        return {
+            **dataclasses.asdict(self.case),
+            "batch_size": batch,
+            "step_s": seconds,
+            "step_s_all": self.wall,
+            "step_cpu_s": cpu_seconds,
+            "first_step_s": self.first_s,
+            "page_faults_per_step": self.faults / len(self.wall),
+            "img_per_s": batch / seconds,
+            "gflops_per_img": flops_img / 1e9,
+            "train_gflops_per_img": flops["step"] / 1e9,
+            "attentive_gflops_per_img": flops["attentive"] / 1e9,
+            "achieved_flops": flops_img * batch / seconds,
+            "achieved_flops_per_cpu_s": flops_img * batch / cpu_seconds,
+            "peak_memory_bytes": None if shared else _peak_memory(self.device),
+            "graphs": counts2["graphs"] - self.counts0["graphs"],
+            "recompiles": counts2["graphs"] - counts1["graphs"],
+            "graph_breaks": counts2["graph_breaks"] - self.counts0["graph_breaks"],
+            "interleaved": shared,
+        }
+
+    def close(self) -> None:
+        del self.step, self.model
+        if self.case.mode == "compiled":
+            torch.compiler.reset()
+
+
 def bench_config(args: argparse.Namespace, device: torch.device, case: Case) -> dict:
-    _start_memory(device)
-    counts0 = _dynamo_counts()
-    model, step = _make_step(args, device, case)
-    flops = model.flops_per_image()
-    flops_img = flops["step"] + flops["attentive"]
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    first_s = time.perf_counter() - start
-    counts1 = _dynamo_counts()
-    faults = _page_faults()
-    wall, cpu = _timed(step, device, args.steps, args.warmup)
-    faults = (_page_faults() - faults) / (args.steps + args.warmup)
-    counts2 = _dynamo_counts()
-    seconds, cpu_seconds = statistics.median(wall), statistics.median(cpu)
-    peak_memory = _peak_memory(device)
-    del step, model
-    if case.mode == "compiled":
-        torch.compiler.reset()
-    return {
-        **dataclasses.asdict(case),
-        "batch_size": case.batch,
-        "step_s": seconds,
-        "step_s_all": wall,
-        "step_cpu_s": cpu_seconds,
-        "first_step_s": first_s,
-        "page_faults_per_step": faults,
-        "img_per_s": case.batch / seconds,
-        "gflops_per_img": flops_img / 1e9,
-        "train_gflops_per_img": flops["step"] / 1e9,
-        "attentive_gflops_per_img": flops["attentive"] / 1e9,
-        "achieved_flops": flops_img * case.batch / seconds,
-        "achieved_flops_per_cpu_s": flops_img * case.batch / cpu_seconds,
-        "peak_memory_bytes": peak_memory,
-        "graphs": counts2["graphs"] - counts0["graphs"],
-        "recompiles": counts2["graphs"] - counts1["graphs"],
-        "graph_breaks": counts2["graph_breaks"] - counts0["graph_breaks"],
-    }
+    bench = StepBench(args, device, case)
+    bench.run(args.steps, args.warmup)
+    row = bench.row()
+    bench.close()
+    return row
+
+
+def bench_interleaved(args: argparse.Namespace, device: torch.device, todo: list[Case]) -> list[dict]:
+    """Every configuration built and compiled first, then their timed steps taken in turn, one each."""
+    benches: list[StepBench] = []
+    rows: list[dict] = []
+    for case in todo:
+        built = _guarded(case.label(), lambda c=case: {"bench": StepBench(args, device, c)},
+                         {**dataclasses.asdict(case), "batch_size": case.batch})
+        if "bench" in built:
+            benches.append(built["bench"])
+        else:
+            rows.append(built)
+    built = _dynamo_counts()
+    for bench in benches:
+        bench.run(0, args.warmup)
+    for _ in range(args.steps):
+        for bench in benches:
+            bench.run(1)
+    rows += [bench.row(built) for bench in benches]
+    for bench in benches:
+        print(f"  done: {bench.case.label()}: {bench.case.batch / statistics.median(bench.wall):.1f} img/s", flush=True)
+        bench.close()
+    return rows
 
 
 def bench_attentive_pass(args: argparse.Namespace, device: torch.device, batch: int, mode: str, dtype: str) -> dict:
@@ -336,6 +395,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--attentive", default="both", help="on, off or both (or a comma list)")
     parser.add_argument("--saliency-graph", default="inline", help="with the attentive pass on: inline (inside "
                         "forward), separate (its own call; compiled: compile_step's own graph) or both")
+    parser.add_argument("--interleave", action="store_true", help="build every configuration first, then time "
+                        "their steps in turn (one each): on a busy machine they then share its load alike")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--gemm-sizes", default="", help="comma list of square matmul sizes for the peak "
                         "(default: 2048,4096 on CPU, 8192 on GPU); the best is the peak")
@@ -436,7 +497,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     measure_peaks()
     rows = []
-    for case in cases(args, dtypes):
+    if args.interleave:
+        rows = bench_interleaved(args, device, cases(args, dtypes))
+        measure_peaks()
+    for case in [] if args.interleave else cases(args, dtypes):
         row = _guarded(case.label(), lambda c=case: bench_config(args, device, c),
                        {**dataclasses.asdict(case), "batch_size": case.batch})
         rows.append(row)

@@ -661,7 +661,8 @@ def create_from_config(config: dict) -> "DropPosViT":
     import timm
 
     pretext = ("mask_ratio", "pos_mask_ratio", "mask_token", "decoder_width", "decoder_depth", "decoder_heads",
-               "attentive", "tau", "aux_mae", "pos_weight", "patch_size", "depth", "embed_dim", "num_heads")
+               "attentive", "tau", "aux_mae", "pos_weight", "patch_size", "depth", "embed_dim", "num_heads",
+               "mae_decoder_depth")  # absent or None: the MAE decoder has the position decoder's depth
     kwargs = {k: config[k] for k in pretext if config.get(k) is not None}
     return timm.create_model(f"droppos_{config['model']}", img_size=config["img_size"], **kwargs)
 

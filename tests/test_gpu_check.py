@@ -166,3 +166,14 @@ def test_gpu_wheels_pins_dali_for_cuda13_and_packs_under_the_carry_limit(carried
     joined = b"".join((next(carried.glob(f"carry-*/{p}"))).read_bytes() for p in big["parts"])
     assert gpu_wheels.sha256_file(carried / "download" / "gcbig-0.2-py3-none-any.whl") == big["sha256"]
     assert joined == (carried / "download" / "gcbig-0.2-py3-none-any.whl").read_bytes()
+
+
+def test_verbose_lines_count_the_tests_of_a_stopped_run():
+    log = ("tests/test_model.py::test_a PASSED [ 10%]\n"
+           "tests/test_model.py::test_b[x-1] FAILED [ 20%]\n"
+           "tests/test_data.py::test_c SKIPPED (needs CUDA) [ 30%]\n"
+           "tests/test_data.py::test_d ERROR [ 40%]\n"
+           "tests/test_data.py::test_e ")  # cut off while running
+    counts = gpu_check.parse_verbose(log)
+    assert (counts["passed"], counts["failed"], counts["skipped"], counts["errors"]) == (1, 1, 1, 1)
+    assert counts["failures"] == ["tests/test_model.py::test_b[x-1]"]

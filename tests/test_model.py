@@ -577,3 +577,13 @@ def test_saliency_runs_in_the_callers_precision_on_cuda():
 def test_compile_step_bf16_on_cuda_cuda_graphs_match_eager():
     """The trainer's CUDA path: bf16 autocast, the attentive pass as a CUDA graph, the step compiled."""
     _compiled_steps_match_eager(torch.device("cuda"), steps=3)
+
+
+def test_config_builds_the_mae_decoder_at_the_position_decoders_depth_unless_given():
+    from droppos.model import create_from_config
+
+    config = {"model": "vit_tiny_patch16", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
+              "num_heads": 2, "aux_mae": True, "decoder_depth": 1, "decoder_width": 32, "decoder_heads": 2}
+    assert len(create_from_config(config).mae_decoder_blocks) == 1
+    assert len(create_from_config(dict(config, mae_decoder_depth=3)).mae_decoder_blocks) == 3
+    assert len(create_from_config(dict(config, mae_decoder_depth=None)).mae_decoder_blocks) == 1
