@@ -1,9 +1,18 @@
-"""Loader throughput at 224 px: droppos `dali` (CPU, and 'mixed' with CUDA) and `pil` vs the published baseline.
+"""Loader throughput at 224 px: droppos `dali` (CPU, or 'mixed' on CUDA) and `pil` vs the published baseline.
 
 The baseline is what the DropPos/MAE code uses: torchvision ImageFolder + DataLoader with
-RandomResizedCrop(224, bicubic) + flip + ToTensor + Normalize, same worker count, same Pillow
-(-SIMD) build. Data: generated ~500x375 q90 JPEGs, as files for the baseline and sharded with
-`python -m droppos shard` for ours. Prints a table; the last line is one JSON object.
+RandomResizedCrop(224, bicubic) + flip + ToTensor + Normalize (pre-training's scale (0.2, 1); the
+linear probe's (0.08, 1); fine-tuning: timm's `create_transform` with rand-m9-mstd0.5-inc1, without
+random erasing, which ours applies on the device), same worker count, same Pillow(-SIMD) build; on
+CUDA it pins its batches and copies them to the device, as the published code does. Data:
+generated ~500x375 q90 JPEGs, as files for the baseline and sharded with `python -m droppos shard`
+for ours. Prints a table; the last line is one JSON object (also written to `--json FILE`).
+
+    python benchmarks/bench_loader.py --device cuda --backends pil,dali,baseline --images 4096 \
+        --batch-size 256 --workers 16 --json loader.json
+
+DALI, when it is not installed, is skipped and named in the JSON (`skipped`), never an error;
+`--device cuda` without CUDA is an error.
 
 Per loader and run, three figures over one epoch, taken from a fresh loader as training takes it:
 - img/s: steady state, the batches after the first `--warmup` (worker start-up, DALI pipeline
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,27 +83,47 @@ def timed(make_batches, warmup: int) -> dict[str, float]:
             "first_batch_s": first, "cpu_ms_per_img": 1e3 * (cpu_seconds() - cpu0) / total}
 
 
-def baseline(folder: Path, batch: int, workers: int, warmup: int) -> dict[str, float]:
-    from torchvision import datasets, transforms
+def _baseline_transform(mode: str):
+    from torchvision import transforms
 
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    normalise = [transforms.ToTensor(), transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])]
+    if mode == "finetune":
+        from timm.data import create_transform
+
+        return create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+                                re_prob=0.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    scale = (0.2, 1.0) if mode == "pretrain" else (0.08, 1.0)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(224, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), *normalise])
+
+
+def baseline(folder: Path, mode: str, batch: int, workers: int, warmup: int, device: str) -> dict[str, float]:
+    from torchvision import datasets
+
+    tf = _baseline_transform(mode)
+    cuda = device == "cuda"
 
     def batches():
         ds = datasets.ImageFolder(str(folder / "train"), transform=tf)
-        return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                             pin_memory=cuda)
+        for images, labels in loader:
+            if cuda:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                torch.cuda.synchronize()
+            yield images, labels
 
     return timed(batches, warmup)
 
 
-def ours(data_dir: Path, backend: str, batch: int, workers: int, warmup: int, device: str = "cpu") -> dict[str, float]:
+def ours(data_dir: Path, backend: str, mode: str, batch: int, workers: int, warmup: int,
+         device: str) -> dict[str, float]:
     from droppos.data import build_loader
 
     def batches():
-        loader = build_loader(data_dir, "train", "pretrain", batch, img_size=224, backend=backend, device=device,
-                              workers=workers)
+        loader = build_loader(data_dir, "train", mode, batch, img_size=224, backend=backend, device=device,
+                              workers=workers, labels_to_device=mode != "pretrain")
         for images, labels in loader.epoch(0):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -102,29 +132,75 @@ def ours(data_dir: Path, backend: str, batch: int, workers: int, warmup: int, de
     return timed(batches, warmup)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=1536)
-    parser.add_argument("--batch", type=int, default=64)
+def count_images(folder: Path) -> int:
+    return sum(1 for _ in (folder / "train").glob("*/*.jpg")) if (folder / "train").is_dir() else 0
+
+
+def prepare(work: Path, images: int, workers: int) -> tuple[Path, Path]:
+    """At least `images` generated JPEGs in work/folder, sharded into work/shards (reused when big enough)."""
+    folder, shards = work / "folder", work / "shards"
+    if count_images(folder) < images:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(shards, ignore_errors=True)
+        make_folder(folder, images)
+    if not (shards / "manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "droppos", "shard", str(folder), str(shards), "--shard-size", "256",
+                        "--workers", str(workers)], check=True)
+    return folder, shards
+
+
+def plan_runs(args: argparse.Namespace, folder: Path, shards: Path) -> tuple[dict, dict[str, str]]:
+    """The loaders to time ({name: run}) and the ones skipped here ({name: why})."""
+    from droppos.data import dali_available
+
+    runs, skipped = {}, {}
+    common = (args.mode, args.batch_size, args.workers, args.warmup, args.device)
+    for backend in args.backends:
+        if backend == "baseline":
+            runs["baseline"] = lambda: baseline(folder, *common)
+        elif backend == "pil":
+            runs["pil"] = lambda: ours(shards, "pil", *common)
+        elif not dali_available():
+            skipped["dali"] = "nvidia-dali is not installed"
+        else:
+            name = "dali_mixed" if args.device == "cuda" else "dali_cpu"
+            runs[name] = lambda: ours(shards, "dali", *common)
+    return runs, skipped
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where batches end up (cuda: pil through pinned memory, dali decoding with 'mixed')")
+    parser.add_argument("--backends", default="pil,dali,baseline",
+                        help="comma-separated subset of pil, dali, baseline")
+    parser.add_argument("--mode", choices=("pretrain", "finetune", "probe"), default="pretrain")
+    parser.add_argument("--images", type=int, default=1536, help="generate at least this many JPEGs")
+    parser.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=3, help="runs per loader; the median is reported")
     parser.add_argument("--warmup", type=int, default=4, help="batches per run left out of the steady-state rate")
     parser.add_argument("--dir", type=Path, default=None, help="keep the generated data here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the final JSON object to this file")
     args = parser.parse_args()
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(args.backends) - {"pil", "dali", "baseline"}
+    if unknown or not args.backends:
+        parser.error(f"--backends: choose from pil, dali, baseline (got {', '.join(sorted(unknown)) or 'none'})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    if args.images < args.batch_size * (args.warmup + 1):
+        parser.error(f"--images {args.images} is too few for --batch-size {args.batch_size} and --warmup {args.warmup}")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    folder, shards = work / "folder", work / "shards"
-    if not (folder / "train").exists():
-        make_folder(folder, args.images)
-    if not (shards / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "droppos", "shard", str(folder), str(shards), "--shard-size", "256",
-                        "--workers", str(args.workers)], check=True)
-
-    runs = {"baseline": lambda: baseline(folder, args.batch, args.workers, args.warmup),
-            "dali_cpu": lambda: ours(shards, "dali", args.batch, args.workers, args.warmup),
-            "pil": lambda: ours(shards, "pil", args.batch, args.workers, args.warmup)}
-    if torch.cuda.is_available():
-        runs["dali_mixed"] = lambda: ours(shards, "dali", args.batch, args.workers, args.warmup, device="cuda")
+    folder, shards = prepare(work, args.images, args.workers)
+    runs, skipped = plan_runs(args, folder, shards)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
     # Interleave the repeats so that load from other processes hits every loader alike.
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -134,8 +210,9 @@ def main() -> None:
     def median(name: str, key: str) -> float:
         return float(np.median([run[key] for run in samples[name]]))
 
-    result: dict[str, float | int] = {"cores": args.workers}
-    base, base_cpu = median("baseline", "img_per_s"), median("baseline", "cpu_ms_per_img")
+    result: dict = {"cores": args.workers, "device": args.device, "mode": args.mode}
+    base = median("baseline", "img_per_s") if "baseline" in samples else None
+    base_cpu = median("baseline", "cpu_ms_per_img") if "baseline" in samples else None
     print(f"{'loader':<11}{'img/s':>8}{'img/s/core':>11}{'x base':>8}{'first batch s':>14}{'CPU ms/img':>11}"
           f"{'x base CPU':>11}   img/s runs")
     for name in samples:
@@ -143,13 +220,23 @@ def main() -> None:
         result[f"{name}_img_per_s"] = round(rate, 1)
         result[f"{name}_cpu_ms_per_img"] = round(cpu, 3)
         result[f"{name}_first_batch_s"] = round(first, 2)
-        print(f"{name:<11}{rate:>8.1f}{rate / args.workers:>11.1f}{rate / base:>8.2f}{first:>14.2f}{cpu:>11.2f}"
-              f"{base_cpu / cpu:>11.2f}   " + " ".join(f"{run['img_per_s']:.0f}" for run in samples[name]))
-    for name in ("pil", "dali_cpu"):
-        result[f"{name}_vs_baseline"] = round(result[f"{name}_img_per_s"] / base, 2)
-        result[f"{name}_vs_baseline_cpu"] = round(base_cpu / result[f"{name}_cpu_ms_per_img"], 2)
-    result.update(images=args.images, batch=args.batch, warmup=args.warmup, repeats=args.repeats)
-    print(json.dumps(result))
+        versus = f"{rate / base:>8.2f}" if base else f"{'-':>8}"
+        versus_cpu = f"{base_cpu / cpu:>11.2f}" if base_cpu else f"{'-':>11}"
+        print(f"{name:<11}{rate:>8.1f}{rate / args.workers:>11.1f}{versus}{first:>14.2f}{cpu:>11.2f}{versus_cpu}   "
+              + " ".join(f"{run['img_per_s']:.0f}" for run in samples[name]))
+    if base:
+        for name in samples:
+            if name != "baseline":
+                result[f"{name}_vs_baseline"] = round(result[f"{name}_img_per_s"] / base, 2)
+                result[f"{name}_vs_baseline_cpu"] = round(base_cpu / result[f"{name}_cpu_ms_per_img"], 2)
+    result.update(images=count_images(folder), batch=args.batch_size, warmup=args.warmup, repeats=args.repeats,
+                  skipped=skipped)
+    line = json.dumps(result)
+    if args.json is not None:
+        from droppos.files import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    print(line)
 
 
 if __name__ == "__main__":

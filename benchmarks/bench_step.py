@@ -26,7 +26,8 @@ and graph breaks.
 
 On CPU with glibc the script first tells malloc to serve large blocks from the heap and never give them back
 (--keep-heap, on by default): otherwise every step mmaps and unmaps its activations and pays ~15k page
-faults (ViT-Ti, batch 32), 4-6 % of the step on a 2-core machine. Training processes on the CPU make the same call (runtime.run_worker).
+faults (ViT-Ti, batch 32), 4-6 % of the step on a 2-core machine. Training processes on the CPU make the same call
+(fastpaths.keep_heap, from runtime.run_worker).
 
 Usage:  python benchmarks/bench_step.py [--model droppos_vit_tiny_patch16 | --preset cpu-demo] [--img-size 224]
             [--batch-sizes 32,64] [--dtypes fp32,bf16] [--modes eager,compiled] [--attentive on|off|both]
@@ -58,7 +59,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import droppos.model  # noqa: F401  (registers the droppos_vit_* names with timm)
-from droppos import runtime
+from droppos import fastpaths, runtime
 from droppos.model import DropPosViT, compile_step
 
 _ATEN = torch.ops.aten
@@ -474,7 +475,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    heap_kept = device.type == "cpu" and args.keep_heap and runtime.keep_heap()
+    heap_kept = device.type == "cpu" and args.keep_heap and fastpaths.keep_heap()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

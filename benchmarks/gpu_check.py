@@ -367,11 +367,12 @@ def part_loader(args: argparse.Namespace, budget: float, env: dict[str, str], wo
                 dali: bool) -> dict:
     device = "cpu" if args.smoke else "cuda"
     backends = "pil,dali" if dali and device == "cuda" else "pil"
-    images, batch = (64, 16) if args.smoke else (args.loader_images, args.loader_batch)
+    images, batch, repeats = (96, 16, 1) if args.smoke else (args.loader_images, args.loader_batch, 2)
     workers = 1 if args.smoke else max(1, (os.cpu_count() or 2))
     out = work / "loader.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--device", device, "--backends", backends,
-               "--images", str(images), "--batch-size", str(batch), "--workers", str(workers), "--json", str(out)]
+               "--images", str(images), "--batch-size", str(batch), "--workers", str(workers), "--repeats", str(repeats),
+               "--json", str(out)]
     result = run_command(command, budget, logs / "loader.log", env=env)
     found = _load_json(out)
     failure = _failed(result) or ("" if found is not None else "bench_loader.py wrote no JSON")

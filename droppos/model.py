@@ -60,7 +60,6 @@ __all__ = [
     "attentive_weights",
     "compile_step",
     "encoder_state_dict",
-    "export_encoder",
     "mask_counts",
     "position_targets",
     "sigma_at",
@@ -162,7 +161,7 @@ class DropPosViT(nn.Module):
     """ViT encoder (timm blocks, fixed 2-D sin-cos PE, [CLS]) with the DropPos position decoder and losses.
 
     The encoder's parameter names follow timm's VisionTransformer (cls_token, pos_embed, patch_embed.proj,
-    blocks.N, norm), so `export_encoder` writes a checkpoint a stock timm ViT loads.
+    blocks.N, norm), so `droppos.export.export_encoder` writes a checkpoint a stock timm ViT loads.
     """
 
     def __init__(
@@ -603,68 +602,19 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_encoder(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Write the encoder as safetensors in timm's ViT layout, plus `<stem>.json` naming the timm model.
-
-    Load it with:
-        meta = json.load(open(json_path))
-        timm.create_model(meta["model"], pretrained=True, num_classes=0, **meta["model_args"],
-                          pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file=path, custom_load=False))
-    `model_args` carries img_size (and the architecture), so other resolutions and custom dims load exactly.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise UserError(f"encoder path {path} must end in .safetensors")
-    core = _unwrap(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(encoder_state_dict(core), str(tmp), metadata={"format": "pt", "source": "droppos"})
-    tmp.replace(path)
-    h, w = core.img_size
-    meta = {
-        "model": core.timm_name,
-        "model_args": core.timm_model_args(),
-        "pretrained_cfg": {
-            "input_size": [core.in_chans, h, w],
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-            "mean": list(IMAGENET_DEFAULT_MEAN),
-            "std": list(IMAGENET_DEFAULT_STD),
-            "num_classes": 0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-        "droppos": {
-            "mask_ratio": core.mask_ratio,
-            "pos_mask_ratio": core.pos_mask_ratio,
-            "mask_token": core.mask_token_type,
-            "attentive": core.attentive,
-            "aux_mae": core.aux_mae,
-        },
-    }
-    json_path = path.with_suffix(".json")
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_json.replace(json_path)
-    return path
-
-
-def create_from_config(config: dict) -> "DropPosViT":
-    """The DropPos model a pretrain config describes (as in a run's config.json or checkpoint).
+def create_from_config(config: Any) -> "DropPosViT":
+    """The DropPos model a pretrain config describes (a PretrainConfig, or its dict from config.json or a
+    checkpoint): the options declared `model_arg` in droppos/recipes.py are its constructor arguments.
 
     One place for pretrain (which builds it) and eval-pos (which rebuilds it from a run).
     """
     import timm
 
-    pretext = ("mask_ratio", "pos_mask_ratio", "mask_token", "decoder_width", "decoder_depth", "decoder_heads",
-               "attentive", "tau", "aux_mae", "pos_weight", "patch_size", "depth", "embed_dim", "num_heads",
-               "mae_decoder_depth")  # absent or None: the MAE decoder has the position decoder's depth
-    kwargs = {k: config[k] for k in pretext if config.get(k) is not None}
-    return timm.create_model(f"droppos_{config['model']}", img_size=config["img_size"], **kwargs)
+    from droppos.recipes import PretrainConfig, from_dict, model_args
+
+    if isinstance(config, dict):
+        config = from_dict(PretrainConfig, config)
+    return timm.create_model(f"droppos_{config.model}", img_size=config.img_size, **model_args(config))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,17 +25,11 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from droppos import UserError, runtime
-from droppos.recipes import ProbeConfig, to_dict
+from droppos import UserError, loop, runtime
+from droppos.loop import Metric
+from droppos.recipes import ProbeConfig
 
-ARCH_KEYS = ("encoder", "run", "timm_model", "random_init", "depth", "img_size", "pool", "cached")
 FEATURES_FORMAT = "droppos-features/1"
-
-
-def peak_lr(config: ProbeConfig, world_size: int) -> float:
-    if config.lr is not None:
-        return config.lr
-    return config.blr * config.batch_size * world_size / 256
 
 
 class LinearHead(nn.Sequential):
@@ -64,14 +58,9 @@ def run(config: ProbeConfig) -> None:
     from droppos import encoders
 
     out = runtime.check_out_dir(config.out)
-    checks = [
-        (config.epochs >= 1 and config.batch_size >= 2, "--epochs must be >= 1 and --batch-size >= 2 (BatchNorm)"),
-        (config.pool in ("avg", "token"), "--pool: choose token ([CLS]) or avg"),
-    ]
-    runtime.check_all(checks)
-    encoders.check_encoder_source(config.encoder, config.run, config.timm_model)
-    runtime.start("probe", _worker, config, out, step_batch=config.batch_size, arch_keys=ARCH_KEYS,
-                  mismatch="a probe checkpoint of other options",
+    encoders.check_encoder_source(config.encoder, config.run, config.timm_model, config.weights, config.pretrained,
+                                  config.random_init)
+    runtime.start("probe", _worker, config, out, step_batch=config.batch_size,
                   need_val="the probe is evaluated on it after every epoch")
 
 
@@ -81,7 +70,7 @@ def _worker(payload: dict) -> None:
 
 
 def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
-    from droppos.data import build_loader
+    from droppos.data import build_loader, resolve_backend
     from droppos.encoders import load_encoder
     from droppos.manifest import load_manifest
 
@@ -90,7 +79,8 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
     torch.manual_seed(config.seed)  # a --timm-model / --random-init encoder is the same on every rank and run
     encoder, encoder_info = load_encoder(
         config.encoder, config.run, config.timm_model, num_classes=0, global_pool=config.pool,
-        img_size=config.img_size, depth=config.depth, random_init=config.random_init)
+        img_size=config.img_size, depth=config.depth, random_init=config.random_init, weights=config.weights,
+        pretrained=config.pretrained)
     img_h, img_w = encoder_info["img_size"]
     if img_h != img_w:
         raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
@@ -112,9 +102,14 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
                                    device=info.device)
         head_info = runtime.DistInfo(rank=0, world_size=1, local_rank=info.local_rank, device=info.device)
     else:
-        source = EncoderSource(frozen, loader("train", "pretrain"), loader("val", "eval"), info.device, precision)
+        source = EncoderSource(frozen, loader("train", "probe"), loader("val", "eval"), info.device, precision)
         head_info = info
-    HeadTrainer(config, head_info, source, encoder_info, num_classes, img_h, peak_lr(config, info.world_size)).train()
+    task = ProbeTask(config, head_info, source, encoder_info, num_classes, img_h)
+    resolved = {"device": info.device.type, "precision": precision, "compile": use_compile,
+                "loader": resolve_backend(config.loader, info.device, "probe")}
+    # Batch x world size per step, also when rank 0 alone trains the head on the gathered cached features.
+    schedule = loop.make_schedule(config, source.steps_per_epoch, info.world_size)
+    loop.train(task, loop.Run(config, schedule, head_info, Path(config.out), resolved))
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,9 +170,8 @@ def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int) -> dict:
 
     key: dict[str, Any] = {k: getattr(config, k) for k in ("timm_model", "depth", "random_init", "pool", "seed")}
     key["img_size"] = img_size
-    if encoder_info["path"]:
-        stat = Path(encoder_info["path"]).stat()
-        key["encoder"] = [str(Path(encoder_info["path"]).resolve()), stat.st_size, stat.st_mtime_ns]
+    key["weights"] = encoder_info["weights"].get("sha256")  # the weights' content, wherever they came from
+    key["architecture"] = [encoder_info["model"], encoder_info["model_args"]]
     manifest = load_manifest(Path(config.data))
     key["data"] = [str(Path(config.data).resolve())] + [
         [s["sha256"] for s in manifest["splits"][split]["shards"]] for split in ("train", "val")]
@@ -227,105 +221,50 @@ def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: 
 
 
 # ---------------------------------------------------------------------------------------
-# The head's training loop
+# The head's training
 
 
-class HeadTrainer:
+class ProbeTask(loop.Task):
+    stage = "probe"
+    metrics = (Metric("loss"), Metric("train_top1", percent=True))
+    eval_metrics = (Metric("val_top1", percent=True, label="val top-1"),
+                    Metric("val_top5", percent=True, label="val top-5"))
+
     def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict,
-                 num_classes: int, img_size: int, lr: float) -> None:
+                 num_classes: int, img_size: int) -> None:
         from timm.optim import Lars
-        from timm.scheduler import CosineLRScheduler
 
         self.config, self.info, self.device, self.source = config, info, info.device, source
-        self.encoder_info, self.num_classes, self.img_size, self.peak_lr = encoder_info, num_classes, img_size, lr
+        self.encoder_info, self.num_classes, self.img_size = encoder_info, num_classes, img_size
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
         self.head = LinearHead(encoder_info["num_features"], num_classes).to(self.device)
-        self.optimizer = Lars(lars_groups(self.head, config.weight_decay), lr=lr, momentum=0.9)
-        self.steps_per_epoch = source.steps_per_epoch
-        if self.steps_per_epoch < 1:
-            raise UserError("the train split has fewer samples than one batch; lower --batch-size")
-        self.total_steps = config.epochs * self.steps_per_epoch
-        self.stop_step = min(self.total_steps, config.max_steps) if config.max_steps else self.total_steps
-        warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warmup),
-                                           lr_min=config.min_lr, warmup_t=warmup, warmup_prefix=True,
-                                           t_in_epochs=False)
+        self.optimizer = Lars(lars_groups(self.head, config.weight_decay), lr=0.0, momentum=0.9)
         self.criterion = nn.CrossEntropyLoss()
-        self.step = 0
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
-        saved = runtime.resume(self.out, self.device, self._parts(), info.is_main)
-        if saved is not None:
-            self.step, self.best = int(saved["step"]), dict(saved.get("best") or self.best)
         self.train_head = runtime.wrap_ddp(self.head, info)
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = runtime.MetricsLog(self.out, info.is_main)
 
-    def _parts(self) -> dict[str, Any]:
+    def parts(self) -> dict[str, Any]:
         return {"head": self.head, "optimizer": self.optimizer}
 
-    def save(self, reason: str) -> None:
-        if self.info.is_main:
-            runtime.save_checkpoint(runtime.checkpoint_path(self.out), runtime.checkpoint_state(
-                self._parts(), step=self.step, config=to_dict(self.config), best=self.best, reason=reason,
-                encoder=json.loads(json.dumps(self.encoder_info))))
+    def extra_state(self) -> dict[str, Any]:
+        return {"best": self.best, "encoder": runtime.plain(self.encoder_info)}
 
-    def train(self) -> None:
-        config, info = self.config, self.info
-        record = dict(to_dict(config), world_size=info.world_size, img_size_used=self.img_size,
-                      peak_lr=self.peak_lr, encoder_info=self.encoder_info)
-        if not runtime.open_run(self.out, record, self.step, self.stop_step, info.is_main):
-            return
-        progress = runtime.Progress(self.stop_step, self.step, info.is_main, "probe")
-        sums = torch.zeros(2, device=self.device)  # loss, top-1 hits (train)
-        window, timer, last_ckpt = 0, runtime.Timer(), time.monotonic()
-        stopped_by: Optional[str] = None
-        results: Optional[dict] = None
-        with runtime.StopRequest() as stop:
-            while self.step < self.stop_step and stopped_by is None:
-                epoch = self.step // self.steps_per_epoch
-                end = min((epoch + 1) * self.steps_per_epoch, self.stop_step)
-                batches = self.source.train_epoch(epoch, self.step % self.steps_per_epoch)
-                for feats, labels in batches:
-                    self._train_step(feats, labels, sums)
-                    self.step += 1
-                    window += 1
-                    at_log = self.step % config.log_every == 0 or self.step == end
-                    if at_log:
-                        self._log(sums, window, timer, epoch, progress)
-                        sums.zero_()
-                        window = 0
-                        timer.reset()
-                    progress.update(self.step)
-                    if runtime.stop_agreed(stop, self.info, at_log):
-                        stopped_by = stop.signal_name or "signal"
-                        break
-                    if self.step % config.ckpt_every == 0 or (time.monotonic() - last_ckpt) / 60 >= config.ckpt_minutes:
-                        self.save("periodic")
-                        last_ckpt = time.monotonic()
-                    if self.step >= end:
-                        break
-                batches.close()
-                if stopped_by is None:
-                    results = self.evaluate(progress)
-                    self.save("epoch" if self.step % self.steps_per_epoch == 0 else "end")
-                    last_ckpt = time.monotonic()
-            if stopped_by is not None:
-                self.save(f"stopped by {stopped_by}")
-        progress.close()
-        self.metrics.close()
-        if stopped_by is not None:
-            if info.is_main:
-                print(f"stopped by {stopped_by} at step {self.step}: checkpoint saved; re-run the same command to resume",
-                      file=sys.stderr)
-            raise SystemExit(143 if stopped_by == "SIGTERM" else 130)
-        if info.is_main and results is not None:
-            print(f"probe {self.out}: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}% on "
-                  f"{results['num_eval_samples']} val images; results in {self.out / 'results.json'}", file=sys.stderr)
+    def load_extra_state(self, saved: dict[str, Any]) -> None:
+        self.best = dict(saved.get("best") or self.best)
 
-    def _train_step(self, feats: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor) -> None:
-        self.scheduler.step_update(self.step)
+    def describe(self) -> str:
+        info = self.encoder_info
+        feature = "[CLS] token" if self.config.pool == "token" else "mean of the patch tokens"
+        how = "cached features" if self.config.cached else "features of augmented images every step"
+        return (f"a linear head on the frozen {info['label']} ({info['num_features']}-d {feature}, {self.img_size} "
+                f"px, {self.num_classes} classes, {how}) on {self.config.data}")
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        return self.source.train_epoch(epoch, start_batch)
+
+    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
+        (feats, labels), = micro
         self.head.train()
         logits = self.train_head(feats)
         loss = self.criterion(logits, labels)
@@ -334,34 +273,29 @@ class HeadTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums[0] += loss.detach()
         sums[1] += (logits.detach().argmax(-1) == labels).float().mean()
+        sums[2] += (~torch.isfinite(loss.detach())).float()
 
-    def _log(self, sums: torch.Tensor, window: int, timer: runtime.Timer, epoch: int, progress: runtime.Progress) -> None:
-        loss, acc = (runtime.all_reduce_mean(sums, self.info) / window).tolist()
-        if not loss == loss or loss in (float("inf"), float("-inf")):
-            raise UserError(f"non-finite probe loss at step {self.step}; lower --blr")
-        record = {"step": self.step, "epoch": epoch, "loss": loss, "train_top1": 100 * acc,
-                  "lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": window / max(timer.elapsed(), 1e-9)}
-        self.metrics.write(record)
-        progress.log(f"step {self.step}/{self.stop_step} epoch {epoch} loss {loss:.4f} train top-1 {100 * acc:.1f}% "
-                     f"lr {record['lr']:.3g}")
-
-    def evaluate(self, progress: runtime.Progress) -> dict:
+    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
         from droppos.encoders import evaluate_topk
-        from droppos.manifest import write_json_atomic
+        from droppos.files import write_json_atomic
 
         self.head.eval()
         scores = evaluate_topk(self.head, self.source.val_batches(), self.device, self.info.distributed)
-        epoch = self.step / self.steps_per_epoch
-        epoch = int(epoch) if epoch == int(epoch) else round(epoch, 3)
         if self.best["top1"] is None or scores["top1"] > self.best["top1"]:
             self.best = {"top1": scores["top1"], "epoch": epoch}
-        record = {"step": self.step, "epoch": epoch, **scores}
         if self.info.is_main:
-            self.metrics.write({"step": self.step, "epoch": epoch, "val_top1": scores["top1"], "val_top5": scores["top5"]})
             write_json_atomic(self.out / "results.json", dict(
-                record, best_top1=self.best["top1"], best_epoch=self.best["epoch"], task="probe",
-                cached=self.config.cached, pool=self.config.pool, num_classes=self.num_classes,
-                img_size=self.img_size, encoder=json.loads(json.dumps(self.encoder_info))))
+                step=step, epoch=epoch, **scores, best_top1=self.best["top1"], best_epoch=self.best["epoch"],
+                task="probe", cached=self.config.cached, pool=self.config.pool, num_classes=self.num_classes,
+                img_size=self.img_size, encoder=runtime.plain(self.encoder_info), units="percent"))
             progress.log(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
                          f"on {scores['num_eval_samples']} images")
-        return record
+        return {"val_top1": scores["top1"], "val_top5": scores["top5"]}
+
+    def finish(self) -> list[tuple[str, str]]:
+        results = self.out / "results.json"
+        if results.exists():
+            r = json.loads(results.read_text())
+            print(f"probe {self.out}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% on {r['num_eval_samples']} val "
+                  f"images; results in {results}", file=sys.stderr)
+        return [("results", str(results))]

@@ -1,88 +1,143 @@
-"""Recipes: every stage's options with the paper's defaults, and the named presets.
+"""Every option of every stage, declared once, with the paper's defaults; and the named presets.
 
-Kept free of torch so that the CLI can show defaults and validate options instantly.
-A preset is a set of overrides of the defaults; options given on the command line
-override the preset.
+An option is one dataclass field made with `option(...)`: its type is the annotation, and the
+declaration holds the default, the help, the CLI help panel, the choices or bounds, and what
+changing it does to a run that is resumed (`resume`: "arch" for options that fix the parameters'
+shapes — a checkpoint of another value cannot be resumed —, "run" for options that change the
+schedule, the data order or the objective — resuming needs --force-resume —, None for the rest).
+Options that are constructor arguments of the DropPos model say so (`model_arg`).
+
+Everything else derives from these declarations: the Typer options and their --help (cli.py), the
+validation (`check`), the `config.json` record, the resume compatibility check (runtime) and the
+model construction (model.create_from_config). To add an option: add one field to the stage's
+dataclass here, then use it in the stage.
+
+A preset is a set of overrides of the defaults; options given on the command line override the
+preset. Kept free of torch so that the CLI answers --help and option errors instantly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from droppos import UserError
 
-# Encoder sizes METHOD.md names; `droppos_<name>` is the timm registry name of the
-# DropPos model, `<name>_<img_size>` roughly the stock timm ViT it exports to.
-MODELS = (
-    "vit_tiny_patch16",
-    "vit_small_patch16",
-    "vit_base_patch16",
-    "vit_base_patch32",
-    "vit_large_patch16",
-    "vit_huge_patch14",
-)
+# ---------------------------------------------------------------------------------------------
+# The choice lists (each exists here only)
+
+# Encoder sizes: name -> (embed_dim, depth, num_heads, patch). `droppos_<name>` is the timm
+# registry name of the DropPos model, `<name>_224` the stock timm ViT it exports to.
+MODELS: dict[str, tuple[int, int, int, int]] = {
+    "vit_tiny_patch16": (192, 12, 3, 16),
+    "vit_small_patch16": (384, 12, 6, 16),
+    "vit_base_patch16": (768, 12, 12, 16),
+    "vit_base_patch32": (768, 12, 12, 32),
+    "vit_large_patch16": (1024, 24, 16, 16),
+    "vit_huge_patch14": (1280, 32, 16, 14),
+}
+LOADERS = ("auto", "dali", "pil")
+DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "bf16", "fp32")
+MASK_TOKENS = ("learnable", "zeros", "wrong")
+POOLS = ("avg", "token")  # timm's names: mean of the patch tokens (+ fc_norm), or the [CLS] token
+CLIP_MODES = ("per-param", "global")
+EXPORT_FORMATS = ("timm", "detectron2", "mmseg")
+
+# Help panels, in the order --help shows them.
+RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT = (
+    "Recipe", "Data", "Sample data", "Images", "Verify", "Encoder", "Model", "Pretext",
+    "Augmentation and regularisation", "Optimisation", "Launch", "Output, checkpoints and logging")
+PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the CLI, validation and resume need to know about one option (besides type and default)."""
+
+    help: str
+    panel: str
+    choices: Optional[tuple[str, ...]] = None
+    low: Optional[float] = None  # bounds; `low_open`/`high_open`: the bound itself is excluded
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    resume: Optional[str] = None  # "arch" | "run" | None (see the module docstring)
+    model_arg: bool = False  # passed to the DropPos model's constructor
+    default_text: Optional[str] = None  # how --help shows a default that is None or needs words
+    cli: bool = True  # False: recorded and used, but not a command-line option
+    flag: Optional[str] = None  # the option's spelling when not derived from its name
+    positional: bool = False  # a command-line argument rather than an option
+    metavar: Optional[str] = None  # how --help names the value
+
+
+def option(default: Any, help: str, panel: str, **spec: Any) -> Any:
+    """A dataclass field carrying its `Spec` (see the module docstring)."""
+    return dataclasses.field(default=default, metadata={"spec": Spec(help, panel, **spec)})
+
+
+def spec_of(field: dataclasses.Field) -> Spec:
+    return field.metadata["spec"]
+
+
+def fields(cls: type) -> list[dataclasses.Field]:
+    """The declared options of a stage's config class, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "spec" in f.metadata]
+
+
+def keys(cls: type, resume: str) -> tuple[str, ...]:
+    """Names of the options whose `resume` is `resume` ("arch" or "run")."""
+    return tuple(f.name for f in fields(cls) if spec_of(f).resume == resume)
+
+
+def model_args(config: Any) -> dict[str, Any]:
+    """The DropPos model's constructor arguments a pretrain config sets (None: the size's own value)."""
+    return {f.name: getattr(config, f.name) for f in fields(type(config))
+            if spec_of(f).model_arg and getattr(config, f.name) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Options every training stage shares
 
 
 @dataclass
 class LaunchOptions:
-    """Options every training stage shares: input pipeline, device, launch, seed, checkpoints, logs."""
+    """Input pipeline, device, processes, seed, checkpoints and logs: the same for every training stage."""
 
-    loader: str = "auto"
-    workers: Optional[int] = None
-    compile: Optional[bool] = None  # None: on for CUDA, off on CPU
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"
-    gpus: int = 0
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str = ""
-    seed: int = 0
-    max_steps: int = 0  # 0: the full schedule
-    ckpt_every: int = 1000
-    ckpt_minutes: float = 30.0
-    log_every: int = 20
-    preset: Optional[str] = None
+    data: str = option("", "Dataset directory written by `droppos shard`.", DATA, default_text="required")
+    loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' on CUDA; Pillow on a CPU and "
+                         "for fine-tuning, whose RandAugment DALI does not match).",
+                         DATA, choices=LOADERS)
+    workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil).", DATA, low=0,
+                                    default_text="the usable cores / processes per node")
+    device: str = option("auto", "Training device (auto: cuda when available).", LAUNCH, choices=DEVICES)
+    precision: str = option("auto", "Numerics: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on a CPU).", LAUNCH,
+                            choices=PRECISIONS)
+    compile: Optional[bool] = option(None, "torch.compile the training step.", LAUNCH,
+                                     default_text="on with CUDA, off on a CPU")
+    gpus: int = option(0, "Start one process per GPU on this node (NCCL).", LAUNCH, low=0)
+    nproc: int = option(1, "On a CPU: the number of gloo processes.", LAUNCH, low=1)
+    nnodes: int = option(1, "Number of nodes.", LAUNCH, low=1)
+    node_rank: int = option(0, "This node's rank (0 hosts the rendezvous).", LAUNCH, low=0)
+    rdzv_endpoint: str = option("", "HOST:PORT of the rendezvous, the same on every node.", LAUNCH,
+                                default_text="none (one node)")
+    seed: int = option(0, "Seed of the initialisation, the data order and every random draw.", LAUNCH, resume="run")
+    max_steps: int = option(0, "Stop after this many optimizer steps; the schedule is unchanged (0: run it all).",
+                            OPTIM, low=0)
+    out: str = option("", "Run directory: created, or resumed when it holds a checkpoint.", OUTPUT,
+                      default_text="required")
+    ckpt_every: int = option(1000, "Checkpoint every N steps (also at every epoch end).", OUTPUT, low=1)
+    ckpt_minutes: float = option(30.0, "...and at least every M minutes.", OUTPUT, low=0)
+    keep_every: int = option(0, "Also keep checkpoints/step-N.pt every N steps (0: only last.pt).", OUTPUT, low=0)
+    log_every: int = option(20, "Log (metrics.jsonl, progress) every N steps: the one host sync.", OUTPUT, low=1)
+    force_resume: bool = option(False, "Resume a checkpoint written with another schedule or data "
+                                "(config.json keeps the earlier record).", OUTPUT)
 
 
-@dataclass
-class PretrainConfig(LaunchOptions):
-    """`droppos pretrain` options; defaults = METHOD.md's ViT-B/16 800-epoch recipe."""
-
-    data: str = ""
-    out: str = ""
-    model: str = "vit_base_patch16"
-    img_size: int = 224
-    patch_size: Optional[int] = None  # None: the model's own patch size
-    epochs: int = 800
-    warmup_epochs: float = 10
-    batch_size: int = 64  # per device
-    accum: int = 1
-    blr: float = 1.5e-4
-    lr: Optional[float] = None  # absolute lr; None: blr * effective batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    clip_grad: float = 5.0  # 0 disables clipping
-    mask_ratio: float = 0.75
-    pos_mask_ratio: float = 0.75
-    sigma: float = 1.0
-    sigma_decay: bool = True
-    attentive: bool = True
-    tau: float = 0.1
-    mask_token: str = "learnable"
-    aux_mae: bool = False
-    pos_weight: float = 1.0
-    decoder_depth: int = 2
-    decoder_width: int = 512
-    decoder_heads: int = 16
-    # Encoder overrides, for small experiments (None: the size's own value).
-    depth: Optional[int] = None
-    embed_dim: Optional[int] = None
-    num_heads: Optional[int] = None
-    keep_every: int = 0  # also keep checkpoints/step-N.pt every N steps (0: only last.pt)
-    eval_every: int = 1  # held-out position accuracy every N epochs (0: only at the end)
+# ---------------------------------------------------------------------------------------------
+# Pre-training
 
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -96,93 +151,137 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # width, half the patches visible (more context per image than the paper's quarter:
     # faster to learn), the Pillow-SIMD loader (the faster backend on a CPU).
     "cpu-demo": dict(
-        model="vit_tiny_patch16",
-        img_size=48,
-        patch_size=8,
-        depth=4,
-        mask_ratio=0.5,
-        decoder_width=192,
-        decoder_depth=1,
-        epochs=8,
-        warmup_epochs=1,
-        batch_size=64,
-        blr=3e-3,
-        device="cpu",
-        loader="pil",
-        compile=False,
-        log_every=10,
-        ckpt_every=200,
+        model="vit_tiny_patch16", img_size=48, patch_size=8, depth=4, mask_ratio=0.5, decoder_width=192,
+        decoder_depth=1, epochs=8, warmup_epochs=1, batch_size=64, blr=3e-3, device="cpu", loader="pil",
+        compile=False, log_every=10, ckpt_every=200, clip_mode="global", decay_tokens=False,
     ),
 }
 
 
 @dataclass
-class FinetuneConfig(LaunchOptions):
-    """`droppos finetune` options; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
+class PretrainConfig(LaunchOptions):
+    """`droppos pretrain`; defaults = METHOD.md's ViT-B/16 800-epoch recipe."""
 
-    data: str = ""
-    out: str = ""
-    # The encoder: exactly one of these (see droppos/encoders.py).
-    encoder: Optional[str] = None  # an exported encoder.safetensors
-    run: Optional[str] = None  # a pretrain run directory
-    timm_model: Optional[str] = None  # a timm ViT name, random init
-    random_init: bool = False  # build --encoder/--run's architecture without its weights
-    depth: Optional[int] = None  # --timm-model only
-    img_size: Optional[int] = None  # None: the encoder's own (224 for stock timm ViTs)
-    pool: str = "avg"  # global average pooling of patch tokens (timm's fc_norm)
-    epochs: int = 100
-    warmup_epochs: float = 5
-    batch_size: int = 128  # per device: 8 GPUs x 128 = the recipe's 1024
-    accum: int = 1
-    blr: float = 1e-3
-    lr: Optional[float] = None  # absolute lr; None: blr * effective batch / 256
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    clip_grad: float = 0.0  # 0: no clipping (MAE's fine-tuning clips nothing)
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    reprob: float = 0.25  # random erasing; RandAugment rand-m9-mstd0.5-inc1 is in data's finetune mode
-    ema: bool = False
-    ema_decay: float = 0.9999
+    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
+                                   choices=tuple(PRETRAIN_PRESETS))
+    model: str = option("vit_base_patch16", "Encoder size.", MODEL, choices=tuple(MODELS), resume="arch")
+    img_size: int = option(224, "Input resolution (pixels, square).", MODEL, low=8, resume="arch")
+    patch_size: Optional[int] = option(None, "Patch size.", MODEL, low=1, resume="arch", model_arg=True,
+                                       default_text="the model's own")
+    depth: Optional[int] = option(None, "Encoder blocks (small experiments).", MODEL, low=1, resume="arch",
+                                  model_arg=True, default_text="the model's own")
+    embed_dim: Optional[int] = option(None, "Encoder width (small experiments).", MODEL, low=8, resume="arch",
+                                      model_arg=True, default_text="the model's own")
+    num_heads: Optional[int] = option(None, "Encoder attention heads (small experiments).", MODEL, low=1,
+                                      resume="arch", model_arg=True, default_text="the model's own")
+    decoder_depth: int = option(2, "Position decoder blocks.", MODEL, low=1, resume="arch", model_arg=True)
+    decoder_width: int = option(512, "Position decoder width.", MODEL, low=8, resume="arch", model_arg=True)
+    decoder_heads: int = option(16, "Position decoder attention heads.", MODEL, low=1, resume="arch",
+                                model_arg=True)
+    mask_ratio: float = option(0.75, "Patch-mask ratio gamma: the share of patches removed.", PRETEXT, low=0,
+                               high=1, high_open=True, resume="run", model_arg=True)
+    pos_mask_ratio: float = option(0.75, "Position-drop ratio gamma_pos: the share of visible patches whose PE "
+                                   "is dropped.", PRETEXT, low=0, high=1, resume="run", model_arg=True)
+    mask_token: str = option("learnable", "What replaces a dropped PE.", PRETEXT, choices=MASK_TOKENS,
+                             resume="arch", model_arg=True)
+    sigma: float = option(1.0, "Initial position-smoothing sigma (patches).", PRETEXT, low=0, resume="run")
+    sigma_decay: bool = option(True, "Decay sigma linearly to 0 over training (per step).", PRETEXT, resume="run")
+    attentive: bool = option(True, "Attentive reconstruction: weight each patch's loss by its saliency.", PRETEXT,
+                             resume="run", model_arg=True)
+    tau: float = option(0.1, "Attentive temperature.", PRETEXT, low=0, low_open=True, resume="run", model_arg=True)
+    aux_mae: bool = option(False, "Add the auxiliary MAE pixel loss.", PRETEXT, resume="arch", model_arg=True)
+    pos_weight: float = option(1.0, "Weight of the position loss with --aux-mae.", PRETEXT, low=0, resume="run",
+                               model_arg=True)
+    epochs: int = option(800, "Epochs.", OPTIM, low=1, resume="run")
+    warmup_epochs: float = option(10, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
+                                  resume="run")
+    batch_size: int = option(64, "Batch per device.", OPTIM, low=1, resume="run")
+    accum: int = option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
+    blr: float = option(1.5e-4, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
+    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
+                                 default_text="from --blr")
+    min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms).", OPTIM, low=0, resume="run")
+    decay_tokens: bool = option(True, "Weight decay on the [CLS] and [MASK] tokens too, as the published code "
+                                "(its rule skips only 1-D parameters and biases).", OPTIM, resume="run")
+    clip_grad: float = option(5.0, "Gradient-norm clip (0: off).", OPTIM, low=0, resume="run")
+    clip_mode: str = option("per-param", "per-param: each parameter tensor's gradient to norm --clip-grad (the "
+                            "published code); global: the norm of all gradients together.", OPTIM,
+                            choices=CLIP_MODES, resume="run")
+    eval_every: int = option(1, "Held-out position accuracy (val split) every N epochs (0: only at the end).",
+                             OUTPUT, low=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning and linear probing: where the encoder comes from
+
+
+@dataclass
+class EncoderOptions(LaunchOptions):
+    """Where the encoder of finetune/probe comes from (exactly one of encoder, run, timm_model)."""
+
+    encoder: Optional[str] = option(None, "An exported encoder (RUN/encoder.safetensors).", ENCODER, resume="arch")
+    run: Optional[str] = option(None, "A `droppos pretrain` run directory (its encoder.safetensors).", ENCODER,
+                                resume="arch")
+    timm_model: Optional[str] = option(None, "A timm ViT by name: randomly initialised, or with --pretrained or "
+                                       "--weights.", ENCODER, resume="arch")
+    pretrained: bool = option(False, "With --timm-model: timm's pretrained weights from the Hugging Face cache "
+                              "(HF_HUB_OFFLINE is honoured; nothing is downloaded in offline mode).", ENCODER,
+                              resume="arch")
+    weights: Optional[str] = option(None, "A local checkpoint: timm (.safetensors/.pth), MAE/DeiT {'model'}, MoCo v3, "
+                                    "DINO (teacher), or a droppos export or checkpoint; add --timm-model NAME for "
+                                    "foreign layouts.", ENCODER, resume="arch")
+    random_init: bool = option(False, "Keep --encoder/--run's architecture, not its weights (a baseline).",
+                               ENCODER, resume="arch")
+    depth: Optional[int] = option(None, "With --timm-model: override the depth (small experiments).", ENCODER,
+                                  low=1, resume="arch", default_text="the model's own")
+    img_size: Optional[int] = option(None, "Input resolution; another size resamples the position embedding.",
+                                     ENCODER, low=8, resume="arch", default_text="the encoder's own")
 
 
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md: 100 epochs for ViT-B, warm-up 5, effective batch 1024 (8 x 128).
     "vit_b16": dict(epochs=100, warmup_epochs=5, batch_size=128, drop_path=0.1),
-    # METHOD.md: 50 epochs for ViT-L; drop path 0.2 as in MAE's ViT-L fine-tuning command.
-    "vit_l16": dict(epochs=50, warmup_epochs=5, batch_size=128, drop_path=0.2),
+    # METHOD.md: 50 epochs for ViT-L; drop path 0.1 as in the published DropPos ViT-L fine-tuning script
+    # (MAE's own ViT-L command uses 0.2).
+    "vit_l16": dict(epochs=50, warmup_epochs=5, batch_size=128, drop_path=0.1),
     # The sample data on a 2-core CPU: the encoder's own (small) resolution, a few epochs.
-    "cpu-demo": dict(
-        epochs=5, warmup_epochs=1, batch_size=32, blr=2e-3, device="cpu", compile=False,
-        log_every=10, ckpt_every=100,
-    ),
+    "cpu-demo": dict(epochs=5, warmup_epochs=1, batch_size=32, blr=2e-3, device="cpu", compile=False,
+                     log_every=10, ckpt_every=100),
 }
 
 
 @dataclass
-class ProbeConfig(LaunchOptions):
-    """`droppos probe` options; defaults = MAE's linear probe (METHOD.md)."""
+class FinetuneConfig(EncoderOptions):
+    """`droppos finetune`; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
 
-    data: str = ""
-    out: str = ""
-    encoder: Optional[str] = None
-    run: Optional[str] = None
-    timm_model: Optional[str] = None
-    random_init: bool = False
-    depth: Optional[int] = None
-    img_size: Optional[int] = None
-    pool: str = "token"  # [CLS] (MAE's default); avg: mean of patch tokens
-    cached: bool = False  # extract frozen features once (eval transforms), then train the head on them
-    epochs: int = 90
-    warmup_epochs: float = 10
-    batch_size: int = 2048  # per device: 8 GPUs x 2048 = the recipe's 16384
-    blr: float = 0.1
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
+    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
+                                   choices=tuple(FINETUNE_PRESETS))
+    pool: str = option("avg", "Feature: avg (patch tokens, fc_norm) or token ([CLS]).", MODEL, choices=POOLS,
+                       resume="arch")
+    drop_path: float = option(0.1, "Stochastic depth rate.", AUGMENT, low=0, high=1, high_open=True, resume="run")
+    mixup: float = option(0.8, "Mixup alpha (0: off).", AUGMENT, low=0, resume="run")
+    cutmix: float = option(1.0, "CutMix alpha (0: off).", AUGMENT, low=0, resume="run")
+    smoothing: float = option(0.1, "Label smoothing.", AUGMENT, low=0, high=1, high_open=True, resume="run")
+    reprob: float = option(0.25, "Random-erasing probability (RandAugment rand-m9-mstd0.5-inc1 is in the "
+                           "input pipeline).", AUGMENT, low=0, high=1, resume="run")
+    ema: bool = option(False, "Keep and evaluate an EMA of the weights.", AUGMENT, resume="arch")
+    ema_decay: float = option(0.9999, "EMA decay.", AUGMENT, low=0, high=1, low_open=True, high_open=True,
+                              resume="run")
+    epochs: int = option(100, "Epochs.", OPTIM, low=1, resume="run")
+    warmup_epochs: float = option(5, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
+                                  resume="run")
+    batch_size: int = option(128, "Batch per device (8 GPUs x 128 = the recipe's 1024).", OPTIM, low=1,
+                             resume="run")
+    accum: int = option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
+    blr: float = option(1e-3, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
+    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
+                                 default_text="from --blr")
+    min_lr: float = option(1e-6, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    weight_decay: float = option(0.05, "AdamW weight decay.", OPTIM, low=0, resume="run")
+    layer_decay: float = option(0.75, "Layer-wise lr decay.", OPTIM, low=0, high=1, low_open=True, resume="run")
+    clip_grad: float = option(0.0, "Gradient-norm clip (0: off, as in MAE's fine-tuning).", OPTIM, low=0,
+                              resume="run")
 
 
 PROBE_PRESETS: dict[str, dict[str, Any]] = {
@@ -194,14 +293,86 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(cls: type, presets: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> Any:
-    """Defaults, then the preset named in `overrides['preset']`, then the given options.
+@dataclass
+class ProbeConfig(EncoderOptions):
+    """`droppos probe`; defaults = MAE's linear probe (METHOD.md)."""
 
-    `overrides` holds only what the user actually typed (None values are dropped).
+    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
+                                   choices=tuple(PROBE_PRESETS))
+    pool: str = option("token", "Feature: token ([CLS]) or avg (mean of the patch tokens).", MODEL, choices=POOLS,
+                       resume="arch")
+    cached: bool = option(False, "Extract the frozen features once (eval transforms), then train the head on "
+                          "them.", MODEL, resume="arch")
+    epochs: int = option(90, "Epochs.", OPTIM, low=1, resume="run")
+    warmup_epochs: float = option(10, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
+                                  resume="run")
+    batch_size: int = option(2048, "Batch per device (8 GPUs x 2048 = the recipe's 16384).", OPTIM, low=2,
+                             resume="run")
+    blr: float = option(0.1, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
+    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
+                                 default_text="from --blr")
+    min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    weight_decay: float = option(0.0, "LARS weight decay.", OPTIM, low=0, resume="run")
+
+
+@dataclass
+class ShardConfig:
+    """`droppos shard`: an ImageNet-style folder or list files -> validated WebDataset shards."""
+
+    source: Optional[str] = option(None, "ImageNet-style folder (train/<class>/*, val/<class>/*) or the root of the "
+                                   "--list paths.", DATA, positional=True)
+    out: Optional[str] = option(None, "Output dataset directory (created; a re-run finishes an interrupted one).",
+                                OUTPUT, positional=True)
+    sample: bool = option(False, "Shard the built-in procedural sample data set (then the only argument is OUT).",
+                          DATA, flag="--sample")
+    lists: tuple[str, ...] = option((), "A list file of `relative/path class_index` lines: FILE is the train split, "
+                                    "SPLIT=FILE names another (repeatable).", DATA, flag="--list",
+                                    metavar="[SPLIT=]FILE")
+    verify: bool = option(False, "Re-check the shards of the dataset given as the only argument.", VERIFY,
+                          flag="--verify")
+    decode: bool = option(False, "With --verify: also decode every image.", VERIFY, flag="--decode")
+    seed: int = option(0, "Seed of the global shuffle (the same seed and input give byte-identical shards).", OUTPUT)
+    workers: int = option(0, "Worker processes (0: all cores).", LAUNCH, low=0)
+    max_side: int = option(0, "Downscale images whose longer side exceeds PX pixels (0: keep the size).", IMAGES,
+                           low=0)
+    quality: int = option(90, "JPEG quality when an image has to be re-encoded.", IMAGES, low=1, high=100)
+    shard_size: Optional[int] = option(None, "Input images per tar shard.", OUTPUT, low=1,
+                                       default_text="1000; 200 with --sample, so that ranks x workers get many shards")
+    sample_classes: int = option(10, "--sample: number of classes.", SAMPLE, low=2)
+    sample_train: int = option(260, "--sample: train images per class.", SAMPLE, low=0)
+    sample_val: int = option(50, "--sample: val images per class.", SAMPLE, low=0)
+
+
+@dataclass
+class ExportConfig:
+    """`droppos export`: an encoder in the layout another library loads."""
+
+    source: str = option("", "A pretrain run directory, its checkpoint (.pt) or an encoder .safetensors.", DATA,
+                         positional=True, default_text="required")
+    format: str = option("timm", "timm: a local-dir/Hub folder; detectron2: a ViTDet .pth; mmseg: an MMSegmentation "
+                         "MAE-backbone .pth.", OUTPUT, choices=EXPORT_FORMATS)
+    out: str = option("", "Where to write: a folder for timm, a .pth (or a folder) for the others.", OUTPUT,
+                      default_text="required")
+
+
+PRESETS: dict[type, dict[str, dict[str, Any]]] = {
+    PretrainConfig: PRETRAIN_PRESETS, FinetuneConfig: FINETUNE_PRESETS, ProbeConfig: PROBE_PRESETS,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and checking a config
+
+
+def make_config(cls: type, overrides: dict[str, Any], presets: Optional[dict[str, dict[str, Any]]] = None) -> Any:
+    """Defaults, then the preset named in `overrides['preset']`, then the given options; checked.
+
+    `overrides` holds what the user typed (None values are dropped: not given).
     """
+    presets = PRESETS.get(cls, {}) if presets is None else presets
     given = {k: v for k, v in overrides.items() if v is not None}
-    preset = given.get("preset")
     values: dict[str, Any] = {}
+    preset = given.get("preset")
     if preset is not None:
         if preset not in presets:
             raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
@@ -211,8 +382,61 @@ def make_config(cls: type, presets: dict[str, dict[str, Any]], overrides: dict[s
     unknown = set(values) - names
     if unknown:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    return cls(**values)
+    config = cls(**values)
+    check(config)
+    return config
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def bounds_text(spec: Spec) -> str:
+    """'x >= 1', '0 <= x < 1', ... (empty without bounds)."""
+    low = "" if spec.low is None else f"{spec.low:g} {'<' if spec.low_open else '<='} "
+    high = "" if spec.high is None else f" {'<' if spec.high_open else '<='} {spec.high:g}"
+    if not low and not high:
+        return ""
+    if low and not high:
+        return f"x {'>' if spec.low_open else '>='} {spec.low:g}"
+    return f"{low}x{high}"
+
+
+def check(config: Any) -> None:
+    """Every option's type, choices and bounds, from the declarations (one line per mistake)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(type(config)):
+        spec, value = spec_of(f), getattr(config, f.name)
+        if value is None:
+            if f.default is not None:
+                raise UserError(f"{flag_name(f.name)} must be given a value")
+            continue
+        base = _base_type(hints[f.name])
+        if base is bool and not isinstance(value, bool):
+            raise UserError(f"{flag_name(f.name)} must be true or false, got {value!r}")
+        if base in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or (base is int and not isinstance(value, int))):
+            raise UserError(f"{flag_name(f.name)} must be a number ({base.__name__}), got {value!r}")
+        if spec.choices is not None and value not in spec.choices:
+            raise UserError(f"{flag_name(f.name)} {value!r}: choose one of {', '.join(spec.choices)}")
+        if spec.low is not None or spec.high is not None:
+            too_low = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
+            too_high = spec.high is not None and (value >= spec.high if spec.high_open else value > spec.high)
+            if too_low or too_high:
+                raise UserError(f"{flag_name(f.name)} {value:g} is out of range: need {bounds_text(spec)}")
+
+
+def _base_type(annotation: Any) -> Any:
+    """int for Optional[int], etc."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """A config from a recorded dict (a checkpoint's), ignoring keys this version does not know."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

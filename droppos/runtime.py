@@ -10,11 +10,11 @@ as one worker. Only rank 0 prints, logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -154,32 +154,36 @@ def check_all(checks: list[tuple[bool, str]]) -> None:
             raise UserError(message)
 
 
-def check_launch_options(config: Any) -> None:
-    """The options every training stage shares (recipes.LaunchOptions)."""
-    check_all([
-        (config.loader in ("auto", "dali", "pil"), "--loader: choose auto, dali or pil"),
-        (config.nproc >= 1 and config.nnodes >= 1, "--nproc and --nnodes must be >= 1"),
-        (config.log_every >= 1 and config.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
-    ])
+def holds_output_lock(node_rank: int) -> bool:
+    """Whether this process takes the output directory's lock: the launching process of node 0, or
+    global rank 0 of a run that torchrun or SLURM started."""
+    if launched_externally():
+        return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    return node_rank == 0
 
 
 def start(stage: str, worker: Callable[[dict], Any], config: Any, out: Path, *, step_batch: int,
-          arch_keys: tuple[str, ...], mismatch: str, need_val: str = "") -> None:
+          need_val: str = "") -> None:
     """What every training stage does once its own options are checked: pick the device, plan the
-    processes, check the data fits a step, refuse a checkpoint of other options, launch the workers.
+    processes, check the data fits a step, lock OUT, refuse a checkpoint of other options, launch.
 
     `config` is the stage's recipe (a LaunchOptions dataclass); the workers get it as a dict plus
     the resolved device.
     """
-    check_launch_options(config)
-    options = dataclasses.asdict(config)
+    from droppos.files import OutputLock, remove_stale_temporaries
+
+    if config.nnodes > 1 and not config.rdzv_endpoint and not launched_externally():
+        raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     device = resolve_device(config.device, config.gpus)
     nproc, world = plan_processes(device, config.gpus, config.nproc, config.nnodes)
     check_train_data(config.data, step_batch, world, need_val=need_val)
-    check_resumable(out, options, arch_keys, mismatch)
-    out.mkdir(parents=True, exist_ok=True)
-    launch(worker, dict(options, device=device), nproc_per_node=nproc, nnodes=config.nnodes,
-           node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=run_id_for(stage, out))
+    lock = OutputLock(out, stage) if holds_output_lock(config.node_rank) else contextlib.nullcontext()
+    with lock:
+        for folder in (out, out / "checkpoints"):
+            remove_stale_temporaries(folder)  # left by a killed run (we hold the lock: nobody writes them)
+        check_resumable(out, config, stage, world)
+        launch(worker, dict(dataclasses.asdict(config), device=device), nproc_per_node=nproc, nnodes=config.nnodes,
+               node_rank=config.node_rank, rdzv_endpoint=config.rdzv_endpoint, run_id=run_id_for(stage, out))
 
 
 def launch(
@@ -204,6 +208,7 @@ def launch(
 
     if nnodes > 1 and not rdzv_endpoint:
         raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    share_cpus(nproc_per_node)
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -225,6 +230,16 @@ def launch(
         raise SystemExit(f"droppos: error: a worker process failed{detail}; its output is above") from None
 
 
+def share_cpus(processes: int) -> None:
+    """Give each of `processes` workers its share of this node's cores, for OpenMP (intra-op threads)
+    and for inductor's compile workers, unless the user set them: 8 ranks must not each start a
+    thread and a compile worker per core. Children inherit the environment."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = str(max(1, cores // max(1, processes)))
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
+
+
 def _elastic_entry(module: str, name: str, payload: dict) -> None:
     """What each launched worker runs: import the stage's entry by name and call it."""
     getattr(importlib.import_module(module), name)(payload)
@@ -237,28 +252,16 @@ def init_distributed(device: str) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # A SLURM task may see only its own GPU while SLURM_LOCALID is 0..7: index among the visible ones.
+        index = local_rank % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), device_id=dev if device == "cuda" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
-
-
-def keep_heap() -> bool:
-    """glibc only: large blocks from the heap (no mmap), never trimmed, so steps reuse memory without page faults.
-
-    torch's CPU allocator is plain malloc/free; glibc's default hands blocks above a (dynamic, at most 32 MiB)
-    threshold back to the kernel on free, so the next step faults every page in again. True if glibc took it.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
@@ -268,7 +271,9 @@ def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
     and exit status 2 (the launcher would otherwise print every rank's traceback).
     """
     if device == "cpu":
-        keep_heap()  # every step reuses its activations' memory instead of faulting it in again
+        from droppos import fastpaths
+
+        fastpaths.keep_heap()  # every step reuses its activations' memory instead of faulting it in again
     info = init_distributed(device)
     try:
         body(info)
@@ -280,16 +285,6 @@ def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
         raise SystemExit(2) from None
     finally:
         shutdown_distributed()
-
-
-def stop_agreed(stop: "StopRequest", info: DistInfo, at_log: bool) -> bool:
-    """Every rank must stop at the same step: alone, at once; together, at log steps."""
-    if not info.distributed:
-        return stop.requested
-    if not at_log:
-        return False
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=info.device)
-    return bool(all_reduce_max(flag, info).item() > 0)
 
 
 def shutdown_distributed() -> None:
@@ -317,7 +312,7 @@ def all_reduce_max(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def setup_precision(device: torch.device, precision: str) -> str:
-    """Resolve 'auto' (bf16 on CUDA, fp32 on CPU) and allow TF32 on CUDA."""
+    """Resolve 'auto' (bf16 on CUDA, fp32 on a CPU) and allow TF32 on CUDA (matmul and cuDNN)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp32"):
@@ -350,25 +345,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def open_run(out: Path, record: dict, step: int, stop_step: int, is_main: bool) -> bool:
-    """Write OUT/config.json (rank 0: the options the run was started or resumed with) and say
-    whether any step is left; a finished run says so on stderr."""
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(record, indent=2))
-    if step < stop_step:
-        return True
-    if is_main:
-        print(f"{out}: already at step {step} of {stop_step}; nothing to train", file=sys.stderr)
-    return False
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, static_graph: bool = True) -> torch.nn.Module:
+    """The model as the training step calls it: DDP-wrapped when there are several processes.
 
-
-def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """The model as the training step calls it: DDP-wrapped when there are several processes."""
+    No broadcast of buffers (ours are constants, or BatchNorm statistics of a frozen or cached
+    probe), gradients as views of the all-reduce buckets (no copy), and a static graph (the same
+    parameters take part in every step, which lets DDP plan its buckets once).
+    """
     if not info.distributed:
         return model
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.14 names it forward_sync_buffers (it still syncs once at init: our buffers agree then anyway).
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return ddp(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph, **no_sync)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -389,15 +380,81 @@ def checkpoint_path(out: Path) -> Path:
     return Path(out) / "checkpoints" / "last.pt"
 
 
-def check_resumable(out: Path, config: dict, keys: tuple[str, ...], what: str) -> None:
-    """Refuse to resume a checkpoint in `out` whose `keys` options differ from `config`."""
+def check_resumable(out: Path, config: Any, stage: str, world_size: int) -> None:
+    """Refuse to resume OUT's checkpoint when it belongs to another stage or architecture; refuse another
+    schedule or data unless --force-resume (config.json then keeps the earlier record).
+
+    Compared: the options declared `resume="arch"` (always refused) and `resume="run"`, the effective
+    batch (batch x accum x world size) and the data manifest's sha256.
+    """
+    from droppos import recipes
+
     path = checkpoint_path(out)
     if not path.exists():
         return
-    saved = load_checkpoint(path).get("config", {})
-    diff = [f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
-    if diff:
-        raise UserError(f"{out} holds {what}: {', '.join(diff)}; use another --out or the same options")
+    saved = load_checkpoint(path, mmap=True)
+    saved_stage = saved.get("stage", stage)  # checkpoints before format 2 did not record it
+    if saved_stage != stage:
+        raise UserError(f"{out} holds a `droppos {saved_stage}` run; give `droppos {stage}` another --out")
+    before, now = saved.get("config", {}), plain(config)
+    cls = type(config)
+    arch = [f"{k}={before.get(k)!r} (now {now.get(k)!r})" for k in recipes.keys(cls, "arch") if before.get(k) != now.get(k)]
+    if arch:
+        raise UserError(f"{out} holds a checkpoint of another model: {', '.join(arch)}; use another --out or the "
+                        "same options")
+    changed = [f"{k}={before.get(k)!r} (now {now.get(k)!r})" for k in recipes.keys(cls, "run")
+               if k in before and before.get(k) != now.get(k)]
+    accum = getattr(config, "accum", 1)
+    saved_schedule = saved.get("schedule") or {}
+    effective = config.batch_size * accum * world_size
+    if saved_schedule.get("effective_batch") not in (None, effective):
+        changed.append(f"effective batch {saved_schedule['effective_batch']} (now {effective}: {config.batch_size} x "
+                       f"{accum} x {world_size} processes)")
+    data_sha = file_sha256(Path(config.data) / "manifest.json") if getattr(config, "data", "") else None
+    if saved.get("data_sha256") not in (None, data_sha):
+        changed.append("the data (its manifest.json differs)")
+    if changed and not config.force_resume:
+        raise UserError(f"{out} was trained with another schedule or data: {'; '.join(changed)}. Re-run with the "
+                        "same options, add --force-resume to continue with the new ones, or use another --out")
+
+
+def plain(config: Any) -> dict[str, Any]:
+    """A config as JSON- and weights_only-safe plain values."""
+    return json.loads(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config))
+
+
+def config_record(config: Any, resolved: dict[str, Any], schedule: Any, world_size: int) -> dict[str, Any]:
+    """config.json: every option as used, with what 'auto' became (`requested` keeps what was asked),
+    the world size, the schedule and the run card."""
+    options = plain(config)
+    record = dict(options, **resolved)
+    record["requested"] = {k: options[k] for k in resolved if k in options and options[k] != resolved[k]}
+    record["world_size"] = world_size
+    record["schedule"] = schedule.record()
+    record["run_card"] = run_card(world_size, getattr(config, "data", None))
+    return record
+
+
+def write_config(out: Path, record: dict[str, Any]) -> None:
+    """Write OUT/config.json; an earlier record of other options moves into its `history` (never lost)."""
+    from droppos.files import write_json_atomic
+
+    path = Path(out) / "config.json"
+    history: list = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict):
+            history = list(previous.pop("history", []) or [])
+            if _without_card(previous) != _without_card(record):
+                history.append(previous)
+    write_json_atomic(path, dict(record, history=history), indent=2)
+
+
+def _without_card(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("run_card", "history")}
 
 
 def checkpoint_state(parts: dict[str, Any], **extra: Any) -> dict:
@@ -419,9 +476,6 @@ def resume(out: Path, device: torch.device, parts: dict[str, Any], is_main: bool
     saved = load_checkpoint(path, map_location=device)
     for key, part in parts.items():
         part.load_state_dict(saved[key])
-    if is_main:
-        epoch = f" (epoch {saved['epoch']})" if "epoch" in saved else ""
-        print(f"resuming {out} from step {int(saved['step'])}{epoch}", file=sys.stderr)
     return saved
 
 
@@ -432,10 +486,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-    """Load with weights_only=True; an unreadable file is a user-facing error."""
+def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load with weights_only=True (mmap: tensors are read lazily); an unreadable file is a user-facing error."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
 
@@ -455,71 +509,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Signals
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal_name = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-
-# ---------------------------------------------------------------------------------------
-# Metrics and progress
-
-
-class MetricsLog:
-    """metrics.jsonl (one object per log step), plus TensorBoard when it is installed."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self._file = None
-        self._tb = None
-        if not enabled:
-            return
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except Exception:  # noqa: BLE001 - TensorBoard is optional
-            self._tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self._tb.add_scalar(key, value, record.get("step", 0))
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+# Progress
 
 
 class Progress:
@@ -559,26 +549,6 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-class Timer:
-    """Wall time split into waiting for data and the rest, between log steps."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.start = time.perf_counter()
-        self.data_wait = 0.0
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.data_wait += time.perf_counter() - t0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 # ---------------------------------------------------------------------------------------

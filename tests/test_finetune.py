@@ -16,7 +16,7 @@ import torch
 
 from droppos import UserError, runtime
 from droppos.encoders import evaluate_topk, load_encoder
-from droppos.recipes import FINETUNE_PRESETS, FinetuneConfig, make_config
+from droppos.recipes import FinetuneConfig, make_config
 
 TINY = [
     "--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "16",
@@ -39,7 +39,7 @@ def val_count(data: Path) -> int:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny DropPos encoder (32 px, 8 px patches, 2 blocks) exported as a pretrain run would."""
-    from droppos.model import export_encoder
+    from droppos.export import export_encoder
 
     torch.manual_seed(0)
     model = timm.create_model("droppos_vit_tiny_patch16", img_size=32, patch_size=8, depth=2).eval()
@@ -121,8 +121,8 @@ def test_defaults_are_the_mae_fine_tuning_recipe():
     c = FinetuneConfig()
     assert (c.epochs, c.warmup_epochs, c.blr, c.layer_decay, c.weight_decay, c.drop_path) == (100, 5, 1e-3, 0.75, 0.05, 0.1)
     assert (c.mixup, c.cutmix, c.smoothing, c.reprob, c.pool) == (0.8, 1.0, 0.1, 0.25, "avg")
-    assert make_config(FinetuneConfig, FINETUNE_PRESETS, {"preset": "vit_l16"}).epochs == 50
-    assert make_config(FinetuneConfig, FINETUNE_PRESETS, {"preset": "cpu-demo", "epochs": 2}).epochs == 2
+    assert make_config(FinetuneConfig, {"preset": "vit_l16"}).epochs == 50
+    assert make_config(FinetuneConfig, {"preset": "cpu-demo", "epochs": 2}).epochs == 2
 
 
 def test_layer_decay_lr_scale_per_block():
@@ -155,20 +155,21 @@ def test_layer_decay_lr_scale_per_block():
 
 
 def test_a_few_steps_lower_the_training_loss(sample_shards, tmp_path):
-    from droppos.finetune import Finetuner
+    from droppos.finetune import FinetuneTask
+    from droppos.loop import set_lr
 
     config = FinetuneConfig(
         data=str(sample_shards), out=str(tmp_path / "ft"), timm_model="vit_tiny_patch16_224", img_size=32, depth=2,
         batch_size=16, epochs=1, warmup_epochs=0, lr=1e-3, mixup=0, cutmix=0, reprob=0, smoothing=0, drop_path=0,
         device="cpu", compile=False, loader="pil", workers=0)
-    trainer = Finetuner(config, runtime.DistInfo(0, 1, 0, torch.device("cpu")))
-    images, labels = next(trainer.loader.epoch(0))
+    task = FinetuneTask(config, runtime.DistInfo(0, 1, 0, torch.device("cpu")))
+    images, labels = next(task.loader.epoch(0))
     sums = torch.zeros(2)
     losses = []
-    for _ in range(8):  # the same batch: the real step (augment, schedule, AdamW) must fit it
+    set_lr(task.optimizer, 1e-3)  # the loop's job: each group's lr x its layer-decay lr_scale
+    for step in range(8):  # the same batch: the real step (augment, AdamW) must fit it
         sums.zero_()
-        trainer._train_step([(images, labels)], sums)
-        trainer.step += 1
+        task.step(step, [(images, labels)], sums)
         losses.append(float(sums[0]))
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.85 * losses[0], losses  # measured: 2.30 -> 1.82
@@ -254,4 +255,4 @@ def test_user_mistakes_exit_2_with_one_line(sample_shards, tmp_path, exported, c
     runtime.save_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt", {"config": FinetuneConfig(run=str(run)).__dict__})
     line = cli_error(capsys, "finetune", "--out", str(tmp_path / "b"), "--data", str(sample_shards), "--timm-model",
                      "vit_tiny_patch16_224", "--batch-size", "16", "--device", "cpu")
-    assert "other options" in line
+    assert "another model" in line

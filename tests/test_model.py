@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from droppos import UserError
+from droppos.export import export_encoder
 from droppos.model import (
     DropPosViT,
     attentive_weights,
     compile_step,
-    export_encoder,
     mask_counts,
     position_targets,
     sigma_at,
@@ -579,11 +579,10 @@ def test_compile_step_bf16_on_cuda_cuda_graphs_match_eager():
     _compiled_steps_match_eager(torch.device("cuda"), steps=3)
 
 
-def test_config_builds_the_mae_decoder_at_the_position_decoders_depth_unless_given():
+def test_config_builds_the_mae_decoder_at_the_position_decoders_depth():
     from droppos.model import create_from_config
 
     config = {"model": "vit_tiny_patch16", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
               "num_heads": 2, "aux_mae": True, "decoder_depth": 1, "decoder_width": 32, "decoder_heads": 2}
     assert len(create_from_config(config).mae_decoder_blocks) == 1
-    assert len(create_from_config(dict(config, mae_decoder_depth=3)).mae_decoder_blocks) == 3
-    assert len(create_from_config(dict(config, mae_decoder_depth=None)).mae_decoder_blocks) == 1
+    assert len(create_from_config(dict(config, decoder_depth=3)).mae_decoder_blocks) == 3

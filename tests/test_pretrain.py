@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from droppos.pretrain import lr_at, sigma_at_step
-from droppos.recipes import PRETRAIN_PRESETS, PretrainConfig, make_config
+from droppos.pretrain import sigma_at_step
+from droppos.recipes import PretrainConfig, make_config
 
 TINY = [
     "--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
@@ -61,24 +61,54 @@ def test_defaults_and_presets_are_the_papers_recipe():
     assert (c.blr, c.weight_decay, c.clip_grad) == (1.5e-4, 0.05, 5.0)
     assert (c.mask_ratio, c.pos_mask_ratio, c.sigma, c.sigma_decay, c.tau) == (0.75, 0.75, 1.0, True, 0.1)
     assert (c.attentive, c.mask_token, c.decoder_width, c.decoder_depth) == (True, "learnable", 512, 2)
-    b800 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_800ep"})
-    b200 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_200ep"})
-    l800 = make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_l16_800ep"})
+    b800 = make_config(PretrainConfig, {"preset": "vit_b16_800ep"})
+    b200 = make_config(PretrainConfig, {"preset": "vit_b16_200ep"})
+    l800 = make_config(PretrainConfig, {"preset": "vit_l16_800ep"})
     assert (b800.model, b800.epochs, b800.warmup_epochs, b800.batch_size, b800.blr) == ("vit_base_patch16", 800, 10, 64, 1.5e-4)
     assert (b200.model, b200.epochs, b200.warmup_epochs, b200.batch_size) == ("vit_base_patch16", 200, 10, 64)
     assert (l800.model, l800.epochs, l800.warmup_epochs, l800.batch_size, l800.blr) == ("vit_large_patch16", 800, 40, 128, 1.5e-4)
     for preset in (b800, b200, l800):
         assert (preset.mask_ratio, preset.pos_mask_ratio, preset.sigma, preset.attentive) == (0.75, 0.75, 1.0, True)
     # The command line overrides the preset.
-    assert make_config(PretrainConfig, PRETRAIN_PRESETS, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
+    assert make_config(PretrainConfig, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
 
 
-def test_lr_warmup_then_cosine_and_sigma_linear():
-    assert lr_at(0, 1.0, 10, 100) == 0.0
-    assert lr_at(5, 1.0, 10, 100) == pytest.approx(0.5)
-    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
-    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
-    assert lr_at(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
+def test_paper_recipe_clips_per_parameter_and_decays_the_tokens():
+    """The published code: each gradient tensor to norm 5 (clip / (norm + 1e-6)), weight decay on every
+    parameter but 1-D ones and biases, so on [CLS] and [MASK] too. cpu-demo keeps the global clip."""
+    from droppos.model import create_from_config
+    from droppos.pretrain import clip_gradients, optimizer_groups
+
+    defaults = PretrainConfig()
+    assert (defaults.clip_mode, defaults.decay_tokens) == ("per-param", True)
+    demo = make_config(PretrainConfig, {"preset": "cpu-demo"})
+    assert (demo.clip_mode, demo.decay_tokens) == ("global", False)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 3)) for _ in range(4)]
+    for i, p in enumerate(params):
+        p.grad = torch.randn(7, 3) * (0.3 + 3 * i)
+    expected = []
+    for p in params:  # the reference: one tensor at a time, in plain Python
+        norm = float(p.grad.pow(2).sum().sqrt())
+        expected.append(p.grad * min(1.0, 5.0 / (norm + 1e-6)))
+    total = float(torch.cat([p.grad.flatten() for p in params]).norm())
+    assert float(clip_gradients(params, 5.0, "per-param")) == pytest.approx(total, rel=1e-6)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want)
+    model = create_from_config(make_config(PretrainConfig, {"preset": "cpu-demo", "depth": 1}))
+    for decay_tokens, token_decay in ((True, 0.05), (False, 0.0)):
+        groups = optimizer_groups(model, 0.05, decay_tokens)
+        decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "mask_pos_token"):
+                assert decay[id(p)] == token_decay, name
+            elif p.ndim <= 1 or name.endswith(".bias"):
+                assert decay[id(p)] == 0.0, name
+            else:
+                assert decay[id(p)] == 0.05, name
+
+
+def test_sigma_linear():
     assert sigma_at_step(0, 100, 1.0, True) == 1.0
     assert sigma_at_step(50, 100, 1.0, True) == pytest.approx(0.5)
     assert sigma_at_step(100, 100, 1.0, True) == 0.0
@@ -111,85 +141,20 @@ def test_short_run_writes_every_output(sample_shards, tmp_path):
     assert (run / "encoder.safetensors").exists()
 
 
-def test_kill9_then_resume_matches_an_uninterrupted_run(sample_shards, tmp_path):
-    # The whole TINY schedule (4 epochs x 15 steps): long enough that the kill at step >= 7 lands mid-run
-    # even on an idle machine (with 12 steps a fast run could finish before the kill).
-    STEPS = 60
-    common = ["--data", str(sample_shards), *TINY, "--max-steps", str(STEPS), "--log-every", "1", "--ckpt-every", "3"]
-    straight = tmp_path / "straight"
-    assert droppos("pretrain", "--out", str(straight), *common).returncode == 0
-    resumed = tmp_path / "resumed"
-    proc = start("pretrain", "--out", str(resumed), *common)
-    wait_for_step(resumed, 7, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"]
-    assert 3 <= killed_at < STEPS
-    result = droppos("pretrain", "--out", str(resumed), *common)
-    assert result.returncode == 0, result.stderr
-    assert f"from step {killed_at}" in result.stderr
-    want = {r["step"]: r for r in metrics(straight) if "loss" in r}
-    got = {r["step"]: r for r in metrics(resumed) if "loss" in r}  # the last record of a step wins
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert got[step]["lr"] == want[step]["lr"], step
-        assert got[step]["sigma"] == want[step]["sigma"], step
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4, abs=1e-5), step
-
-
-def test_sigterm_saves_a_checkpoint(sample_shards, tmp_path):
-    run = tmp_path / "run"
-    proc = start("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--log-every", "1", "--ckpt-every", "1000")
-    wait_for_step(run, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in err and "Traceback" not in err
-    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["step"] >= 2 and saved["reason"] == "stopped by SIGTERM"
-
-
 def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
     run = tmp_path / "run"
+    # Accumulation too: DDP's no_sync micro-steps with a static graph.
     result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--nproc", "2",
-                     "--max-steps", "4", "--log-every", "2", timeout=400)
+                     "--batch-size", "4", "--accum", "2", "--max-steps", "4", "--log-every", "2", timeout=400)
     assert result.returncode == 0, result.stderr
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     assert [r["step"] for r in metrics(run) if "loss" in r] == [2, 4]
 
 
-def test_divergence_stops_cleanly_and_keeps_a_finite_checkpoint(sample_shards, tmp_path):
-    run = tmp_path / "run"
-    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--lr", "1e30",
-                     "--clip-grad", "0", "--warmup-epochs", "0", "--log-every", "1", "--ckpt-every", "1", "--max-steps", "20")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "non-finite" in lines[-1] and "Traceback" not in result.stderr
-    last = run / "checkpoints" / "last.pt"
-    if last.exists():
-        saved = torch.load(last, weights_only=True)
-        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
-
-
-# --- user mistakes -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--data", "/nonexistent/shards", "--out", "{tmp}/r"], "does not exist"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--gpus", "8"], "--gpus"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--model", "vit_enormous"], "unknown --model"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--preset", "nope"], "unknown preset"),
-        (["--data", "{shards}"], "--out is required"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--mask-ratio", "1.5"], "--mask-ratio"),
-        (["--data", "{shards}", "--out", "{tmp}/r", "--img-size", "30", "--patch-size", "8"], "divisible"),
-    ],
-)
 def test_user_mistakes_are_one_line(sample_shards, tmp_path, args, message):
-    if "--gpus" in args and torch.cuda.is_available():
-        pytest.skip("CUDA present")
+    if "--gpus" in args and torch.cuda.is_available() and torch.cuda.device_count() >= 8:
+        pytest.skip("8 GPUs are visible: --gpus 8 is no mistake here")
     args = [a.format(tmp=tmp_path, shards=sample_shards) for a in args]
     result = droppos("pretrain", *args, timeout=60)
     assert result.returncode == 2
@@ -208,12 +173,12 @@ def test_checkpoint_of_another_model_is_refused(sample_shards, tmp_path):
 
 @pytest.mark.slow
 def test_cpu_demo_preset_learns_positions(demo_run):
-    """The cpu-demo preset lifts held-out position accuracy (val split) to >= 5x chance."""
+    """The cpu-demo preset lifts held-out position accuracy (val split, percent) to >= 5x chance."""
     config = json.loads((demo_run / "config.json").read_text())
     patch = config["patch_size"]
     num_positions = (config["img_size"] // patch) ** 2
     held_out = [r["val_pos_acc"] for r in metrics(demo_run) if "val_pos_acc" in r]
     assert held_out, "no held-out evaluation was logged"
-    assert held_out[-1] >= 5.0 / num_positions, (held_out, num_positions)
+    assert held_out[-1] >= 5 * 100.0 / num_positions, (held_out, num_positions)  # percent
     assert held_out[-1] > held_out[0]  # it learned during the run
     assert (demo_run / "encoder.safetensors").exists()

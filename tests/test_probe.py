@@ -11,7 +11,7 @@ import torch
 
 from droppos import runtime
 from droppos.probe import LinearHead, lars_groups
-from droppos.recipes import PROBE_PRESETS, ProbeConfig, make_config
+from droppos.recipes import ProbeConfig, make_config
 
 CPU = ["--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0"]
 TINY_TIMM = ["--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2"]
@@ -29,7 +29,7 @@ def cli_run(capsys, *args: str) -> tuple[int, str]:
 def test_defaults_are_maes_linear_probe():
     c = ProbeConfig()
     assert (c.epochs, c.warmup_epochs, c.blr, c.weight_decay, c.pool, c.cached) == (90, 10, 0.1, 0.0, "token", False)
-    demo = make_config(ProbeConfig, PROBE_PRESETS, {"preset": "cpu-demo"})
+    demo = make_config(ProbeConfig, {"preset": "cpu-demo"})
     assert demo.cached and demo.device == "cpu"
 
 

@@ -18,13 +18,27 @@ Layout of the work: the shuffled candidates of a split are cut into shards of
 every shard's content is known before anything is decoded. That makes the shards
 independent, and a shard is the unit of parallel work (one task per worker process):
 each is written to a temporary name, fsynced, renamed, then recorded in an append-only
-progress log (OUT/.shard-progress.jsonl); a re-run verifies (sha256) what the log records
-and writes only the rest. `manifest.json` is written last, so it never lists a partial
-shard. A shard whose candidates are all skipped is not written (and not listed).
+progress log (OUT/.shard-progress.jsonl); a re-run verifies what the log records (the tar's
+sha256, and its DALI index entry by entry against the tar's headers) and writes only the
+rest. `manifest.json` is written last, so it never lists a partial shard. A shard whose
+candidates are all skipped is not written (and not listed). One `shard` runs per OUT at a
+time (`files.OutputLock`); an OS error while writing (full disk, read-only OUT) ends the
+run with one line, temporaries removed, finished shards and the progress log kept.
+
+What counts as an input: regular files and symlinks to them, found by listing
+SOURCE/{train,val}/<class>/**. Everything else the listing meets is counted and skipped
+with its reason, so written + skipped = found always holds: hidden files and folders,
+FIFOs, sockets and devices (never opened: a FIFO would block the read forever), symlinks
+to folders (not followed), folders that cannot be listed (one entry each), the files of a
+class folder whose name is not valid UTF-8. A file name that is not valid UTF-8 is
+written: its sample's `.json` (and a skipped.jsonl line) keeps the name, with U+FFFD for
+the bad bytes, in `path`, and the original bytes, base64, in `path_bytes`. With --list,
+an entry that resolves outside SOURCE through a symlink is skipped unread.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -32,7 +46,9 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
+import stat
 import struct
 import sys
 import tarfile
@@ -44,10 +60,13 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
 from droppos import UserError
-from droppos.manifest import FORMAT, MANIFEST_NAME, ShardEntry, fsync_dir, load_manifest, split_shards, write_json_atomic
+from droppos.files import (
+    OutputLock, fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_json_atomic, write_text_atomic,
+)
+from droppos.manifest import FORMAT, MANIFEST_NAME, ShardEntry, file_sha256, load_manifest, split_shards
 
 IMAGENET_SPLITS = ("train", "val")
 PROGRESS_LOG = ".shard-progress.jsonl"
@@ -58,6 +77,12 @@ INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 LOG_EVERY_S = 15.0
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame, not DHT/JPG/DAC
+JPEG_DRAFT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes at, largest first (what Image.draft picks)
+# Pillow's name of an optional decoder -> (what a user calls it, the Debian package of its headers).
+CODECS = {"webp": ("WebP", "libwebp-dev"), "libtiff": ("libtiff", "libtiff-dev"), "jpeg2k": ("JPEG 2000", "libopenjp2-7-dev")}
+_MISSING_DECODER = re.compile(r"decoder (\w+) not available")
+NOT_IN_A_CLASS = "not inside a class folder"
+BAD_CLASS_NAME = "in a class folder whose name is not valid UTF-8 (class names are text): rename the folder"
 
 
 class SkipImage(Exception):
@@ -93,32 +118,37 @@ class ShardPlan(NamedTuple):
 # One image
 
 
-def convert_image(data: bytes, max_side: int = 0, quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS) -> Converted:
+def convert_image(data: bytes, max_side: int = 0, quality: int = 90, max_pixels: int | None = None) -> Converted:
     """Fully decode `data` and return RGB baseline JPEG bytes (the original ones when they already are).
 
-    Raises SkipImage with the reason for anything that cannot be decoded completely.
+    `max_pixels` (default: Pillow's MAX_IMAGE_PIXELS) bounds the pixels decoded. It replaces
+    Pillow's own bomb guard, which would refuse a huge JPEG before `draft` could decode it
+    at 1/2..1/8 scale: a JPEG above the limit is admitted when --max-side lets it be decoded
+    reduced within the limit. Other formats cannot be decoded reduced, so their full size
+    must be within the limit. Raises SkipImage with the reason for anything not decoded completely.
     """
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS
     if not data:
         raise SkipImage("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's bomb/EXIF warnings: decided explicitly below
         try:
-            im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            raise SkipImage(f"decompression bomb: {err}") from None
+            with _pillow_bomb_guard_off():  # reading the header allocates no pixels; the limit is checked below
+                im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise SkipImage("not an image (unrecognised format)") from None
+            raise SkipImage(_unidentified(data)) from None
         except Exception as err:  # Pillow raises many types on malformed headers
-            raise SkipImage(f"unreadable image header: {_describe(err)}") from None
+            raise SkipImage(_missing_codec_in(err) or f"unreadable image header: {_describe(err)}") from None
         width, height = im.size
-        if width * height > max_pixels:
-            raise SkipImage(f"decompression bomb: {width}x{height} pixels exceed the limit of {max_pixels}")
         fmt = im.format or "unknown"
         actions: list[str] = []
         try:
             target = _fit(width, height, max_side)
             if target is not None and fmt == "JPEG":
                 im.draft(im.mode, target)  # decode at 1/2, 1/4 or 1/8 scale when that is still >= target
+            if im.size[0] * im.size[1] > max_pixels:
+                raise SkipImage(_bomb_reason(width, height, fmt, max_pixels))
             im.load()  # the full decode: truncated or corrupt data fails here
             orientation = _orientation(im, actions)
             if orientation in range(2, 9):
@@ -127,8 +157,10 @@ def convert_image(data: bytes, max_side: int = 0, quality: int = 90, max_pixels:
             rgb = _to_rgb(im, actions)
         except SkipImage:
             raise
+        except Image.DecompressionBombError as err:
+            raise SkipImage(f"decompression bomb: {err}") from None
         except Exception as err:
-            raise SkipImage(f"corrupt or truncated: {_describe(err)}") from None
+            raise SkipImage(_missing_codec_in(err) or f"corrupt or truncated: {_describe(err)}") from None
     if target is not None:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         actions.append("resized")
@@ -147,6 +179,66 @@ def convert_image(data: bytes, max_side: int = 0, quality: int = 90, max_pixels:
     buffer = io.BytesIO()
     rgb.save(buffer, "JPEG", quality=quality)  # baseline; no EXIF/ICC copied, so orientation is gone
     return Converted(buffer.getvalue(), width, height, tuple(actions))
+
+
+@contextlib.contextmanager
+def _pillow_bomb_guard_off() -> Iterator[None]:
+    """Pillow's open-time DecompressionBombError off for one open (shard workers are single-threaded)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow recognised no format: a codec this build lacks (WebP is then unrecognised) or not an image."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and not features.check("webp"):
+        return _codec_reason("webp")
+    return "not an image (unrecognised format)"
+
+
+def _missing_codec_in(err: BaseException) -> str | None:
+    """The skip reason when `err` is Pillow saying a decoder was not built in (e.g. libtiff), else None."""
+    match = _MISSING_DECODER.search(str(err))
+    return _codec_reason(match.group(1)) if match else None
+
+
+def _codec_reason(decoder: str) -> str:
+    name, package = CODECS.get(decoder, (decoder, f"the {decoder} headers"))
+    return (f"needs the {name} codec, which this Pillow-SIMD build lacks (run `make setup`: it installs {package} "
+            "where it can and rebuilds Pillow-SIMD with it)")
+
+
+def _bomb_reason(width: int, height: int, fmt: str, max_pixels: int) -> str:
+    """Why an image above the pixel limit is refused, and the --max-side that would admit it, if any."""
+    head = f"decompression bomb: {width}x{height} pixels exceed the limit of {max_pixels}"
+    if fmt != "JPEG":
+        return f"{head}; only a JPEG can be decoded reduced (--max-side), not a {fmt}"
+    admitting = _max_side_admitting(width, height, max_pixels)
+    if admitting is None:
+        return f"{head}, even decoded at 1/{JPEG_DRAFT_SCALES[0]} scale"
+    return f"{head}; --max-side {admitting} (or smaller) would admit it, decoded at reduced size"
+
+
+def _max_side_admitting(width: int, height: int, max_pixels: int) -> int | None:
+    """The largest --max-side of the form longest//k whose draft decode (as Image.draft does it) fits."""
+    longest = max(width, height)
+    for reduction in JPEG_DRAFT_SCALES[-2::-1]:  # 2, 4, 8
+        max_side = longest // reduction
+        if max_side < 16:
+            break
+        if _draft_pixels(width, height, _fit(width, height, max_side)) <= max_pixels:
+            return max_side
+    return None
+
+
+def _draft_pixels(width: int, height: int, target: tuple[int, int]) -> int:
+    """Pixels JpegImagePlugin.draft decodes for `target`: the largest reduction that stays >= target."""
+    scale = min(width // target[0], height // target[1])
+    reduction = next(r for r in JPEG_DRAFT_SCALES if scale >= r)
+    return -(-width // reduction) * -(-height // reduction)
 
 
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int] | None:
@@ -237,29 +329,76 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def _convert_file(job: tuple[str, int, int, int]) -> tuple[Converted | None, str]:
+def _convert_file(job: tuple[str, int, int, int], within: str | None = None) -> tuple[Converted | None, str]:
     """Worker: read and convert one file; returns (result, "") or (None, reason)."""
     path, max_side, quality, max_pixels = job
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None, "file not found"
-    except OSError as err:
-        return None, f"unreadable file: {err.strerror or _describe(err)}"
-    try:
-        return convert_image(data, max_side, quality, max_pixels), ""
+        return convert_image(_read_input(path, within), max_side, quality, max_pixels), ""
     except SkipImage as err:
         return None, str(err)
     except MemoryError:
         return None, "decompression bomb: out of memory while decoding"
 
 
+def _read_input(path: str, within: str | None = None) -> bytes:
+    """The bytes of one input file; raises SkipImage for anything that is not a readable regular file.
+
+    What is not a regular file (FIFO, socket, device, folder) is refused from its stat, never
+    opened: opening a FIFO blocks until a writer appears, reading a device may never end.
+    `within` (a resolved folder): refuse, unread, a path that resolves outside it.
+    """
+    if within is not None and not _inside(os.path.realpath(path), within):
+        raise SkipImage("resolves outside SOURCE (through a symlink): not read")
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is not None:
+            raise SkipImage(kind)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            kind = _not_regular(os.fstat(fd).st_mode)  # replaced between stat and open
+            if kind is not None:
+                raise SkipImage(kind)
+            return f.read()
+    except FileNotFoundError:
+        raise SkipImage("broken symlink (its target does not exist)" if os.path.islink(path) else "file not found") from None
+    except OSError as err:
+        raise SkipImage(f"unreadable file: {err.strerror or _describe(err)}") from None
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this st_mode is not an input (None: a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a regular file: not read"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file: not read"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file, not a regular file: not read"
+    return "not a regular file: not read"
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 # --------------------------------------------------------------------------------------------
 # Finding the inputs
 
 
-def discover_imagenet(source: Path) -> tuple[list[str], dict[str, list[Candidate]]]:
-    """SOURCE/{train,val}/<class>/** -> sorted class names and the candidates of each split."""
+class Listing(NamedTuple):
+    """What discovery found: class names, the candidates of each split and, per split, what it
+    refused while listing (skipped.jsonl records: path, maybe path_bytes, reason)."""
+
+    classes: list[str]
+    candidates: dict[str, list[Candidate]]
+    refused: dict[str, list[dict]]
+
+
+def discover_imagenet(source: Path) -> Listing:
+    """SOURCE/{train,val}/<class>/** -> sorted class names, the candidates and the refused entries of each split."""
     split_dirs = {split: source / split for split in IMAGENET_SPLITS if (source / split).is_dir()}
     if not split_dirs:
         raise UserError(
@@ -267,19 +406,35 @@ def discover_imagenet(source: Path) -> tuple[list[str], dict[str, list[Candidate
             "(or give list files with --list)"
         )
     per_split: dict[str, list[tuple[str, str | None]]] = {}
+    refused: dict[str, list[dict]] = {}
     class_names: set[str] = set()
     for split, split_dir in split_dirs.items():
         files: list[tuple[str, str | None]] = []
+        refused[split] = []
         classes_here = 0
-        for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        entries, error = _list_dir(split_dir)
+        if error is not None:
+            refused[split].append(_skip_record(split, error))
+        for entry in entries:
+            rel = f"{split}/{entry.name}"
             if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
+                refused[split].append(_skip_record(rel, _hidden(entry)))
+            elif _is_dir(entry):
+                found = _walk(rel, entry.path)
+                if not _is_text(entry.name):
+                    refused[split].extend(_skip_record(path, reason or BAD_CLASS_NAME) for path, reason in found)
+                    continue
                 classes_here += 1
                 class_names.add(entry.name)
-                files.extend((rel, entry.name) for rel in _walk_files(source, Path(entry.path)))
+                for path, reason in found:
+                    if reason is None:
+                        files.append((path, entry.name))
+                    else:
+                        refused[split].append(_skip_record(path, reason))
             elif entry.is_file():
-                files.append((f"{split}/{entry.name}", None))
+                files.append((rel, None))
+            else:
+                refused[split].append(_skip_record(rel, NOT_IN_A_CLASS))
         if files and not classes_here:
             raise UserError(
                 f"{split_dir} holds files but no class folders; sort them into {split}/<class>/ "
@@ -292,23 +447,79 @@ def discover_imagenet(source: Path) -> tuple[list[str], dict[str, list[Candidate
         split: [Candidate(rel, index[name] if name is not None else -1) for rel, name in files]
         for split, files in per_split.items()
     }
-    return classes, splits
+    return Listing(classes, splits, refused)
 
 
-def _walk_files(source: Path, folder: Path) -> Iterator[str]:
-    """Every non-hidden regular file under `folder`, as a sorted POSIX path relative to SOURCE."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(root, name).relative_to(source).as_posix()
+def _walk(rel: str, folder: str) -> Iterator[tuple[str, str | None]]:
+    """(path relative to SOURCE, None) for each file under `folder` that may be an input, (path,
+    reason) for each entry refused while listing: hidden ones, symlinks to folders (not followed:
+    no cycles), a folder that cannot be listed (one entry). Symlinks to files are inputs."""
+    entries, error = _list_dir(folder)
+    if error is not None:
+        yield rel, error
+        return
+    for entry in entries:
+        path = f"{rel}/{entry.name}"
+        if entry.name.startswith("."):
+            yield path, _hidden(entry)
+        elif _is_dir(entry, follow_symlinks=False):
+            yield from _walk(path, entry.path)
+        elif entry.is_symlink() and _is_dir(entry):
+            yield path, "a symlink to a folder (not followed)"
+        else:
+            yield path, None  # what it is (regular, FIFO, device, broken link) is settled when it is read
 
 
-def discover_lists(source: Path, lists: dict[str, Path]) -> tuple[list[str], dict[str, list[Candidate]]]:
+def _list_dir(folder: str | Path) -> tuple[list[os.DirEntry], str | None]:
+    """The entries of `folder` sorted by name (the file system's order cannot matter), or the reason it cannot be listed."""
+    try:
+        with os.scandir(folder) as listing:
+            return sorted(listing, key=lambda e: e.name), None
+    except OSError as err:
+        return [], f"folder cannot be listed: {err.strerror or _describe(err)}"
+
+
+def _is_dir(entry: os.DirEntry, follow_symlinks: bool = True) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow_symlinks)
+    except OSError:
+        return False
+
+
+def _hidden(entry: os.DirEntry) -> str:
+    return "hidden folder (not searched)" if _is_dir(entry, follow_symlinks=False) else "hidden file"
+
+
+def _is_text(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (os functions give them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path_fields(path: str) -> dict[str, str]:
+    """{"path": text} for a record; a name that is not valid UTF-8 gets U+FFFD for the bad bytes in
+    `path` and its original bytes, base64, in `path_bytes`, so that it can still be found."""
+    if _is_text(path):
+        return {"path": path}
+    raw = os.fsencode(path)
+    return {"path": raw.decode("utf-8", "replace"), "path_bytes": base64.b64encode(raw).decode("ascii")}
+
+
+def _skip_record(path: str, reason: str) -> dict[str, str]:
+    """One skipped.jsonl line."""
+    return {**_path_fields(path), "reason": reason}
+
+
+def discover_lists(source: Path, lists: dict[str, Path]) -> Listing:
     """List files of `relative/path class_index` lines -> class names and candidates per split.
 
     The given indices stand. A class is named after the one folder its files live in
-    when that is unambiguous (e.g. ImageNet synsets), else after its index.
+    when that is unambiguous (e.g. ImageNet synsets), else after its index. Nothing is
+    refused while listing: what a listed path is (and whether it resolves inside SOURCE) is
+    settled when it is read.
     """
     splits: dict[str, list[Candidate]] = {}
     for split, list_file in lists.items():
@@ -354,7 +565,7 @@ def discover_lists(source: Path, lists: dict[str, Path]) -> tuple[list[str], dic
     names = [next(iter(folders[i])) if len(folders.get(i, ())) == 1 else str(i) for i in range(num_classes)]
     if len(set(names)) != len(names):
         names = [str(i) for i in range(num_classes)]
-    return names, splits
+    return Listing(names, splits, {split: [] for split in splits})
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,9 +590,18 @@ class _HashingWriter:
         self.file.flush()
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` (full disk, read-only, permissions) as one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise output_error(err, path) from None
+
+
 class _ShardWriter:
     """One shard: a tar (webdataset's TarWriter) and its DALI index, both under temporary names
-    until commit() fsyncs and renames them."""
+    until commit() fsyncs and renames them. An OSError is an OutputError naming the shard."""
 
     def __init__(self, out: Path, name: str):
         import webdataset  # imported here: it pulls in torch, which worker processes do not need
@@ -389,8 +609,9 @@ class _ShardWriter:
         self.out = out
         self.name = name
         self.tar_path, self.index_path = out / f"{name}.tar", out / f"{name}.idx"
-        self.tmp_tar, self.tmp_index = out / f".{name}.tar.tmp", out / f".{name}.idx.tmp"
-        self.file = open(self.tmp_tar, "wb")
+        self.tmp_tar, self.tmp_index = temporary_path(self.tar_path), temporary_path(self.index_path)
+        with _writing(self.tar_path):
+            self.file = open(self.tmp_tar, "wb")
         self.hashing = _HashingWriter(self.file)
         self.tar = webdataset.TarWriter(
             self.hashing, encoder=False, mtime=TAR_MTIME, user="droppos", group="droppos", mode=0o444
@@ -401,7 +622,8 @@ class _ShardWriter:
         """Add one sample and its index line (offsets of each component's data in the tar)."""
         stream = self.tar.tarstream
         position = stream.offset
-        self.tar.write({"__key__": key, **components})
+        with _writing(self.tar_path):
+            self.tar.write({"__key__": key, **components})
         fields = []
         for ext in sorted(components):  # TarWriter writes components in sorted order, one USTAR header each
             size = len(components[ext])
@@ -414,17 +636,21 @@ class _ShardWriter:
 
     def commit(self) -> dict:
         """Finish, fsync and rename both files; returns the manifest entry (None-free)."""
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        index_text = f"{INDEX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
-        with open(self.tmp_index, "w", encoding="utf-8") as f:
-            f.write(index_text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.tmp_index, self.index_path)
-        os.replace(self.tmp_tar, self.tar_path)
+        with _writing(self.tar_path):
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        index_bytes = (f"{INDEX_VERSION} {len(self.index_lines)}\n"
+                       + "".join(line + "\n" for line in self.index_lines)).encode("ascii")
+        with _writing(self.index_path):
+            with open(self.tmp_index, "wb") as f:
+                f.write(index_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.tmp_index, self.index_path)
+        with _writing(self.tar_path):
+            os.replace(self.tmp_tar, self.tar_path)
         fsync_dir(self.out)
         return {
             "tar": self.tar_path.name,
@@ -432,21 +658,24 @@ class _ShardWriter:
             "num_samples": len(self.index_lines),
             "bytes": self.hashing.size,
             "sha256": self.hashing.sha256.hexdigest(),
+            "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
         }
 
     def abort(self) -> None:
-        """Drop the temporary files (an empty shard, or an interrupted one)."""
+        """Drop the temporary files (an empty shard, or an interrupted or failed one); never raises an OSError."""
         if not self.file.closed:
             with contextlib.suppress(Exception):  # flush the tar stream into the file before it closes
                 self.tar.close()
-            self.file.close()
-        self.tmp_tar.unlink(missing_ok=True)
-        self.tmp_index.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a full disk fails the final flush too
+                self.file.close()
+        for tmp in (self.tmp_tar, self.tmp_index):
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _sample_components(label: int, class_name: str, path: str, converted: Converted) -> dict[str, bytes]:
     """jpg, cls (ASCII), lbl (int32 little-endian: fixed width, what DALI batches) and json (provenance)."""
-    meta = {"path": path, "class": class_name, "width": converted.width, "height": converted.height}
+    meta = {**_path_fields(path), "class": class_name, "width": converted.width, "height": converted.height}
     return {
         "jpg": converted.jpg,
         "cls": str(label).encode("ascii"),
@@ -527,39 +756,66 @@ def run(
     sample_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
-    """Shard SOURCE (or the built-in sample data) into OUT; resumes a previous run; returns the manifest."""
+    """Shard SOURCE (or the built-in sample data) into OUT; resumes a previous run; returns the manifest.
+
+    Holds OUT's lock for the whole run: a second `shard` on the same OUT stops with one line.
+    """
     lists = dict(lists or {})
     _check_options(workers=workers, max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels)
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT {out} is a file; give a directory (it is created when missing)")
-    if sample:
-        from droppos import sample_data
+    if not sample:
+        if source is None:
+            raise UserError("give SOURCE (or --sample)")
+        source = _checked_source(Path(source).absolute(), out)
+    with OutputLock(out, "shard"):
+        if sample:
+            from droppos import sample_data
 
-        out.mkdir(parents=True, exist_ok=True)
-        source = out / "sample-source"
-        print(f"generating the sample data in {source}", file=sys.stderr, flush=True)
-        sample_data.generate(source, workers=workers, **(sample_options or {}))
-    if source is None:
-        raise UserError("give SOURCE (or --sample)")
-    source = Path(source).absolute()
+            source = out / "sample-source"
+            print(f"generating the sample data in {source}", file=sys.stderr, flush=True)
+            sample_data.generate(source, workers=workers, **(sample_options or {}))
+            source = _checked_source(source, out)
+        return _run_locked(source, out, lists, seed, workers, max_side, quality, shard_size, max_pixels, sample)
+
+
+def _checked_source(source: Path, out: Path) -> Path:
+    """SOURCE exists, is not empty, and OUT is neither SOURCE nor inside its splits (compared resolved:
+    a symlink must not get OUT into what is being read)."""
     if not source.is_dir():
         raise UserError(f"SOURCE {source} does not exist or is not a directory")
-    if not any(source.iterdir()):
+    try:
+        with os.scandir(source) as listing:
+            empty = not any(listing)
+    except OSError as err:
+        raise UserError(f"SOURCE {source} cannot be listed: {err.strerror}") from None
+    if empty:
         raise UserError(f"SOURCE {source} is empty")
-    if out == source or any(source / split == out or source / split in out.parents for split in IMAGENET_SPLITS):
-        raise UserError(f"OUT {out} must not be SOURCE or lie inside its train/ or val/ folder")
+    real_out = out.resolve()
+    split_dirs = [(source / split).resolve() for split in IMAGENET_SPLITS]
+    if real_out == source.resolve() or any(real_out == d or real_out.is_relative_to(d) for d in split_dirs):
+        where = "" if real_out == out else f" (resolved: {real_out})"
+        raise UserError(f"OUT {out}{where} must not be SOURCE or lie inside its train/ or val/ folder")
+    return source
 
-    classes, found = discover_lists(source, lists) if lists else discover_imagenet(source)
-    splits = [s for s in _split_order(found) if found[s]]
-    total_found = sum(len(found[s]) for s in splits)
+
+def _run_locked(
+    source: Path, out: Path, lists: dict[str, Path], seed: int, workers: int, max_side: int, quality: int,
+    shard_size: int, max_pixels: int, sample: bool,
+) -> dict:
+    """The run, with OUT locked and SOURCE checked."""
+    listing = discover_lists(source, lists) if lists else discover_imagenet(source)
+    found = listing.candidates
+    splits = [s for s in _split_order({*found, *listing.refused}) if found.get(s) or listing.refused.get(s)]
+    total_found = sum(len(found.get(s, ())) + len(listing.refused.get(s, ())) for s in splits)
     if total_found == 0:
         raise UserError(f"SOURCE {source} has no files in its class folders (expected SOURCE/train/<class>/*.JPEG)")
 
     options = {
-        "source": str(source),
+        "source": _path_fields(str(source))["path"],
         "mode": "list" if lists else "imagenet",
-        "lists": {split: str(Path(path).absolute()) for split, path in lists.items()},
+        "lists": {split: _path_fields(str(Path(path).absolute()))["path"] for split, path in lists.items()},
         "sample": sample,
         "seed": seed,
         "shard_size": shard_size,
@@ -567,19 +823,20 @@ def run(
         "quality": quality,
         "max_pixels": max_pixels,
     }
-    plans = _plan_shards(found, splits, seed, shard_size)
-    options["fingerprint"] = _fingerprint(classes, found, splits, options)
+    planned = [s for s in splits if found.get(s)]
+    plans = _plan_shards(found, planned, seed, shard_size)
+    options["fingerprint"] = _fingerprint(listing.classes, found, planned, options)
 
-    out.mkdir(parents=True, exist_ok=True)
     records = _resume(out, options["fingerprint"])
     todo = [plan for plan in plans if plan.name not in records]
     if len(todo) < len(plans):
         print(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already complete and verified",
               file=sys.stderr, flush=True)
+    within = os.path.realpath(source) if lists else None  # a list's entries must stay inside SOURCE
     if todo:
-        _write_shards(source, out, todo, classes, options, workers, records)
+        _write_shards(source, out, todo, listing.classes, options, workers, records, within)
 
-    manifest = _finish(out, plans, classes, found, splits, options, records)
+    manifest = _finish(out, plans, listing, splits, options, records)
     _print_tally(out, manifest)
     return manifest
 
@@ -621,7 +878,7 @@ def _fingerprint(classes: list[str], found: dict[str, list[Candidate]], splits: 
     for split in splits:
         digest.update(f"\n[{split}]\n".encode())
         for candidate in sorted(found[split]):
-            digest.update(f"{candidate.path}\t{candidate.label}\n".encode())
+            digest.update(f"{candidate.path}\t{candidate.label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -642,7 +899,10 @@ def _resume(out: Path, fingerprint: str) -> dict[str, dict]:
     records: dict[str, dict] = {}
     if not log.is_file():
         return records
-    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as err:
+        raise output_error(err, log, "read") from None
     try:
         header = json.loads(lines[0]) if lines else {}
     except ValueError:
@@ -657,48 +917,77 @@ def _resume(out: Path, fingerprint: str) -> dict[str, dict]:
             record = json.loads(line)
         except ValueError:
             continue  # a line torn by an interruption: that shard is simply redone
-        records[record["name"]] = record
-    return {name: record for name, record in records.items() if _shard_intact(out, record)}
+        if isinstance(record, dict) and isinstance(record.get("name"), str):
+            records[record["name"]] = record
+    intact = {}
+    for name, record in records.items():
+        problem = _shard_problem(out, record)
+        if problem is None:
+            intact[name] = record
+        else:
+            print(f"rewriting {name}: {problem}", file=sys.stderr, flush=True)
+    return intact
 
 
-def _shard_intact(out: Path, record: dict) -> bool:
-    """A recorded shard is reusable when its files exist with the recorded size and sha256."""
+def _shard_problem(out: Path, record: dict) -> str | None:
+    """Why a recorded shard cannot be reused (None: its tar has the recorded size and sha256, and
+    its index the recorded sha256 and, entry by entry, the tar's real layout).
+
+    A record from before index hashes were recorded gets `index_sha256` here, once its index
+    is checked against the tar: that is how a re-run upgrades an older dataset in place,
+    without rewriting a tar.
+    """
     entry = record.get("entry")
     if entry is None:  # every candidate of that shard was skipped: nothing on disk to check
-        return True
-    tar, index = out / entry["tar"], out / entry["index"]
-    if not (tar.is_file() and index.is_file()) or tar.stat().st_size != entry["bytes"]:
-        return False
-    with open(tar, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest() == entry["sha256"]
+        return None
+    try:
+        tar, index = out / entry["tar"], out / entry["index"]
+        if tar.stat().st_size != entry["bytes"]:
+            return "its tar has another size than when it was written"
+        scan = _scan_tar(tar)
+        index_sha256 = file_sha256(index)
+    except (KeyError, TypeError):
+        return "its progress record is malformed"
+    except (OSError, _BadShard) as err:
+        return str(err) if isinstance(err, _BadShard) else f"cannot read it ({err.strerror})"
+    if scan.sha256 != entry["sha256"]:
+        return "its tar's sha256 differs from when it was written"
+    if entry.get("index_sha256", index_sha256) != index_sha256:
+        return f"{index.name}'s sha256 differs from when it was written"
+    problem = _index_problem(index, scan.members)
+    if problem is not None:
+        return f"{index.name}: {problem}"
+    entry["index_sha256"] = index_sha256
+    return None
 
 
 def _write_shards(
     source: Path, out: Path, todo: list[ShardPlan], classes: list[str], options: dict, workers: int,
-    records: dict[str, dict],
+    records: dict[str, dict], within: str | None,
 ) -> None:
     """Write the shards of `todo`, one shard per task on `workers` processes, logging each when done.
 
     Shards, not images, are the unit of parallel work: the image bytes never cross a process
-    boundary and the tar writing scales with the workers too.
+    boundary and the tar writing scales with the workers too. Called with OUT locked, so every
+    temporary file in OUT is stale: they are removed before and after (a failed or stopped
+    pool leaves its workers' temporaries behind).
     """
     import webdataset  # noqa: F401  (slow import: done once here, before forking and the progress clock)
 
-    for stale in [*out.glob(".*-[0-9]*.tar.tmp"), *out.glob(".*-[0-9]*.idx.tmp")]:
-        stale.unlink()  # left by a worker killed mid-shard
-    log_path = out / PROGRESS_LOG
-    if not log_path.is_file():
-        with open(log_path, "w", encoding="utf-8") as log:
-            log.write(json.dumps({"format": FORMAT, "fingerprint": options["fingerprint"]}) + "\n")
     settings = (options["max_side"], options["quality"], options["max_pixels"])
-    tasks = [(source, out, plan, classes, settings) for plan in todo]
+    tasks = [(source, out, plan, classes, settings, within) for plan in todo]
     progress = _Progress("shard", sum(len(plan.items) for plan in todo))
-    with open(log_path, "a", encoding="utf-8") as log:
+    log_path = out / PROGRESS_LOG
+    _remove_temporaries(out)
+    try:
+        with _writing(log_path):
+            log = _open_progress_log(log_path, options["fingerprint"])
 
         def record_done(record: dict) -> None:
-            log.write(json.dumps(record, ensure_ascii=False) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+            with _writing(log_path):
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
             records[record["name"]] = record
 
         try:
@@ -721,7 +1010,37 @@ def _write_shards(
                     record_done(record)
                     progress.advance(counter.value - progress.done)
         finally:
-            progress.close()
+            with contextlib.suppress(OSError):
+                log.close()
+    finally:
+        progress.close()
+        _remove_temporaries(out)
+
+
+def _open_progress_log(path: Path, fingerprint: str) -> io.TextIOWrapper:
+    """The progress log for appending: created with its header line, or ended with a newline
+    first when an interruption tore its last line (the next record must start a line)."""
+    if not path.is_file():
+        with open(path, "w", encoding="utf-8") as log:
+            log.write(json.dumps({"format": FORMAT, "fingerprint": fingerprint}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+    log = open(path, "a+", encoding="utf-8")
+    if log.tell() > 0:
+        log.seek(log.tell() - 1)
+        last = log.read(1)
+        log.seek(0, os.SEEK_END)
+        if last != "\n":
+            log.write("\n")
+    return log
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Temporary files of earlier or failed runs in OUT (only ever called while holding OUT's lock)."""
+    remove_stale_temporaries(out)
+    for legacy in [*out.glob(".*-[0-9]*.tar.tmp"), *out.glob(".*-[0-9]*.idx.tmp")]:  # named so before files.py
+        with contextlib.suppress(OSError):
+            legacy.unlink()
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -750,17 +1069,18 @@ def _count_image() -> None:
 
 def _write_shard(task: tuple, on_image: Callable[[], None] = _count_image) -> dict:
     """Convert the candidates of one shard in order and write it atomically; returns its record."""
-    source, out, plan, classes, (max_side, quality, max_pixels) = task
+    source, out, plan, classes, (max_side, quality, max_pixels), within = task
     writer = _ShardWriter(out, plan.name)
     skipped, actions = [], Counter()
     try:
         for offset, candidate in enumerate(plan.items):
             if candidate.label < 0:
-                converted, reason = None, "not inside a class folder"
+                converted, reason = None, NOT_IN_A_CLASS
             else:
-                converted, reason = _convert_file((str(source / candidate.path), max_side, quality, max_pixels))
+                job = (str(source / candidate.path), max_side, quality, max_pixels)
+                converted, reason = _convert_file(job, within)
             if converted is None:
-                skipped.append({"path": candidate.path, "reason": reason})
+                skipped.append(_skip_record(candidate.path, reason))
             else:
                 actions.update(converted.actions or ("kept",))
                 components = _sample_components(candidate.label, classes[candidate.label], candidate.path, converted)
@@ -779,15 +1099,17 @@ def _write_shard(task: tuple, on_image: Callable[[], None] = _count_image) -> di
 
 
 def _finish(
-    out: Path, plans: list[ShardPlan], classes: list[str], found: dict[str, list[Candidate]], splits: list[str],
-    options: dict, records: dict[str, dict],
+    out: Path, plans: list[ShardPlan], listing: Listing, splits: list[str], options: dict, records: dict[str, dict],
 ) -> dict:
-    """Write skipped.jsonl and manifest.json from the shard records (the manifest last)."""
+    """Write skipped.jsonl and manifest.json from the listing and the shard records (the manifest last)."""
     split_info: dict[str, dict] = {}
     skipped_lines: list[str] = []
     actions: Counter = Counter()
     for split in splits:
-        shards, written, skipped = [], 0, 0
+        refused = listing.refused.get(split, [])
+        found = len(listing.candidates.get(split, ())) + len(refused)
+        shards, written, skipped = [], 0, len(refused)
+        skipped_lines.extend(json.dumps(s, ensure_ascii=False) for s in refused)
         for plan in (p for p in plans if p.split == split):
             record = records[plan.name]
             skipped += len(record["skipped"])
@@ -796,20 +1118,20 @@ def _finish(
             if record["entry"] is not None:
                 shards.append(record["entry"])
                 written += record["entry"]["num_samples"]
-        if written + skipped != len(found[split]):
-            raise RuntimeError(f"{split}: written {written} + skipped {skipped} != found {len(found[split])}")
-        split_info[split] = {"num_samples": written, "found": len(found[split]), "skipped": skipped, "shards": shards}
-    (out / SKIPPED_NAME).write_text("".join(line + "\n" for line in skipped_lines), encoding="utf-8")
+        if written + skipped != found:
+            raise RuntimeError(f"{split}: written {written} + skipped {skipped} != found {found}")
+        split_info[split] = {"num_samples": written, "found": found, "skipped": skipped, "shards": shards}
+    write_text_atomic(out / SKIPPED_NAME, "".join(line + "\n" for line in skipped_lines))
     total_written = sum(info["num_samples"] for info in split_info.values())
     if total_written == 0:
         (out / PROGRESS_LOG).unlink(missing_ok=True)  # nothing usable: do not let a re-run "resume" this
         raise UserError(
-            f"none of the {sum(len(found[s]) for s in splits)} inputs under {options['source']} is a usable "
-            f"image (reasons in {out / SKIPPED_NAME})"
+            f"none of the {sum(info['found'] for info in split_info.values())} inputs under {options['source']} "
+            f"is a usable image (reasons in {out / SKIPPED_NAME})"
         )
     manifest = {
         "format": FORMAT,
-        "classes": classes,
+        "classes": listing.classes,
         "splits": {split: info for split, info in split_info.items() if info["num_samples"] > 0},
         "found": sum(info["found"] for info in split_info.values()),
         "written": total_written,
@@ -833,7 +1155,7 @@ def _print_tally(out: Path, manifest: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# --verify
+# Checking a shard: --verify, and every shard a re-run reuses
 
 
 class _HashingReader:
@@ -851,6 +1173,83 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+
+class _BadShard(Exception):
+    """A tar or index that does not hold what it should; the message is the one-line reason."""
+
+
+class _TarScan(NamedTuple):
+    """One read of a tar: its sha256, each member's (name, data offset, size) in tar order, and
+    the data of the components asked for, by sample key and extension."""
+
+    sha256: str
+    members: list[tuple[str, int, int]]
+    samples: dict[str, dict[str, bytes | None]]
+
+
+def _scan_tar(path: Path, keep: Iterable[str] = ()) -> _TarScan:
+    """Stream `path` once (headers, hash, the `keep` components' data); raises BadShard if it is no readable tar."""
+    keep = frozenset(keep)
+    members: list[tuple[str, int, int]] = []
+    samples: dict[str, dict[str, bytes | None]] = {}
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    members.append((member.name, member.offset_data, member.size))
+                    wanted = ext in keep and member.isfile()
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read() if wanted else None
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise _BadShard(f"{path.name}: not a readable tar ({_describe(err)}); re-run `droppos shard`") from None
+        reader.drain()
+    return _TarScan(reader.sha256.hexdigest(), members, samples)
+
+
+def _index_problem(index: Path, members: list[tuple[str, int, int]]) -> str | None:
+    """What is wrong with a DALI index given the tar's real headers (None: it matches entry by entry).
+
+    DALI reads a component at the offset and size its index gives, trusting the name: one
+    wrong offset makes it train on another sample's label. So every entry must name the
+    component the tar holds at that data offset, with that size, on the line of its sample,
+    and every component of the tar must be listed once, in tar order.
+    """
+    expected: list[list[tuple[str, str, str, str]]] = []
+    key = None
+    for name, offset, size in members:
+        member_key, _, ext = name.partition(".")
+        if member_key != key:
+            expected.append([])
+            key = member_key
+        expected[-1].append((ext, str(offset), str(size), name))
+    try:
+        lines = index.read_bytes().decode("ascii").split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        return f"cannot be read as an index ({_describe(err)})"
+    if lines and lines[-1] == "":
+        lines.pop()
+    header = lines[0].split() if lines else []
+    if header != [INDEX_VERSION, str(len(expected))]:
+        return f"header {' '.join(header)!r} does not match the {len(expected)} samples of the tar"
+    if len(lines) - 1 != len(expected):
+        return f"{len(lines) - 1} sample lines for the {len(expected)} samples of the tar"
+    held = {str(offset): (name, size) for name, offset, size in members}
+    for number, (line, components) in enumerate(zip(lines[1:], expected), 2):
+        fields = line.split()
+        listed = [tuple(fields[i : i + 4]) for i in range(0, len(fields), 4)]
+        if listed == components:
+            continue
+        sample = components[0][3].partition(".")[0]
+        wrong = next((got for got, want in zip(listed, components) if got != want), None)
+        if wrong is None or len(wrong) != 4:
+            return f"line {number} lists {len(fields) / 4:g} components, the tar holds {len(components)} for sample {sample}"
+        ext, offset, size, name = wrong
+        there = held.get(offset)
+        actual = f"{there[0]} ({there[1]} bytes)" if there else "no member's data"
+        return f"line {number}: {ext} entry `{name}` at offset {offset} ({size} bytes), but the tar holds {actual} there"
+    return None
 
 
 def verify(path: Path, decode: bool = False) -> dict:
@@ -883,38 +1282,29 @@ def verify(path: Path, decode: bool = False) -> dict:
 
 
 def _verify_shard(entry: ShardEntry, decode: bool) -> int:
-    """Check one shard in a single read; returns its sample count."""
+    """Check one shard in a single read of its tar; returns its sample count."""
     name = entry.tar.name
     if entry.tar.stat().st_size != entry.bytes:
         raise UserError(f"{name}: size {entry.tar.stat().st_size} bytes, manifest says {entry.bytes}; re-run `droppos shard`")
-    samples: dict[str, dict[str, bytes | None]] = {}
-    with open(entry.tar, "rb") as f:
-        reader = _HashingReader(f)
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    wanted = decode and ext in ("jpg", "cls", "lbl")
-                    data = tar.extractfile(member).read() if wanted and member.isfile() else None
-                    samples.setdefault(key, {})[ext] = data
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise UserError(f"{name}: not a readable tar ({_describe(err)}); re-run `droppos shard`") from None
-        reader.drain()
-    if reader.sha256.hexdigest() != entry.sha256:
+    try:
+        scan = _scan_tar(entry.tar, ("jpg", "cls", "lbl") if decode else ())
+    except _BadShard as err:
+        raise UserError(str(err)) from None
+    if scan.sha256 != entry.sha256:
         raise UserError(f"{name}: sha256 differs from the manifest (corrupt or modified); re-run `droppos shard`")
-    if len(samples) != entry.num_samples:
-        raise UserError(f"{name}: {len(samples)} samples, manifest says {entry.num_samples}")
-    for key, components in samples.items():
+    if len(scan.samples) != entry.num_samples:
+        raise UserError(f"{name}: {len(scan.samples)} samples, manifest says {entry.num_samples}")
+    for key, components in scan.samples.items():
         missing = {"jpg", "cls", "lbl", "json"} - set(components)
         if missing:
             raise UserError(f"{name}: sample {key} lacks {', '.join(sorted(missing))}")
-    header = entry.index.read_text(encoding="ascii", errors="replace").split("\n", 1)[0].split()
-    if header != [INDEX_VERSION, str(entry.num_samples)]:
-        raise UserError(f"{entry.index.name}: index header {' '.join(header)!r} does not match {entry.num_samples} samples")
+    problem = _index_problem(entry.index, scan.members)
+    if problem is not None:
+        raise UserError(f"{entry.index.name}: {problem}: the index is corrupt or modified; re-run `droppos shard`")
     if decode:
-        for key, components in samples.items():
+        for key, components in scan.samples.items():
             _verify_sample(name, key, components)
-    return len(samples)
+    return len(scan.samples)
 
 
 def _verify_sample(shard: str, key: str, components: dict) -> None:

@@ -1,0 +1,342 @@
+"""Every file we hand to other software: the released encoder, and exports for timm, Detectron2 and MMSegmentation.
+
+`export_encoder(model, path)` writes the encoder a pretrain run releases: `encoder.safetensors` in timm's
+ViT key layout and `encoder.json` naming the timm model (`model`, `model_args`, `pretrained_cfg`,
+`droppos`). Both are byte-reproducible: the same weights give the same bytes. safetensors orders tensors by
+dtype and name itself, but keeps `__metadata__` in a Rust HashMap whose order changes from process to process
+(measured: three saves of one dict with five entries gave three different headers), so the metadata is
+the single entry {"format": "pt"}; the sidecar is JSON with sorted keys. Both go through droppos.files'
+atomic writes.
+
+`run(source, fmt, out)` (`droppos export SOURCE --format F --out PATH`) reads a pretrain run directory
+(its encoder.safetensors, else checkpoints/last.pt), a pretrain checkpoint (.pt) or an encoder
+.safetensors with its sidecar, and writes:
+
+timm (a folder, the Hugging Face Hub layout, pushable as it is)
+    PATH/config.json ({architecture, num_classes: 0, num_features, global_pool, model_args, pretrained_cfg})
+    + PATH/model.safetensors. `timm.create_model("local-dir:PATH", pretrained=True)` (timm >= 1.0.20)
+    gives features equal to our encoder's; read: huggingface/pytorch-image-models
+    timm/models/_hub.py (load_model_config_from_path, _parse_model_cfg, load_state_dict_from_path) and
+    timm/models/_factory.py (_resolve_model_source).
+
+detectron2 (a .pth of {'model': state_dict} in MAE's key layout)
+    cls_token, pos_embed [1, 1 + N, D] with its [CLS] row, patch_embed.proj.*, blocks.N.{norm1, attn.qkv,
+    attn.proj, norm2, mlp.fc1, mlp.fc2}.*: the names of Detectron2's ViT (facebookresearch/detectron2
+    detectron2/modeling/backbone/vit.py: ViT.patch_embed/pos_embed/blocks, Block.norm1/attn/norm2/mlp with
+    timm's Mlp, pos_embed sized by pretrain_img_size=224 with pretrain_use_cls_token=True and resampled by
+    get_abs_pos, which needs a square grid). ViTDet loads it with
+    `train.init_checkpoint=PATH?matching_heuristics=True` (projects/ViTDet/configs/COCO/
+    mask_rcnn_vitdet_b_100ep.py): detectron2/checkpoint/c2_model_loading.py align_and_update_state_dicts
+    matches each checkpoint key as a '.'-suffix of a model key (backbone.net.blocks.0.attn.qkv.weight),
+    skips shape mismatches and raises when one checkpoint key matches two model keys of the same shape.
+    The final `norm` is left out: ViTDet's ViT has none, and `norm.weight` would be such an ambiguous
+    suffix of the feature pyramid's `*.norm.weight` when the width is 256 (MAE's own checkpoint keeps it;
+    it is unused there). The [CLS] token is kept as in MAE's file (unused by ViTDet).
+
+mmseg (a flat state dict in the layout of MMSegmentation's MAE backbone)
+    blocks.N -> layers.N; norm1/norm2 -> ln1/ln2; attn.qkv, attn.proj kept under layers.N.attn (MAE builds
+    its layers with bias=True, so qkv.bias is used); mlp.fc1 -> ffn.layers.0.0; mlp.fc2 -> ffn.layers.1;
+    patch_embed.proj -> patch_embed.projection; cls_token and pos_embed kept. Read:
+    open-mmlab/mmsegmentation tools/model_converters/beit2mmseg.py (convert_beit: exactly these renames;
+    it keeps `norm.*` as it is), mmseg/models/backbones/mae.py (MAE(BEiT): layers of
+    MAETransformerEncoderLayer, init_weights loads the flat dict into the backbone with strict=False after
+    resize_rel_pos_embed and resize_abs_pos_embed, which resamples a square pos_embed; layer-scale gamma_1/2
+    start at init_values=1.0 in the config, the relative position tables at zero) and
+    mmseg/models/backbones/beit.py (final_norm=True registers the final LayerNorm as `ln1` through
+    build_norm_layer(postfix=1)). So our final `norm` is written as `ln1.*`: the MAE config
+    (final_norm=False) ignores it as it ignores the converter's `norm.*`, and final_norm=True uses it.
+
+Downstream commands (the README copies them; PATH is what `run` wrote; `downstream_command` adds the
+overrides a non-ViT-B/16 or non-224 encoder needs):
+
+    # COCO, Mask R-CNN, ViTDet (Detectron2; 64 images per batch on 8 GPUs as in the config)
+    python tools/lazyconfig_train_net.py --num-gpus 8 \\
+        --config-file projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py \\
+        'train.init_checkpoint=PATH?matching_heuristics=True'
+    # ADE20K, UperNet (MMSegmentation 1.x; 0.x named the config upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py)
+    bash tools/dist_train.sh configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py 8 \\
+        --cfg-options model.pretrained=PATH
+
+The paper's targets with DropPos ViT-B/16 (800 epochs): ADE20K mIoU 47.8 (UperNet, MAE's MMSegmentation
+configuration), COCO AP^mask 42.6 and AP50^box 68.3 (ViTDet-style Mask R-CNN in Detectron2). For scale,
+the stock configs with MAE ViT-B/16 report mIoU 48.13 (MMSegmentation's configs/mae/README.md) and box AP
+51.6 / mask AP 45.9 at 100 epochs (projects/ViTDet/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.nn as nn
+
+from droppos import UserError
+from droppos.files import atomic_write, write_bytes_atomic, write_text_atomic
+
+__all__ = ["FORMATS", "Encoder", "detectron2_state", "downstream_command", "encoder_meta", "export_encoder",
+           "mmseg_state", "read_source", "run", "safetensors_bytes", "write_timm_folder"]
+
+from droppos.recipes import EXPORT_FORMATS as FORMATS  # the one list of formats
+_DETECTRON2_CONFIG = "projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"
+_MMSEG_CONFIG = "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
+_BASE_ARCH = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}  # both configs'
+
+
+# ---------------------------------------------------------------------------------------------
+# The released encoder
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes that depend on the tensors only (one metadata entry: its order cannot vary)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and a final newline: the same object, the same bytes."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _droppos_core(model: nn.Module) -> nn.Module:
+    from droppos.model import DropPosViT
+    from droppos.runtime import unwrap
+
+    core = unwrap(model)
+    if not isinstance(core, DropPosViT):
+        raise TypeError(f"expected a DropPosViT (possibly wrapped), got {type(core).__name__}")
+    return core
+
+
+def pretrained_cfg_for(model_args: dict) -> dict[str, Any]:
+    """timm's preprocessing record for an encoder of this architecture (ImageNet mean/std, bicubic)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    height, width = model_args["img_size"]
+    return {
+        "input_size": [model_args.get("in_chans", 3), height, width],
+        "fixed_input_size": True,
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "mean": list(IMAGENET_DEFAULT_MEAN),
+        "std": list(IMAGENET_DEFAULT_STD),
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+
+
+def encoder_meta(model: nn.Module) -> dict[str, Any]:
+    """The sidecar of a DropPos encoder: timm model name, model_args, pretrained_cfg and the pretext options."""
+    core = _droppos_core(model)
+    model_args = core.timm_model_args()
+    if core.in_chans != 3:
+        model_args["in_chans"] = core.in_chans
+    return {
+        "model": core.timm_name,
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg_for(model_args),
+        "droppos": {
+            "mask_ratio": core.mask_ratio,
+            "pos_mask_ratio": core.pos_mask_ratio,
+            "mask_token": core.mask_token_type,
+            "attentive": core.attentive,
+            "aux_mae": core.aux_mae,
+        },
+    }
+
+
+def export_encoder(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write `path` (.safetensors, timm's ViT layout) and `<stem>.json` beside it; byte-reproducible.
+
+    Load it with `droppos.encoders.load_encoder(encoder=path)`, or in plain timm:
+        meta = json.load(open(json_path))
+        timm.create_model(meta["model"], pretrained=True, num_classes=0, **meta["model_args"],
+                          pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file=path, custom_load=False))
+    """
+    from droppos.model import encoder_state_dict
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"encoder path {path} must end in .safetensors")
+    core = _droppos_core(model)
+    write_bytes_atomic(path, safetensors_bytes(encoder_state_dict(core)))
+    write_text_atomic(path.with_suffix(".json"), canonical_json(encoder_meta(core)))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what to export
+
+
+@dataclass
+class Encoder:
+    """An encoder in timm's ViT key layout with the architecture that holds it."""
+
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]  # model, model_args, pretrained_cfg (droppos: the pretext options, when known)
+    origin: Path  # the file it was read from
+
+
+def read_source(source: Union[str, Path]) -> Encoder:
+    """A pretrain run directory, a pretrain checkpoint (.pt) or an encoder .safetensors (with its sidecar)."""
+    from droppos import weights
+    from droppos.model import encoder_state_dict
+
+    path = Path(source)
+    if path.is_dir():
+        for candidate in (path / "encoder.safetensors", path / "checkpoints" / "last.pt"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise UserError(f"{source} holds neither encoder.safetensors nor checkpoints/last.pt: is it a pretrain run?")
+    elif not path.is_file():
+        raise UserError(f"{source}: no such file or directory (give a pretrain run, its checkpoint or its encoder)")
+    if weights.file_kind(path) == "safetensors":
+        meta = weights.read_sidecar(path)
+        meta.setdefault("pretrained_cfg", pretrained_cfg_for(meta["model_args"]))
+        encoder = Encoder(weights.load_safetensors(path), meta, path)
+        _check_timm_keys(encoder)
+        return encoder
+    model = weights.read_droppos_checkpoint(path)
+    return Encoder(encoder_state_dict(model), encoder_meta(model), path)
+
+
+def _check_timm_keys(encoder: Encoder) -> None:
+    """The tensors are exactly those of the timm model the sidecar names (built on the meta device: no memory)."""
+    import timm
+
+    with torch.device("meta"):
+        shell = timm.create_model(encoder.meta["model"], pretrained=False, num_classes=0, **encoder.meta["model_args"])
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in encoder.state.items()}
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise UserError(f"{encoder.origin} is not the encoder its sidecar describes (e.g. {', '.join(diff[:3])})")
+
+
+def _square_grid(encoder: Encoder, fmt: str) -> int:
+    """Detectron2 and MMSegmentation resample pos_embed as a square grid: its side."""
+    tokens = int(encoder.state["pos_embed"].shape[1]) - 1
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise UserError(f"{fmt} needs a square patch grid; {encoder.origin} has {tokens} patches "
+                        f"({encoder.meta['model_args']['img_size']} px): re-export a square encoder")
+    return side
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def write_timm_folder(encoder: Encoder, out: Path) -> Path:
+    """OUT/config.json + OUT/model.safetensors: what `timm.create_model("local-dir:OUT", pretrained=True)` reads."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: the timm format is a folder (config.json + model.safetensors)")
+    config = {
+        "architecture": encoder.meta["model"],
+        "num_classes": 0,
+        "num_features": int(encoder.meta["model_args"]["embed_dim"]),
+        "global_pool": "token",
+        "model_args": encoder.meta["model_args"],
+        "pretrained_cfg": dict(encoder.meta["pretrained_cfg"], num_classes=0),
+    }
+    write_bytes_atomic(out / "model.safetensors", safetensors_bytes(encoder.state))
+    write_text_atomic(out / "config.json", canonical_json(config))
+    return out
+
+
+def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAE's key layout (timm's) without the final norm, which ViTDet does not have."""
+    return {k: v for k, v in state.items() if not k.startswith("norm.")}
+
+
+_MMSEG_BLOCK_RENAMES = (("norm1.", "ln1."), ("norm2.", "ln2."), ("mlp.fc1.", "ffn.layers.0.0."),
+                        ("mlp.fc2.", "ffn.layers.1."), ("attn.qkv.", "attn.qkv."), ("attn.proj.", "attn.proj."))
+
+
+def mmseg_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MMSegmentation's MAE backbone layout (see the module docstring); unknown keys are an error, not dropped."""
+    out = {}
+    for key, value in state.items():
+        if key in ("cls_token", "pos_embed"):
+            new = key
+        elif key.startswith("patch_embed.proj."):
+            new = "patch_embed.projection." + key[len("patch_embed.proj."):]
+        elif key.startswith("norm."):
+            new = "ln1." + key[len("norm."):]  # the backbone's final norm when final_norm=True
+        elif key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            renamed = next((new_p + rest[len(old):] for old, new_p in _MMSEG_BLOCK_RENAMES if rest.startswith(old)), None)
+            if renamed is None:
+                raise UserError(f"no MMSegmentation name for {key}")
+            new = f"layers.{index}.{renamed}"
+        else:
+            raise UserError(f"no MMSegmentation name for {key}")
+        out[new] = value.contiguous()
+    return out
+
+
+def _pth_path(out: Path, fmt: str) -> Path:
+    return out / f"encoder_{fmt}.pth" if out.is_dir() else out
+
+
+def _save_pth(obj: Any, path: Path) -> Path:
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def run(source: Union[str, Path], fmt: str, out: Union[str, Path]) -> Path:
+    """`droppos export SOURCE --format timm|detectron2|mmseg --out OUT`: the path written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    encoder = read_source(source)
+    out = Path(out)
+    if fmt == "timm":
+        return write_timm_folder(encoder, out)
+    _square_grid(encoder, fmt)
+    target = _pth_path(out, fmt)
+    if fmt == "detectron2":
+        return _save_pth({"model": detectron2_state(encoder.state)}, target)
+    return _save_pth(mmseg_state(encoder.state), target)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run next
+
+
+def downstream_command(fmt: str, path: Union[str, Path], meta: dict[str, Any]) -> str:
+    """The command that trains on the export at `path`, with the overrides its architecture needs."""
+    args = meta["model_args"]
+    img = args["img_size"][0]
+    differs = {k: args[k] for k, v in _BASE_ARCH.items() if args[k] != v}
+    depth = args["depth"]
+    if fmt == "timm":
+        return f"python -c \"import timm; m = timm.create_model('local-dir:{path}', pretrained=True)\""
+    if fmt == "detectron2":
+        net = "model.backbone.net."
+        extra = [f"{net}{k}={differs[k]}" for k in _BASE_ARCH if k in differs]
+        if img != 224:
+            extra.append(f"{net}pretrain_img_size={img}")
+        return (f"python tools/lazyconfig_train_net.py --num-gpus 8 --config-file {_DETECTRON2_CONFIG} "
+                f"'train.init_checkpoint={path}?matching_heuristics=True'" + "".join(f" {e}" for e in extra)
+                + (" (and set lr_factor_func's num_layers in a config copy)" if "depth" in differs else ""))
+    if fmt == "mmseg":
+        backbone = {"patch_size": "patch_size", "embed_dim": "embed_dims", "depth": "num_layers",
+                    "num_heads": "num_heads", "mlp_ratio": "mlp_ratio"}
+        extra = [f"model.backbone.{backbone[k]}={int(v) if k == 'mlp_ratio' else v}" for k, v in differs.items()]
+        if "depth" in differs:
+            outs = [depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1]  # [3, 5, 7, 11] at depth 12
+            extra += [f"model.backbone.out_indices=[{','.join(map(str, outs))}]",
+                      f"optim_wrapper.paramwise_cfg.num_layers={depth}"]
+        if "embed_dim" in differs:
+            dim = args["embed_dim"]
+            extra += [f"model.neck.embed_dim={dim}", f"model.decode_head.in_channels=[{dim},{dim},{dim},{dim}]",
+                      f"model.auxiliary_head.in_channels={dim}"]
+        return (f"bash tools/dist_train.sh {_MMSEG_CONFIG} 8 --cfg-options model.pretrained={path}"
+                + "".join(f" {e}" for e in extra))
+    raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,508 @@
+"""The one training loop of pretrain, finetune and probe: step-based, resumable, quiet on the host.
+
+A stage describes its training as a `Task` (its parts, its step, its metrics, its evaluation);
+`train(task, ...)` does the rest, the same way for all three:
+
+- the schedule (`Schedule`): steps per epoch, total and stop step, warm-up and peak lr, and the lr
+  of every step from one stateless function (MAE's warm-up + half-cycle cosine; each param group's
+  `lr_scale`, e.g. layer-wise decay, multiplies it);
+- iteration across epochs from the exact resume position (the step alone fixes epoch and batch);
+- gradient accumulation: `accum` micro-batches per optimizer step;
+- the logging window: the step adds its metrics to a tensor on the device, read once per
+  `--log-every` steps (the one host synchronisation), written to metrics.jsonl and the progress;
+- SIGTERM/SIGINT: every rank stops at the same step, saves a checkpoint, exits 143/130;
+- checkpoints every `--ckpt-every` steps, every `--ckpt-minutes`, at every epoch end, atomically,
+  never after a non-finite step (a non-finite loss or gradient stops the run with one line, exit 2,
+  and the last checkpoint is the last good one);
+- evaluation at epoch ends (every `task.eval_every` epochs) and at the stop step, before the
+  checkpoint that records it: a kill during an evaluation makes the resumed run evaluate again;
+- metrics.jsonl holds each step once: on resume, records past the checkpoint are dropped;
+- the start-up line and the closing summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from droppos import UserError, runtime
+from droppos.files import write_json_atomic, write_text_atomic
+
+CHECKPOINT_FORMAT = "droppos-checkpoint/2"
+
+
+class NonFiniteError(UserError):
+    """Training diverged: reported in one line; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule
+
+
+def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warm-up to `peak_lr` (per step), then a half-cycle cosine down to `min_lr` (MAE's schedule)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    if total_steps <= warmup_steps:
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything the optimizer step count decides, computed once from the options and the data."""
+
+    steps_per_epoch: int
+    epochs: int
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float
+    images_per_step: int  # batch x accum x world size: the effective batch
+    max_steps: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def stop_step(self) -> int:
+        return min(self.total_steps, self.max_steps) if self.max_steps else self.total_steps
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, optimizer step within it) of `step`."""
+        return divmod(step, self.steps_per_epoch)
+
+    def record(self) -> dict[str, Any]:
+        return dict(steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, total_steps=self.total_steps,
+                    stop_step=self.stop_step, warmup_steps=self.warmup_steps, peak_lr=self.peak_lr,
+                    min_lr=self.min_lr, effective_batch=self.images_per_step)
+
+
+def make_schedule(config: Any, batches_per_epoch: int, world_size: int, accum: int = 1) -> Schedule:
+    """The schedule of a stage's config (epochs, warmup_epochs, batch_size, blr or lr, min_lr, max_steps)."""
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise UserError(f"an epoch has {batches_per_epoch} batches, fewer than --accum {accum}: "
+                        "lower --batch-size or --accum")
+    effective = config.batch_size * accum * world_size
+    peak = config.lr if config.lr is not None else config.blr * effective / 256
+    return Schedule(steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                    warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)), peak_lr=peak,
+                    min_lr=config.min_lr, images_per_step=effective, max_steps=config.max_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group gets `lr` times its `lr_scale` (timm's layer-decay groups carry one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage supplies
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A training metric (averaged over the logging window) or an evaluation's. `percent`: shown as a
+    percentage (a step accumulates it as a fraction; the loop writes it x 100). `label`: its name in the
+    closing summary."""
+
+    name: str
+    percent: bool = False
+    label: str = ""
+
+
+class Task:
+    """One stage's training: override what differs. The loop calls, in order: `batches`, then per
+    optimizer step `step(step, micro, sums)`, `evaluate(epoch, ...)` at epoch ends, `finish()`."""
+
+    stage: str = ""
+    metrics: Sequence[Metric] = ()  # the step's, in the order of `sums`
+    eval_metrics: Sequence[Metric] = ()  # fields of `evaluate`'s result shown in the summary
+    eval_every: int = 1  # evaluate after every N epochs (0: only at the stop step)
+    optimizer: torch.optim.Optimizer
+
+    def parts(self) -> dict[str, Any]:
+        """Modules and optimizers saved in the checkpoint under these keys (and loaded on resume)."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """The stage's own checkpoint entries (plain values)."""
+        return {}
+
+    def load_extra_state(self, saved: dict[str, Any]) -> None:
+        pass
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        """The micro-batches of `epoch` from `start_batch` on."""
+        raise NotImplementedError
+
+    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
+        """One optimizer step from `micro`; add each metric's value to `sums[i]` and a non-finite count
+        to `sums[-1]`, on the device (no host sync). The loop has set the lr."""
+        raise NotImplementedError
+
+    def log_fields(self, step: int) -> dict[str, Any]:
+        """Extra fields of a metrics record (host values only, e.g. sigma)."""
+        return {}
+
+    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+        """Evaluate at `step`, after `epoch` epochs (fractional at a mid-epoch stop); returns fields for
+        metrics.jsonl."""
+        return None
+
+    def finish(self) -> list[tuple[str, str]]:
+        """After the last step (rank 0): write final outputs; returns summary rows."""
+        return []
+
+    def describe(self) -> str:
+        """What runs, for the start-up line (model, parameters, data)."""
+        return self.stage
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's own pieces
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self, info: runtime.DistInfo, at_log: bool) -> bool:
+        """Every rank must stop at the same step: alone, at once; together, at log steps."""
+        if not info.distributed:
+            return self.requested
+        if not at_log:
+            return False
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=info.device)
+        return bool(runtime.all_reduce_max(flag, info).item() > 0)
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per log step and per evaluation), plus TensorBoard when installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.enabled, self._file, self._tb = enabled, None, None
+        if not enabled:
+            return
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists():
+            _truncate_after(path, resume_step)
+        self._file = open(path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(key, value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (the checkpoint's): the resumed run writes the rest again."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
+class Timer:
+    """Wall time between log steps, and the part of it spent waiting for data."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint(task: Task, step: int, epoch: int, evaluated_step: int, reason: str, run: dict[str, Any]) -> dict:
+    """The checkpoint dict: the task's parts and state, the step, and what the run was started with."""
+    return runtime.checkpoint_state(
+        task.parts(), format=CHECKPOINT_FORMAT, stage=task.stage, step=step, epoch=epoch,
+        evaluated_step=evaluated_step, reason=reason, rng=runtime.rng_state(), **run, **task.extra_state())
+
+
+def resume(task: Task, out: Path, info: runtime.DistInfo) -> tuple[int, int, bool]:
+    """Load OUT's checkpoint into the task: (step, the step of its last evaluation, resumed?)."""
+    saved = runtime.resume(out, info.device, task.parts(), info.is_main)
+    if saved is None:
+        return 0, 0, False
+    task.load_extra_state(saved)
+    step = int(saved["step"])
+    return step, int(saved.get("evaluated_step", step)), True
+
+
+def evaluation_due(step: int, schedule: Schedule, eval_every: int) -> bool:
+    """Evaluate at the stop step, and at the end of every `eval_every`-th epoch (0: only at the stop step)."""
+    if step >= schedule.stop_step:
+        return True
+    epoch, within = schedule.position(step)
+    return within == 0 and step > 0 and eval_every > 0 and epoch % eval_every == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Run:
+    """What `train` needs besides the task: the options, the schedule and where to write."""
+
+    config: Any  # the stage's options (a recipes dataclass)
+    schedule: Schedule
+    info: runtime.DistInfo
+    out: Path
+    resolved: dict[str, Any] = field(default_factory=dict)  # what 'auto' became: loader, precision, device, compile
+    accum: int = 1
+
+
+def train(task: Task, run: Run) -> None:
+    """Train `task` from its checkpoint in run.out (or from scratch) to the stop step."""
+    config, schedule, info, out = run.config, run.schedule, run.info, run.out
+    step, evaluated_step, resumed = resume(task, out, info)
+    record = runtime.config_record(config, run.resolved, schedule, info.world_size)
+    if info.is_main:
+        runtime.write_config(out, record)
+    meta = {"config": runtime.plain(config), "resolved": run.resolved, "schedule": schedule.record(),
+            "world_size": info.world_size, "data_sha256": record["run_card"].get("data_manifest_sha256")}
+    stop_step = schedule.stop_step
+    if info.is_main:
+        where = f"; resumed from step {step}" if resumed else ""
+        print(f"{task.stage}: {task.describe()}; {stop_step} steps of {schedule.images_per_step} images "
+              f"({schedule.epochs} epochs of {schedule.steps_per_epoch}), {_resolved_text(run.resolved)}, "
+              f"world size {info.world_size}{where}", file=sys.stderr, flush=True)
+    metrics_names = [m.name for m in task.metrics]
+    pending = evaluation_due(step, schedule, task.eval_every) and evaluated_step < step
+    if step >= stop_step and not pending:
+        if info.is_main:
+            print(f"{out}: already at step {step} of {stop_step}; nothing to train", file=sys.stderr)
+        _finish(task, run, None, step, step, 0.0, {}, {})
+        return
+
+    log = MetricsLog(out, info.is_main, step)  # a fresh run (step 0) keeps none of an earlier file's records
+    progress = runtime.Progress(stop_step, step, info.is_main, task.stage)
+    sums = torch.zeros(len(metrics_names) + 1, device=info.device)  # the metrics, then the non-finite count
+    window, start_step, timer, t_start = 0, step, Timer(), time.perf_counter()
+    last_ckpt = time.monotonic()
+    last_log: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
+    stopped_by: Optional[str] = None
+
+    def save(reason: str) -> None:
+        if info.is_main:
+            if float(sums[-1]) > 0:
+                raise _non_finite(step, out)
+            state = checkpoint(task, step, step // schedule.steps_per_epoch, evaluated_step, reason, meta)
+            runtime.save_checkpoint(runtime.checkpoint_path(out), state)
+            if config.keep_every and step % config.keep_every == 0:
+                runtime.save_checkpoint(out / "checkpoints" / f"step-{step:08d}.pt", state)
+
+    def evaluate() -> None:
+        nonlocal evaluated_step, last_eval
+        _check_finite(sums, info, step, out)
+        epoch = step / schedule.steps_per_epoch
+        epoch = int(epoch) if epoch == int(epoch) else round(epoch, 3)
+        fields = task.evaluate(step, epoch, progress)
+        evaluated_step = step
+        if fields:
+            last_eval = fields
+            log.write({"step": step, "epoch": epoch, **fields})
+
+    try:
+        with StopRequest() as stop:
+            if pending:  # the evaluation that a kill or a signal interrupted
+                evaluate()
+                save("epoch" if step % schedule.steps_per_epoch == 0 else "end")
+            while step < stop_step and stopped_by is None:
+                epoch, within = schedule.position(step)
+                batches = task.batches(epoch, within * run.accum)
+                epoch_end = min((epoch + 1) * schedule.steps_per_epoch, stop_step)
+                try:
+                    while step < epoch_end:
+                        with timer.waiting():
+                            micro = [next(batches) for _ in range(run.accum)]
+                        set_lr(task.optimizer, schedule.lr(step))
+                        task.step(step, micro, sums)
+                        step += 1
+                        window += 1
+                        at_log = step % config.log_every == 0 or step == stop_step
+                        if at_log:
+                            last_log = _log(task, sums, window, timer, step, epoch, run, log, progress)
+                            sums.zero_()
+                            window = 0
+                            timer.reset()
+                        progress.update(step, last_log.get("status", ""))
+                        if stop.agreed(info, at_log):
+                            stopped_by = stop.signal_name or "signal"
+                            break
+                        at_boundary = step % schedule.steps_per_epoch == 0 or step == stop_step
+                        minutes = (time.monotonic() - last_ckpt) / 60
+                        if not at_boundary and (step % config.ckpt_every == 0 or minutes >= config.ckpt_minutes):
+                            save("periodic")
+                            last_ckpt = time.monotonic()
+                finally:
+                    with contextlib.suppress(Exception):
+                        batches.close()
+                if stopped_by is not None:
+                    break
+                if evaluation_due(step, schedule, task.eval_every):
+                    evaluate()
+                save("epoch" if step % schedule.steps_per_epoch == 0 else "end")
+                last_ckpt = time.monotonic()
+            if stopped_by is not None:
+                save(f"stopped by {stopped_by}")
+    finally:
+        progress.close()
+        log.close()
+    if stopped_by is not None:
+        if info.is_main:
+            print(f"stopped by {stopped_by} at step {step}: checkpoint saved to {runtime.checkpoint_path(out)}; "
+                  "re-run the same command to resume", file=sys.stderr)
+        raise SystemExit(143 if stopped_by == "SIGTERM" else 130)
+    _finish(task, run, log, start_step, step, time.perf_counter() - t_start, last_log, last_eval)
+
+
+def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, epoch: int, run: Run,
+         log: MetricsLog, progress: runtime.Progress) -> dict[str, Any]:
+    schedule = run.schedule
+    values = runtime.all_reduce_mean(sums, run.info).tolist()  # the one host sync per log step
+    if values[-1] > 0:
+        raise _non_finite(step, run.out)
+    elapsed = timer.elapsed()
+    record: dict[str, Any] = {"step": step, "epoch": epoch}
+    for metric, total in zip(task.metrics, values):
+        record[metric.name] = total / window * (100.0 if metric.percent else 1.0)
+    record["lr"] = schedule.lr(step - 1)
+    record.update(task.log_fields(step - 1))
+    record["img_per_s"] = window * schedule.images_per_step / elapsed
+    record["data_wait"] = 100.0 * timer.data_wait / elapsed
+    log.write(record)
+    shown = " ".join(f"{m.name} {_shown(m, record[m.name])}" for m in task.metrics)
+    extra = " ".join(f"{k} {v:.3g}" for k, v in task.log_fields(step - 1).items())
+    progress.log(f"step {step}/{schedule.stop_step} epoch {epoch} {shown} lr {record['lr']:.3g} "
+                 f"{extra + ' ' if extra else ''}{record['img_per_s']:.1f} img/s data-wait {record['data_wait']:.0f}%")
+    return dict(record, status=f"{shown} {record['img_per_s']:.0f} img/s")
+
+
+def _non_finite(step: int, out: Path) -> NonFiniteError:
+    return NonFiniteError(f"non-finite loss or gradient before step {step}; the last good checkpoint "
+                          f"({runtime.checkpoint_path(out)}) was kept. "
+                          "Lower the lr (--blr) or check the data, then re-run to resume")
+
+
+def _check_finite(sums: torch.Tensor, info: runtime.DistInfo, step: int, out: Path) -> None:
+    if float(runtime.all_reduce_max(sums[-1:].clone(), info)[0]) > 0:
+        raise _non_finite(step, out)
+
+
+def _resolved_text(resolved: dict[str, Any]) -> str:
+    parts = [str(resolved.get("device", "?")), str(resolved.get("precision", "?"))]
+    if "compile" in resolved:
+        parts.append("compiled" if resolved["compile"] else "eager")
+    if "loader" in resolved:
+        parts.append(f"loader {resolved['loader']}")
+    return " ".join(parts)
+
+
+def _finish(task: Task, run: Run, log: Optional[MetricsLog], start_step: int, step: int, elapsed: float,
+            last_log: dict[str, Any], last_eval: dict[str, Any]) -> None:
+    if not run.info.is_main:
+        return
+    rows = task.finish()
+    if log is None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    schedule = run.schedule
+    images = (step - start_step) * schedule.images_per_step
+    table = Table(title=f"droppos {task.stage}: {run.out}", show_header=False)
+    table.add_row("steps", f"{start_step} -> {step} of {schedule.total_steps}")
+    table.add_row("images (this run)", f"{images:,}")
+    table.add_row("time", f"{elapsed:.1f} s")
+    table.add_row("throughput", f"{images / max(elapsed, 1e-9):.1f} img/s")
+    for metric in task.metrics:
+        if metric.name in last_log:
+            table.add_row(metric.label or f"final train {metric.name}", _shown(metric, last_log[metric.name]))
+    for metric in task.eval_metrics:
+        if metric.name in last_eval:
+            table.add_row(metric.label or metric.name, _shown(metric, last_eval[metric.name]))
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=200)  # logs: never cut paths to 80 columns
+    console.print(table)
+
+
+def _shown(metric: Metric, value: float) -> str:
+    return f"{value:.2f}%" if metric.percent else f"{value:.4f}"

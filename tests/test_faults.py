@@ -1,0 +1,572 @@
+"""Fault injection, by category of the hardening issue (#12): what a planted path, an edited index,
+a second writer, a strange input tree, an OS error or an unusual format does to droppos.
+
+Faults are injected with tests/faultlib.py (portable: as root too, no mount), in this process or
+in a `python -m droppos` subprocess. Every data set here is tiny: a run takes seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import faultlib
+import numpy as np
+import pytest
+from faultlib import Fault
+from PIL import Image, features
+
+from droppos import UserError
+from droppos.files import LOCK_NAME, OutputLock
+from droppos.manifest import load_manifest, split_shards
+from tools import shard_imagenet
+from tools.shard_imagenet import SkipImage, convert_image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_SIZE = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _jpeg(seed: int, width: int = 24, height: int = 20) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write(path: Path | bytes, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _make_source(root: Path) -> Path:
+    """train/{a,b,c}/ with 4 small JPEGs each, val/{a,b}/ with 1: 3 train shards and 1 val shard."""
+    seed = 0
+    for split, classes, count in (("train", "abc", 4), ("val", "ab", 1)):
+        for name in classes:
+            for i in range(count):
+                seed += 1
+                _write(root / split / name / f"{i}.jpg", _jpeg(seed))
+    return root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_source(tmp_path_factory.mktemp("faults-source"))
+
+
+@pytest.fixture(scope="module")
+def dataset(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`source` sharded without faults: the reference every faulty run is compared with."""
+    out = tmp_path_factory.mktemp("faults-dataset") / "data"
+    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)
+    return out
+
+
+def _copy(dataset: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy, symlinks=True)
+    return copy
+
+
+def _shard_bytes(data_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(data_dir.iterdir()) if p.suffix in (".tar", ".idx")}
+
+
+def _temporaries(data_dir: Path) -> list[str]:
+    return [p.name for p in data_dir.iterdir() if ".tmp" in p.name]
+
+
+def _edit_manifest(data_dir: Path, edit) -> None:
+    path = data_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "droppos", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one `droppos: error:` line of a run that failed the way a user mistake must."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("droppos: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) if the test blocks for 60 s, e.g. on opening a FIFO."""
+
+    def expire(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# The harness itself
+
+
+def test_faultlib_fails_writes_after_the_budget_and_restores(tmp_path: Path) -> None:
+    target = tmp_path / "disk"
+    target.mkdir()
+    with faultlib.inject(Fault("write", target, "ENOSPC", after=10)):
+        with open(target / "a", "wb", buffering=0) as f:
+            f.write(b"0123456789")  # exactly the budget
+            with pytest.raises(OSError) as err:
+                f.write(b"x")
+            assert err.value.errno == 28
+        with pytest.raises(OSError, match="No space left"):
+            (target / "b").write_text("buffered: fails when flushed")
+        with pytest.raises(PermissionError):
+            with faultlib.inject(Fault("read", target)):
+                open(target / "a", "rb")
+        (tmp_path / "elsewhere").write_bytes(b"not under the faulty path: unaffected" * 10)
+    (target / "b").write_bytes(b"restored" * 10)
+    assert (target / "a").read_bytes() == b"0123456789"
+
+
+# --------------------------------------------------------------------------------------------
+# 12.1 Confinement: a manifest names only files inside its dataset directory
+
+
+def _plant(data_dir: Path, tmp_path: Path, case: str) -> None:
+    """Point train shard 0 (tar or index) outside `data_dir`, at a real copy of the right file."""
+    outside = tmp_path / "x"
+    outside.mkdir()
+    for name in ("train-000000.tar", "train-000000.idx"):
+        shutil.copy(data_dir / name, outside / name)
+
+    def point(key: str, value: str):
+        return lambda manifest: manifest["splits"]["train"]["shards"][0].__setitem__(key, value)
+
+    if case == "dotdot-tar":
+        _edit_manifest(data_dir, point("tar", "../x/train-000000.tar"))
+    elif case == "dotdot-index":
+        _edit_manifest(data_dir, point("index", "../x/train-000000.idx"))
+    elif case == "absolute":
+        _edit_manifest(data_dir, point("tar", "/etc/passwd"))
+    elif case == "symlink":  # the listed name is innocent; the file behind it is not inside
+        (data_dir / "train-000000.tar").unlink()
+        (data_dir / "train-000000.tar").symlink_to(outside / "train-000000.tar")
+    else:
+        raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["dotdot-tar", "dotdot-index", "absolute", "symlink"])
+def test_paths_outside_the_dataset_are_refused_by_loaders_and_verify(dataset: Path, tmp_path: Path, case: str) -> None:
+    from droppos.data import build_loader
+
+    data_dir = _copy(dataset, tmp_path)
+    _plant(data_dir, tmp_path, case)
+    message = "outside the dataset directory"
+    with pytest.raises(UserError, match=message):
+        split_shards(data_dir, "train")
+    with pytest.raises(UserError, match=message):
+        shard_imagenet.verify(data_dir, decode=True)
+    with pytest.raises(UserError, match=message):
+        build_loader(data_dir, "train", "eval", batch_size=2, img_size=16, backend="pil", workers=0)
+    split_shards(data_dir, "val")  # the other split is untouched and still loads
+
+
+def test_verify_reports_a_planted_path_in_one_line(dataset: Path, tmp_path: Path) -> None:
+    data_dir = _copy(dataset, tmp_path)
+    _plant(data_dir, tmp_path, "dotdot-tar")
+    line = _one_line_error(_cli("shard", "--verify", str(data_dir)))
+    assert "'../x/train-000000.tar'" in line and "outside the dataset directory" in line
+
+
+def test_a_symlink_that_stays_inside_is_accepted(dataset: Path, tmp_path: Path) -> None:
+    data_dir = _copy(dataset, tmp_path)
+    (data_dir / "train-000000.tar").rename(data_dir / "real.tar")
+    (data_dir / "train-000000.tar").symlink_to("real.tar")
+    assert split_shards(data_dir, "train")[0].tar == (data_dir / "real.tar").resolve()
+    shard_imagenet.verify(data_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# 12.2 Index integrity: the manifest records each index's sha256; every entry is checked
+
+
+def _swap_label_offsets(index: Path, tar: Path) -> tuple[int, int]:
+    """Swap the .lbl offsets of the first two index lines whose samples have different labels
+    (what makes DALI train on wrong labels); returns the two line numbers (1 = the header)."""
+    with tarfile.open(tar) as archive:
+        labels = {m.name.split(".")[0]: archive.extractfile(m).read() for m in archive if m.name.endswith(".cls")}
+    lines = index.read_text().splitlines()
+    rows = [line.split() for line in lines[1:]]
+    first = 0
+    second = next(i for i, row in enumerate(rows) if labels[row[3].split(".")[0]] != labels[rows[first][3].split(".")[0]])
+    where = [next(j for j in range(0, len(row), 4) if row[j] == "lbl") for row in (rows[first], rows[second])]
+    rows[first][where[0] + 1], rows[second][where[1] + 1] = rows[second][where[1] + 1], rows[first][where[0] + 1]
+    index.write_text("\n".join([lines[0], *(" ".join(row) for row in rows)]) + "\n")
+    return first + 2, second + 2
+
+
+def test_swapped_label_offsets_are_refused(dataset: Path, source: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    data_dir = _copy(dataset, tmp_path)
+    index, tar = data_dir / "train-000001.idx", data_dir / "train-000001.tar"
+    first_line, _ = _swap_label_offsets(index, tar)
+
+    # The manifest's index hash stops every loader.
+    with pytest.raises(UserError, match="train-000001.idx: sha256 differs"):
+        split_shards(data_dir, "train")
+
+    # An index edited together with its hash: loaders cannot tell, --verify --decode can.
+    new_hash = shard_imagenet.file_sha256(index)
+    _edit_manifest(data_dir, lambda m: m["splits"]["train"]["shards"][1].__setitem__("index_sha256", new_hash))
+    split_shards(data_dir, "train")
+    with pytest.raises(UserError, match=rf"train-000001.idx: line {first_line}: lbl entry .* but the tar holds "
+                                        r"train_\d+\.lbl \(4 bytes\) there"):
+        shard_imagenet.verify(data_dir, decode=True)
+
+    # The same shard command rewrites that shard (its index) and nothing else.
+    capsys.readouterr()
+    shard_imagenet.run(source, data_dir, workers=1, shard_size=SHARD_SIZE)
+    assert "rewriting train-000001: train-000001.idx's sha256 differs" in capsys.readouterr().err
+    assert _shard_bytes(data_dir) == _shard_bytes(dataset)
+    assert load_manifest(data_dir)["splits"] == load_manifest(dataset)["splits"]
+
+
+def test_verify_reports_a_bad_index_in_one_line(dataset: Path, tmp_path: Path) -> None:
+    data_dir = _copy(dataset, tmp_path)
+    index = data_dir / "val-000000.idx"
+    index.write_text(index.read_text().replace(" 4 ", " 5 ", 1))  # one size off
+    new_hash = shard_imagenet.file_sha256(index)
+    _edit_manifest(data_dir, lambda m: m["splits"]["val"]["shards"][0].__setitem__("index_sha256", new_hash))
+    line = _one_line_error(_cli("shard", "--verify", str(data_dir)))
+    assert "val-000000.idx: line 2:" in line and "the index is corrupt or modified" in line
+
+
+def _strip_index_hashes(data_dir: Path) -> None:
+    """Make `data_dir` look written before index hashes existed (manifest and progress log)."""
+    _edit_manifest(data_dir, lambda m: [s.pop("index_sha256") for info in m["splits"].values() for s in info["shards"]])
+    log = data_dir / ".shard-progress.jsonl"
+    lines = log.read_text().splitlines()
+    records = [json.loads(line) for line in lines[1:]]
+    for record in records:
+        if record["entry"]:
+            record["entry"].pop("index_sha256")
+    log.write_text("\n".join([lines[0], *(json.dumps(r) for r in records)]) + "\n")
+
+
+def test_an_older_manifest_is_upgraded_in_place(dataset: Path, source: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    data_dir = _copy(dataset, tmp_path)
+    _strip_index_hashes(data_dir)
+    capsys.readouterr()
+    assert len(split_shards(data_dir, "train")) == 3  # still loads, with a warning
+    assert "records no index sha256" in capsys.readouterr().err
+    shard_imagenet.verify(data_dir)  # --verify checks those indexes entry by entry all the same
+    # An index modified while no hash was recorded is caught when the tar is re-read.
+    _swap_label_offsets(data_dir / "train-000002.idx", data_dir / "train-000002.tar")
+    with pytest.raises(UserError, match="train-000002.idx: line"):
+        shard_imagenet.verify(data_dir)
+    stamps = {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir() if p.suffix in (".tar", ".idx")}
+
+    capsys.readouterr()
+    shard_imagenet.run(source, data_dir, workers=1, shard_size=SHARD_SIZE)
+    assert "rewriting train-000002: train-000002.idx: line" in capsys.readouterr().err
+    assert load_manifest(data_dir) == load_manifest(dataset)  # index_sha256 recorded for every shard
+    assert _shard_bytes(data_dir) == _shard_bytes(dataset)
+    rewritten = {name for name, stamp in stamps.items() if (data_dir / name).stat().st_mtime_ns != stamp}
+    assert rewritten == {"train-000002.tar", "train-000002.idx"}  # the other tars were checked, not rewritten
+
+
+# --------------------------------------------------------------------------------------------
+# 12.3 One writer per output directory
+
+
+def test_a_second_shard_on_the_same_out_exits_2_naming_the_holder(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out, "shard"):
+        line = _one_line_error(_cli("shard", str(source), str(out), "--workers", "1", "--shard-size", "4"))
+        assert f"in use by `droppos shard` (pid {os.getpid()} on {socket.gethostname()}" in line
+        assert not (out / "manifest.json").exists()
+        # --verify only reads: it does not take the lock.
+    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)
+    with OutputLock(out, "shard"):
+        assert _cli("shard", "--verify", str(out)).returncode == 0
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(source: Path, dataset: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"command": "shard", "pid": int(dead.stdout), "host": socket.gethostname(), "since": "2026-01-01T00:00:00"}
+    (out / LOCK_NAME).write_text(json.dumps(record) + "\n")
+    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)
+    assert "taking over the lock" in capsys.readouterr().err
+    assert _shard_bytes(out) == _shard_bytes(dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# 12.5 Shard discovery: what is not a regular file is skipped with a reason; nothing vanishes
+
+BAD_NAME = b"caf\xe9.jpg"  # Latin-1, not UTF-8
+BAD_CLASS = b"\xff\xfeclass"
+
+
+def _awkward_source(root: Path) -> dict[str, str]:
+    """A source with every kind of entry discovery meets; returns {skipped path: reason fragment}."""
+    _make_source(root)
+    a = root / "train" / "a"
+    _write(a / ".hidden.jpg", _jpeg(90))
+    _write(a / ".cache" / "x.jpg", _jpeg(91))
+    os.mkfifo(a / "fifo.jpg")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(a / "sock.jpg"))
+    (a / "dev.jpg").symlink_to("/dev/null")
+    (a / "link.jpg").symlink_to("0.jpg")  # a symlink to a file is an input
+    (a / "loop").symlink_to(".")
+    (a / "broken.jpg").symlink_to("missing.jpg")
+    _write(os.fsencode(a) + b"/" + BAD_NAME, _jpeg(92))  # written, original bytes recorded
+    b = root / "train" / "b"
+    for name in ("1.jpg", "2.jpg"):
+        _write(b / "unlistable" / name, _jpeg(93))
+        _write(b / "unreadable" / name, _jpeg(94))
+    _write(os.fsencode(root / "train") + b"/" + BAD_CLASS + b"/0.jpg", _jpeg(95))
+    return {
+        "train/a/.hidden.jpg": "hidden file",
+        "train/a/.cache": "hidden folder (not searched)",
+        "train/a/fifo.jpg": "a FIFO (named pipe), not a regular file: not read",
+        "train/a/sock.jpg": "a socket, not a regular file: not read",
+        "train/a/dev.jpg": "a device file, not a regular file: not read",
+        "train/a/loop": "a symlink to a folder (not followed)",
+        "train/a/broken.jpg": "broken symlink",
+        "train/b/unlistable": "folder cannot be listed: Permission denied",
+        "train/b/unreadable/1.jpg": "unreadable file: Permission denied",
+        "train/b/unreadable/2.jpg": "unreadable file: Permission denied",
+        "train/\ufffd\ufffdclass/0.jpg": "class folder whose name is not valid UTF-8",
+    }
+
+
+def test_discovery_skips_what_is_not_an_input_and_counts_everything(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    expected = _awkward_source(root)
+    out = tmp_path / "out"
+    env = faultlib.env(Fault("list", root / "train" / "b" / "unlistable"), Fault("read", root / "train" / "b" / "unreadable"))
+    result = _cli("shard", str(root), str(out), "--workers", "2", "--shard-size", "4", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(out)
+    written = 14 + 2  # the 14 plain images, link.jpg and the Latin-1 name: nothing else
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (written + len(expected), written, len(expected))
+    assert f"total: found {written + len(expected)}, written {written}, skipped {len(expected)}" in result.stdout
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    assert reasons.keys() == expected.keys()
+    for path, fragment in expected.items():
+        assert fragment in reasons[path], (path, reasons[path])
+    bad_class = next(s for s in skipped if s["path"].startswith("train/\ufffd"))
+    assert base64.b64decode(bad_class["path_bytes"]) == b"train/" + BAD_CLASS + b"/0.jpg"
+    metas = []
+    for entry in split_shards(out, "train", manifest):
+        with tarfile.open(entry.tar) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    latin = [m for m in metas if "path_bytes" in m]
+    assert len(latin) == 1 and base64.b64decode(latin[0]["path_bytes"]) == b"train/a/" + BAD_NAME
+    assert latin[0]["path"] == "train/a/caf\ufffd.jpg"
+    assert {m["path"] for m in metas} >= {"train/a/link.jpg", "train/a/0.jpg"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads through chmod 000 (the faultlib test above covers it)")
+def test_a_folder_without_permissions_is_one_skipped_entry(tmp_path: Path) -> None:
+    root = _make_source(tmp_path / "src")
+    closed = root / "train" / "c"
+    closed.chmod(0)
+    try:
+        manifest = shard_imagenet.run(root, tmp_path / "out", workers=1, shard_size=SHARD_SIZE)
+    finally:
+        closed.chmod(0o755)
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"path": "train/c", "reason": "folder cannot be listed: Permission denied"}]
+    assert manifest["written"] + manifest["skipped"] == manifest["found"] == 11
+
+
+def test_a_source_that_cannot_be_listed_is_one_line(source: Path, tmp_path: Path) -> None:
+    with faultlib.inject(Fault("list", source)), pytest.raises(UserError, match="cannot be listed: Permission denied"):
+        shard_imagenet.run(source, tmp_path / "out", workers=1)
+
+
+def test_out_inside_source_through_a_symlink_is_refused(source: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(source / "train")
+    with pytest.raises(UserError, match=r"must not be SOURCE or lie inside its train/ or val/ folder"):
+        shard_imagenet.run(source, link / "out", workers=1)
+    assert not (source / "train" / "out").exists()  # refused before anything was created
+
+
+def test_list_entries_resolving_outside_source_are_not_read(source: Path, tmp_path: Path, no_hang) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(source / "train", root)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(_jpeg(7))
+    (root / "a" / "escape.jpg").symlink_to(secret)
+    os.mkfifo(root / "a" / "fifo.jpg")
+    listing = tmp_path / "train.txt"
+    listing.write_text("a/0.jpg 0\na/escape.jpg 0\na/fifo.jpg 0\nb/0.jpg 1\n")
+    with faultlib.inject(Fault("read", secret)):  # reading it would be refused loudly, not skipped
+        manifest = shard_imagenet.run(root, tmp_path / "out", lists={"train": listing}, workers=1)
+    skipped = {json.loads(line)["path"]: json.loads(line)["reason"]
+               for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()}
+    assert skipped == {"a/escape.jpg": "resolves outside SOURCE (through a symlink): not read",
+                       "a/fifo.jpg": "a FIFO (named pipe), not a regular file: not read"}
+    assert (manifest["found"], manifest["written"]) == (4, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# 12.6 OS errors: one line naming the path and the cause; temporaries removed; re-run finishes
+
+
+def test_a_read_only_out_is_one_line(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _cli("shard", str(source), str(out), "--workers", "1", env=faultlib.env(Fault("write", out, "EROFS")))
+    line = _one_line_error(result)
+    assert str(out) in line and "Read-only file system" in line
+    assert list(out.iterdir()) == []
+
+
+def test_an_out_whose_parent_is_a_file_is_one_line(source: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    line = _one_line_error(_cli("shard", str(source), str(tmp_path / "a_file" / "out"), "--workers", "1"))
+    assert str(tmp_path / "a_file" / "out") in line and "Not a directory" in line
+
+
+def _budget(dataset: Path, case: str) -> tuple[int, str]:
+    """Bytes a faulty disk lets through, and the file whose writing then fails."""
+    sizes = {p.name: p.stat().st_size for p in dataset.iterdir()}
+    lock_and_log = 400 + sizes[".shard-progress.jsonl"]  # lock record, progress log (header and records)
+    if case == "mid-shard":  # room for train shards 0 and 1, not for shard 2
+        return sum(sizes[f"train-00000{i}.{ext}"] for i in (0, 1) for ext in ("tar", "idx")) + lock_and_log, "train-000002.tar"
+    if case == "manifest":  # every shard fits; the manifest does not
+        return sum(size for name, size in sizes.items() if name.endswith((".tar", ".idx"))) + lock_and_log, "manifest.json"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["mid-shard", "manifest"])
+def test_a_full_disk_stops_cleanly_and_a_rerun_finishes_byte_identical(
+    source: Path, dataset: Path, tmp_path: Path, case: str
+) -> None:
+    out = tmp_path / "out"
+    budget, failing = _budget(dataset, case)
+    env = faultlib.env(Fault("write", out, "ENOSPC", after=budget))
+    line = _one_line_error(_cli("shard", str(source), str(out), "--workers", "1", "--shard-size", "4", env=env))
+    assert f"cannot write {out / failing}: No space left on device (the disk is full" in line
+    assert _temporaries(out) == [] and not (out / "manifest.json").exists()
+    log = (out / ".shard-progress.jsonl").read_text().splitlines()
+    done = [json.loads(record)["name"] for record in log[1:]]  # every line whole
+    assert done == (["train-000000", "train-000001"] if case == "mid-shard" else
+                    ["train-000000", "train-000001", "train-000002", "val-000000"])
+    reference = _shard_bytes(dataset)
+    assert {name: data for name, data in _shard_bytes(out).items()} == {n: reference[n] for n in _shard_bytes(out)}
+
+    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)  # with space again
+    assert _shard_bytes(out) == reference
+    assert load_manifest(out)["splits"] == load_manifest(dataset)["splits"]
+
+
+def test_a_full_disk_in_a_worker_pool_stops_cleanly(source: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = faultlib.env(Fault("write", out, "ENOSPC", after=3000))  # per process: every worker runs out in its first shard
+    line = _one_line_error(_cli("shard", str(source), str(out), "--workers", "2", "--shard-size", "4", env=env))
+    assert "No space left on device" in line and str(out) in line
+    assert _temporaries(out) == []
+    shard_imagenet.run(source, out, workers=2, shard_size=SHARD_SIZE)
+    assert _shard_bytes(out) == _shard_bytes(dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# 12.9 Formats: WebP and TIFF decode or name the missing codec; bombs and --max-side
+
+# 16x12 RGB gradients made by a Pillow-SIMD built with libwebp and libtiff (`make setup`):
+# lossless WebP, and TIFF with Adobe deflate compression (which only libtiff decodes).
+WEBP = base64.b64decode("UklGRioAAABXRUJQVlA4TB4AAAAvD8ACAJmM6H9sIqL/ASEBYYT/dzV5IAYhJgC46i4=")
+TIFF_DEFLATE = base64.b64decode(
+    "SUkqAKYBAAB4nA3MEcItIRQA4IM/BsHFMAwHgnDw4GAQDIYHw4EgHDx4MQguhmELCGYJs4T3vgV8ACDgT4Ew8HGgELQHE2FL4ArsDFjh6OAn"
+    "nA/EFwjkn5BCyY+RykmN0ni5RemS3ItElkeVvstzyvhIemUCLYT+KK2M1k4b1JvXLuo9aSz6YO2rPruOU9Oj06svsB9hlbLaWOPshtZ5u0eL"
+    "yR7FerZntbFbmjY99nptAVQCtUJjcHPoEHePGPFI6AuejLEidUwTrwfLizcELYJRYTPBubBjQB+OGHwKZwmRA9WQerhmKE+438BARtCmyBna"
+    "HSHS4clHOhPFQsSUKl2dyqT7IX7pC3kT2am8m4wuH5i9z2fMMWUqOXG+ai493zPzk79vrsBO8K4YDR+OPfLpOcb/L6fCF3OpfHfmyd+H68s/"
+    "aLtoqNphmnftxBZ9o9hSaldphdtdG/f2na0+7fe2DgPFONTwZpxuRBzkR4rjSqOUcfPgOr591Dl+z+jvGLAOsbxap1nRLcKV/LriKmndZTGv"
+    "b121r99c/VnjXfMfAYn6gQAKAAABAwABAAAAEAAAAAEBAwABAAAADAAAAAIBAwADAAAAJAIAAAMBAwABAAAACAAAAAYBAwABAAAAAgAAABEB"
+    "BAABAAAACAAAABUBAwABAAAAAwAAABYBAwABAAAADAAAABcBBAABAAAAnQEAABwBAwABAAAAAQAAAAAAAAAIAAgACAA="
+)
+CODEC_FILES = {"webp": (WEBP, "WebP", "tiff"), "libtiff": (TIFF_DEFLATE, "libtiff", "webp")}
+
+
+@pytest.mark.parametrize("codec", sorted(CODEC_FILES))
+def test_webp_and_tiff_decode_or_name_the_missing_codec(codec: str) -> None:
+    data, name, _ = CODEC_FILES[codec]
+    if features.check(codec):
+        result = convert_image(data)
+        assert (result.width, result.height) == (16, 12) and Image.open(io.BytesIO(result.jpg)).format == "JPEG"
+    else:
+        with pytest.raises(SkipImage, match=rf"^needs the {name} codec, which this Pillow-SIMD build lacks \(run `make setup`"):
+            convert_image(data)
+
+
+@pytest.mark.parametrize("codec", sorted(CODEC_FILES))
+def test_a_missing_codec_is_named_whatever_this_build_has(codec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason a user gets on a build without the codec, simulated on any build."""
+    data, name, _ = CODEC_FILES[codec]
+    if codec == "webp":
+        from PIL import WebPImagePlugin
+
+        monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)
+        monkeypatch.setattr(shard_imagenet.features, "check", lambda feature: feature != "webp")
+    else:
+        monkeypatch.delattr(Image.core, "libtiff_decoder", raising=False)
+    with pytest.raises(SkipImage, match=rf"^needs the {name} codec"):
+        convert_image(data)
+
+
+def test_an_uncompressed_tiff_decodes_on_every_build() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 8), (200, 10, 10)).save(buffer, "TIFF")
+    assert "tiff" in convert_image(buffer.getvalue()).actions
+
+
+def test_a_huge_jpeg_is_admitted_by_max_side_else_skipped_naming_it(tmp_path: Path) -> None:
+    data, limit = _jpeg(5, 480, 360), 60_000  # 172,800 pixels
+    with pytest.raises(SkipImage, match=r"480x360 pixels exceed the limit of 60000; --max-side 240 \(or smaller\) would admit it"):
+        convert_image(data, max_pixels=limit)
+    with pytest.raises(SkipImage, match=r"--max-side 240"):
+        convert_image(data, max_side=400, max_pixels=limit)  # 400 needs the full decode
+    result = convert_image(data, max_side=240, max_pixels=limit)  # decoded at 1/2 scale
+    assert Image.open(io.BytesIO(result.jpg)).size == (240, 180) and (result.width, result.height) == (480, 360)
+    with pytest.raises(SkipImage, match=r"even decoded at 1/8 scale"):
+        convert_image(data, max_side=16, max_pixels=100)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    with pytest.raises(SkipImage, match=r"only a JPEG can be decoded reduced \(--max-side\), not a PNG"):
+        convert_image(png.getvalue(), max_side=100, max_pixels=limit)
+
+    root = _make_source(tmp_path / "src")
+    _write(root / "train" / "a" / "huge.jpg", data)
+    shard_imagenet.run(root, tmp_path / "out", workers=1, max_side=240, max_pixels=limit)
+    assert (tmp_path / "out" / "skipped.jsonl").read_text() == ""  # admitted, not skipped

@@ -1,0 +1,258 @@
+"""The shared training loop, the same way for pretrain, finetune and probe (the real CLI, tiny models):
+kill -9 then resume reproduces the uninterrupted run's losses; SIGTERM saves and exits 143; a non-finite
+loss stops with one line and keeps a finite checkpoint; metrics.jsonl has each step once; an interrupted
+evaluation runs again; one writer per run directory; resuming with another schedule needs --force-resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from droppos.loop import Metric, Run, Schedule, Task, evaluation_due, lr_at, train
+from droppos.recipes import LaunchOptions
+from droppos.runtime import DistInfo
+
+CPU = ["--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0"]
+STAGES = {
+    # 120 train images: 15 steps per epoch at batch 8 (pretrain, probe), 7 at batch 16 (finetune).
+    "pretrain": ["--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
+                 "--decoder-width", "64", "--decoder-depth", "1", "--batch-size", "8", "--epochs", "4",
+                 "--warmup-epochs", "1"],
+    # Mixup, cutmix, erasing, drop path and EMA on: every random stream must come back on resume.
+    "finetune": ["--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "16",
+                 "--epochs", "8", "--warmup-epochs", "1", "--ema", "--drop-path", "0.1"],
+    # The streaming probe: the frozen encoder on augmented images every step.
+    "probe": ["--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "1", "--batch-size", "8",
+              "--epochs", "4", "--warmup-epochs", "1"],
+}
+STEPS = {"pretrain": 60, "finetune": 56, "probe": 60}
+
+
+def droppos(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "droppos", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        path = run / "metrics.jsonl"
+        if path.exists():
+            try:
+                if any(r.get("step", 0) >= step and "loss" in r for r in metrics(run)):
+                    return
+            except ValueError:
+                pass  # a line being written
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for training progress")
+
+
+def command(stage: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [stage, "--data", str(data), "--out", str(out), *STAGES[stage], *CPU, *extra]
+
+
+# --- the schedule --------------------------------------------------------------------------
+
+
+def test_lr_warmup_then_cosine():
+    assert lr_at(0, 1.0, 10, 100) == 0.0
+    assert lr_at(5, 1.0, 10, 100) == pytest.approx(0.5)
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
+
+
+def test_evaluations_fall_on_epoch_ends_and_the_stop_step():
+    schedule = Schedule(steps_per_epoch=10, epochs=5, warmup_steps=0, peak_lr=1.0, min_lr=0.0, images_per_step=8,
+                        max_steps=45)
+    assert schedule.stop_step == 45 and schedule.position(23) == (2, 3)
+    assert [s for s in range(46) if evaluation_due(s, schedule, 1)] == [10, 20, 30, 40, 45]
+    assert [s for s in range(46) if evaluation_due(s, schedule, 2)] == [20, 40, 45]
+    assert [s for s in range(46) if evaluation_due(s, schedule, 0)] == [45]
+
+
+# --- exact resume, signals, divergence: the same for every stage ------------------------------
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_kill9_then_resume_matches_an_uninterrupted_run(stage, sample_shards, tmp_path):
+    steps = STEPS[stage]
+    extra = ["--max-steps", str(steps), "--log-every", "1", "--ckpt-every", "3"]
+    straight = tmp_path / "straight"
+    result = droppos(*command(stage, sample_shards, straight, *extra))
+    assert result.returncode == 0, result.stderr
+    resumed = tmp_path / "resumed"
+    proc = start(*command(stage, sample_shards, resumed, *extra))
+    wait_for_step(resumed, 7, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 3 <= killed_at < steps
+    result = droppos(*command(stage, sample_shards, resumed, *extra))
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from step {killed_at}" in result.stderr
+    want = {r["step"]: r for r in metrics(straight) if "loss" in r}
+    records = [r for r in metrics(resumed) if "loss" in r]
+    got = {r["step"]: r for r in records}
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # each step once: no duplicates after resume
+    for step in range(1, steps + 1):
+        assert got[step]["lr"] == want[step]["lr"], step
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), (step, killed_at)
+    evaluations = [r for r in metrics(resumed) if any(k.startswith("val_") for k in r)]
+    assert [r["step"] for r in evaluations] == [r["step"] for r in metrics(straight) if any(k.startswith("val_") for k in r)]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_sigterm_saves_a_checkpoint_and_exits_143(stage, sample_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = start(*command(stage, sample_shards, run, "--log-every", "1", "--ckpt-every", "1000"))
+    wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "re-run the same command to resume" in err and "Traceback" not in err
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] >= 2 and saved["reason"] == "stopped by SIGTERM" and saved["stage"] == stage
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_divergence_stops_with_one_line_and_keeps_a_finite_checkpoint(stage, sample_shards, tmp_path):
+    run = tmp_path / "run"
+    result = droppos(*command(stage, sample_shards, run, "--lr", "1e30", "--warmup-epochs", "0", "--log-every", "1",
+                              "--ckpt-every", "1", "--max-steps", "20"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "non-finite" in lines[-1] and lines[-1].startswith("droppos: error:") and "Traceback" not in result.stderr
+    last = run / "checkpoints" / "last.pt"
+    if last.exists():
+        saved = torch.load(last, weights_only=True)
+        for part in ("model", "head", "ema"):
+            for value in (saved.get(part) or {}).values():
+                if value.is_floating_point():
+                    assert torch.isfinite(value).all(), part
+
+
+# --- evaluation, metrics, locks, resume compatibility (pretrain stands for all: the loop is shared) ---
+
+
+class Toy(Task):
+    """A linear model on seeded random batches: the loop's bookkeeping without a real stage."""
+
+    stage = "toy"
+    metrics = (Metric("loss"),)
+
+    def __init__(self, sigterm_at: int = -1) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0)
+        self.sigterm_at, self.evaluated = sigterm_at, []
+
+    def parts(self):
+        return {"model": self.model, "optimizer": self.optimizer}
+
+    def batches(self, epoch, start_batch):
+        for batch in range(start_batch, 5):
+            yield torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * epoch + batch))
+
+    def step(self, step, micro, sums):
+        loss = self.model(micro[0]).square().mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        sums[0] += loss.detach()
+        if step + 1 == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives before the loop's stop check of this step
+
+    def evaluate(self, step, epoch, progress):
+        self.evaluated.append(step)
+        return {"val_loss": 0.0}
+
+
+def _toy_run(out: Path, task: Task) -> None:
+    config = LaunchOptions(out=str(out), log_every=1, ckpt_every=100)
+    schedule = Schedule(steps_per_epoch=5, epochs=3, warmup_steps=0, peak_lr=0.1, min_lr=0.0, images_per_step=8)
+    train(task, Run(config, schedule, DistInfo(0, 1, 0, torch.device("cpu")), out, {"device": "cpu"}))
+
+
+def test_an_interrupted_evaluation_runs_again_on_resume(tmp_path):
+    out = tmp_path / "toy"
+    first = Toy(sigterm_at=10)  # the last step of epoch 2: stopped before its evaluation
+    with pytest.raises(SystemExit) as stopped:
+        _toy_run(out, first)
+    assert stopped.value.code == 143 and first.evaluated == [5]
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["step"], saved["evaluated_step"], saved["stage"]) == (10, 5, "toy")
+    second = Toy()
+    _toy_run(out, second)
+    assert second.evaluated == [10, 15]  # the interrupted evaluation first, then the rest
+    records = metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
+    assert [r["step"] for r in records if "val_loss" in r] == [5, 10, 15]
+    third = Toy()
+    _toy_run(out, third)  # finished: nothing to train, nothing evaluated again
+    assert third.evaluated == []
+
+
+def test_one_writer_per_run_directory(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = start(*command("pretrain", sample_shards, run, "--log-every", "1"))
+    try:
+        wait_for_step(run, 1, proc)
+        result = droppos(*command("pretrain", sample_shards, run), timeout=120)
+        assert result.returncode == 2
+        line, = result.stderr.strip().splitlines()
+        assert "is in use by `droppos pretrain`" in line and f"pid {proc.pid}" in line and "since" in line
+    finally:
+        proc.kill()
+        proc.wait()
+    # The killed holder's lock is taken over by the next run.
+    result = droppos(*command("pretrain", sample_shards, run, "--max-steps", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "taking over the lock" in result.stderr
+
+
+def test_another_schedule_needs_force_resume_and_config_keeps_both(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    assert droppos(*command("pretrain", sample_shards, run, "--max-steps", "2")).returncode == 0
+    result = droppos(*command("pretrain", sample_shards, run, "--max-steps", "4", "--batch-size", "4"))
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert "batch_size=8 (now 4)" in line and "--force-resume" in line
+    result = droppos(*command("pretrain", sample_shards, run, "--max-steps", "4", "--batch-size", "4", "--force-resume"))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["batch_size"] == 4 and [h["batch_size"] for h in config["history"]] == [8]
+    assert config["force_resume"] is True and config["history"][0]["force_resume"] is False
+    assert config["run_card"]["data_manifest_sha256"] and config["run_card"]["packages"]["torch"]
+
+
+def test_config_records_what_auto_became(sample_shards, tmp_path):
+    run = tmp_path / "run"
+    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *STAGES["pretrain"],
+                     "--max-steps", "1", "--workers", "0", "--no-compile")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["loader"] == "pil" and config["device"] == "cpu" and config["precision"] == "fp32"
+    assert config["requested"]["loader"] == "auto" and config["compile"] is False
+    assert config["schedule"]["effective_batch"] == 8 and math.isclose(config["schedule"]["peak_lr"], 1.5e-4 * 8 / 256)
+    card = config["run_card"]
+    assert card["world_size"] == 1 and card["hardware"]["cpu_count"] >= 1 and "timm" in card["packages"]
