@@ -92,7 +92,7 @@ DENSE_BF16_PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 BENCH_RUNS = (("separate", 64), ("separate", 256), ("inline", 64))
 PRETRAIN_ARGS = ("--model vit_tiny_patch16 --img-size 48 --patch-size 8 --depth 4 --mask-ratio 0.5 "
                  "--decoder-width 192 --decoder-depth 1 --batch-size 64 --blr 3e-3 --epochs 10 "
-                 "--warmup-epochs 1 --max-steps 200 --log-every 20 --ckpt-every 1000")
+                 "--warmup-epochs 1 --max-steps 200 --log-every 20 --ckpt-every 1000 --eval-every 0")
 SMOKE_PRETRAIN_ARGS = ("--model vit_tiny_patch16 --img-size 32 --patch-size 8 --depth 1 --mask-ratio 0.5 "
                        "--decoder-width 32 --decoder-depth 1 --batch-size 16 --epochs 2 --warmup-epochs 1 "
                        "--max-steps 4 --log-every 2 --ckpt-every 1000 --device cpu --loader pil --workers 1")
