@@ -82,3 +82,17 @@ bench: setup
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# On a GPU machine: `make gpu-check` (benchmarks/gpu_check.py: the CUDA-marked tests, the step and loader
+# benchmarks and a 200-step pre-training, in under 8 minutes; one JSON summary in $(GPU_CHECK_OUT)). No setup
+# there (no package index): the machine's python3 runs it, with the wheels `make gpu-wheels` downloaded here
+# (webdataset, braceexpand, DALI; git-ignored .gpu-wheels/, carried by the device calls in gpu_check.py's docstring).
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+GPU_CHECK_OUT ?= gpu-check-out
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py
