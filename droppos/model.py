@@ -39,15 +39,12 @@ and `droppos_vit_huge_patch14` with timm.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, PatchEmbed, build_sincos2d_pos_embed, calculate_drop_path_rates, to_2tuple
 from timm.models import register_model
 from timm.models.vision_transformer import Block
@@ -62,10 +59,9 @@ __all__ = [
     "encoder_state_dict",
     "mask_counts",
     "position_targets",
-    "sigma_at",
 ]
 
-MASK_TOKEN_TYPES = ("learnable", "zeros", "wrong", "random-wrong")
+from droppos.recipes import MASK_TOKENS as MASK_TOKEN_TYPES  # noqa: E402 - the one list (recipes is torch-free)
 
 # sigma**2 is clamped here so that sigma = 0 gives exp(-d^2 / eps) = exactly 0 off the diagonal and 1 on it.
 _SIGMA_SQ_EPS = 1e-12
@@ -141,11 +137,6 @@ def attentive_weights(cls_feat: torch.Tensor, patch_feats: torch.Tensor, tau: fl
         patch_feats = F.normalize(patch_feats.float(), dim=-1)
         cos = torch.einsum("bd,bld->bl", cls_feat, patch_feats)
         return torch.softmax(cos / tau, dim=-1)
-
-
-def sigma_at(progress: float, sigma0: float = 1.0) -> float:
-    """Smoothing sigma at training progress in [0, 1]: linear sigma0 -> 0 (clamped), stepped per iteration."""
-    return float(sigma0) * (1.0 - min(max(float(progress), 0.0), 1.0))
 
 
 def _block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:

@@ -120,6 +120,7 @@ class PretrainTask(loop.Task):
 
     def __init__(self, config: PretrainConfig, info: runtime.DistInfo) -> None:
         from droppos.data import build_loader
+        from droppos.model import compile_step
 
         self.config, self.info, self.device = config, info, info.device
         self.out = Path(config.out)
@@ -137,9 +138,10 @@ class PretrainTask(loop.Task):
         groups = optimizer_groups(self.model, config.weight_decay, config.decay_tokens)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=self.device.type == "cuda")
         # DDP first, then compile the wrapped module: DDPOptimizer splits the graph at bucket
-        # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice).
+        # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice). Compiled,
+        # the attentive pass is its own inference graph (a CUDA graph on CUDA): model.compile_step.
         self.ddp = runtime.wrap_ddp(self.model, info, config.accum)
-        self.forward = torch.compile(self.ddp) if use_compile else self.ddp
+        self.saliency, self.forward = compile_step(self.ddp, self.device) if use_compile else (None, self.ddp)
         self.sigma = torch.zeros((), device=self.device)
         self.total_steps = 1  # set from the schedule before training
 
@@ -167,7 +169,8 @@ class PretrainTask(loop.Task):
             last = i == len(micro) - 1
             no_sync = self.ddp.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             with no_sync, runtime.autocast(self.device, self.precision):
-                out = self.forward(images, self.sigma)
+                weights = self.saliency(images) if self.saliency is not None else None  # else inside forward
+                out = self.forward(images, self.sigma, saliency=weights)
             (out["loss"] / len(micro)).backward()
             sums[0] += out["loss"].detach().float() / len(micro)
             sums[1] += out["pos_acc"].detach().float() / len(micro)

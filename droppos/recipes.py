@@ -41,7 +41,9 @@ MODELS: dict[str, tuple[int, int, int, int]] = {
 LOADERS = ("auto", "dali", "pil")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp32")
-MASK_TOKENS = ("learnable", "zeros", "wrong")
+# [MASK] position tokens: learnable; zeros; wrong: the dropped patches' own PEs shuffled among them, one
+# permutation per batch (the published code); random-wrong: the PE of a random other cell.
+MASK_TOKENS = ("learnable", "zeros", "wrong", "random-wrong")
 POOLS = ("avg", "token")  # timm's names: mean of the patch tokens (+ fc_norm), or the [CLS] token
 CLIP_MODES = ("per-param", "global")
 PROBE_FILLS = {  # eval-pos --probe-fill -> what replaces a dropped PE in the position probe
@@ -189,7 +191,9 @@ class PretrainConfig(LaunchOptions):
                                high=1, high_open=True, resume="run", model_arg=True)
     pos_mask_ratio: float = option(0.75, "Position-drop ratio gamma_pos: the share of visible patches whose PE "
                                    "is dropped.", PRETEXT, low=0, high=1, resume="run", model_arg=True)
-    mask_token: str = option("learnable", "What replaces a dropped PE.", PRETEXT, choices=MASK_TOKENS,
+    mask_token: str = option("learnable", "What replaces a dropped PE: a learnable token, zeros, the dropped "
+                             "patches' own PEs shuffled (wrong, as published) or a random other cell's PE.",
+                             PRETEXT, choices=MASK_TOKENS,
                              resume="arch", model_arg=True)
     sigma: float = option(1.0, "Initial position-smoothing sigma (patches).", PRETEXT, low=0, resume="run")
     sigma_decay: bool = option(True, "Decay sigma linearly to 0 over training (per step).", PRETEXT, resume="run")

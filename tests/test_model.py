@@ -19,7 +19,6 @@ from droppos.model import (
     compile_step,
     mask_counts,
     position_targets,
-    sigma_at,
 )
 
 # A ViT small enough for a 2-core CPU: 32x48 images, patch 8 -> a 4x6 grid (non-square on purpose).
@@ -85,14 +84,6 @@ def test_targets_one_hot_at_sigma_zero_and_smaller_sigma_is_sharper():
         assert torch.isfinite(t).all()
         torch.testing.assert_close(t, torch.eye(192))
     assert position_targets((14, 14), 0.5)[0, 0] > position_targets((14, 14), 1.0)[0, 0]
-
-
-def test_sigma_schedule_linear_and_clamped():
-    assert sigma_at(0.0) == 1.0
-    assert sigma_at(0.25) == pytest.approx(0.75)
-    assert sigma_at(1.0) == 0.0
-    assert sigma_at(1.5) == 0.0 and sigma_at(-1.0) == 1.0
-    assert sigma_at(0.5, sigma0=2.0) == pytest.approx(1.0)
 
 
 def test_attentive_weights_softmax_of_cosine():
