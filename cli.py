@@ -234,6 +234,14 @@ def probe(config: ProbeConfig) -> None:
     stage.run(config)
 
 
+@stage_command("eval-pos", EvalPosConfig, "Measure location awareness: position accuracy, token-order "
+               "sensitivity, position linear probe.")
+def eval_pos(config: EvalPosConfig) -> None:
+    from droppos import evalpos
+
+    evalpos.run(config)
+
+
 @stage_command("export", ExportConfig, "Export an encoder for timm (local-dir / Hugging Face Hub folder), "
                "Detectron2's ViTDet or MMSegmentation's MAE backbone.")
 def export(config: ExportConfig) -> None:
@@ -245,14 +253,6 @@ def export(config: ExportConfig) -> None:
     path = stage.run(config.source, config.format, config.out)
     print(f"exported {config.source} for {config.format} -> {path}")
     print("next: " + stage.downstream_command(config.format, path, stage.read_source(config.source).meta))
-
-
-@stage_command("eval-pos", EvalPosConfig, "Measure location awareness: position accuracy, token-order "
-               "sensitivity, position linear probe.")
-def eval_pos(config: EvalPosConfig) -> None:
-    from droppos import evalpos
-
-    evalpos.run(config)
 
 
 def _fail(message: str) -> NoReturn:
