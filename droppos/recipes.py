@@ -145,6 +145,38 @@ class LaunchOptions:
                                 "(config.json keeps the earlier record).", OUTPUT)
 
 
+def _epochs(default: int) -> Any:
+    return option(default, "Epochs.", OPTIM, low=1, resume="run")
+
+
+def _warmup_epochs(default: float) -> Any:
+    return option(default, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0, resume="run")
+
+
+def _accum() -> Any:
+    return option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
+
+
+def _blr(default: float) -> Any:
+    return option(default, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
+
+
+def _lr() -> Any:
+    return option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run", default_text="from --blr")
+
+
+def _min_lr(default: float) -> Any:
+    return option(default, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+
+
+def _preset(presets: dict[str, dict[str, Any]]) -> Any:
+    return option(None, "A recipe bundle; options given with it override it.", RECIPE, choices=tuple(presets))
+
+
+# The schedule's options mean the same in every training stage (only their defaults differ): declared once
+# above, by these factories.
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-training
 
@@ -171,8 +203,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 class PretrainConfig(LaunchOptions):
     """`droppos pretrain`; defaults = METHOD.md's ViT-B/16 800-epoch recipe."""
 
-    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
-                                   choices=tuple(PRETRAIN_PRESETS))
+    preset: Optional[str] = _preset(PRETRAIN_PRESETS)
     model: str = option("vit_base_patch16", "Encoder size.", MODEL, choices=tuple(MODELS), resume="arch")
     img_size: int = option(224, "Input resolution (pixels, square).", MODEL, low=8, resume="arch")
     patch_size: Optional[int] = option(None, "Patch size.", MODEL, low=1, resume="arch", model_arg=True,
@@ -203,15 +234,13 @@ class PretrainConfig(LaunchOptions):
     aux_mae: bool = option(False, "Add the auxiliary MAE pixel loss.", PRETEXT, resume="arch", model_arg=True)
     pos_weight: float = option(1.0, "Weight of the position loss with --aux-mae.", PRETEXT, low=0, resume="run",
                                model_arg=True)
-    epochs: int = option(800, "Epochs.", OPTIM, low=1, resume="run")
-    warmup_epochs: float = option(10, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
-                                  resume="run")
+    epochs: int = _epochs(800)
+    warmup_epochs: float = _warmup_epochs(10)
     batch_size: int = option(64, "Batch per device.", OPTIM, low=1, resume="run")
-    accum: int = option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
-    blr: float = option(1.5e-4, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
-                                 default_text="from --blr")
-    min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    accum: int = _accum()
+    blr: float = _blr(1.5e-4)
+    lr: Optional[float] = _lr()
+    min_lr: float = _min_lr(0.0)
     weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms).", OPTIM, low=0, resume="run")
     decay_tokens: bool = option(True, "Weight decay on the [CLS] and [MASK] tokens too, as the published code "
                                 "(its rule skips only 1-D parameters and biases).", OPTIM, resume="run")
@@ -266,8 +295,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 class FinetuneConfig(EncoderOptions):
     """`droppos finetune`; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
 
-    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
-                                   choices=tuple(FINETUNE_PRESETS))
+    preset: Optional[str] = _preset(FINETUNE_PRESETS)
     pool: str = option("avg", "Feature: avg (patch tokens, fc_norm) or token ([CLS]).", MODEL, choices=POOLS,
                        resume="arch")
     drop_path: float = option(0.1, "Stochastic depth rate.", AUGMENT, low=0, high=1, high_open=True, resume="run")
@@ -279,16 +307,14 @@ class FinetuneConfig(EncoderOptions):
     ema: bool = option(False, "Keep and evaluate an EMA of the weights.", AUGMENT, resume="arch")
     ema_decay: float = option(0.9999, "EMA decay.", AUGMENT, low=0, high=1, low_open=True, high_open=True,
                               resume="run")
-    epochs: int = option(100, "Epochs.", OPTIM, low=1, resume="run")
-    warmup_epochs: float = option(5, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
-                                  resume="run")
+    epochs: int = _epochs(100)
+    warmup_epochs: float = _warmup_epochs(5)
     batch_size: int = option(128, "Batch per device (8 GPUs x 128 = the recipe's 1024).", OPTIM, low=1,
                              resume="run")
-    accum: int = option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
-    blr: float = option(1e-3, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
-                                 default_text="from --blr")
-    min_lr: float = option(1e-6, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    accum: int = _accum()
+    blr: float = _blr(1e-3)
+    lr: Optional[float] = _lr()
+    min_lr: float = _min_lr(1e-6)
     weight_decay: float = option(0.05, "AdamW weight decay.", OPTIM, low=0, resume="run")
     layer_decay: float = option(0.75, "Layer-wise lr decay.", OPTIM, low=0, high=1, low_open=True, resume="run")
     clip_grad: float = option(0.0, "Gradient-norm clip (0: off, as in MAE's fine-tuning).", OPTIM, low=0,
@@ -310,21 +336,18 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 class ProbeConfig(EncoderOptions):
     """`droppos probe`; defaults = MAE's linear probe (METHOD.md)."""
 
-    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
-                                   choices=tuple(PROBE_PRESETS))
+    preset: Optional[str] = _preset(PROBE_PRESETS)
     pool: str = option("token", "Feature: token ([CLS]) or avg (mean of the patch tokens).", MODEL, choices=POOLS,
                        resume="arch")
     cached: bool = option(False, "Extract the frozen features once (eval transforms), then train the head on "
                           "them.", MODEL, resume="arch")
-    epochs: int = option(90, "Epochs.", OPTIM, low=1, resume="run")
-    warmup_epochs: float = option(10, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
-                                  resume="run")
+    epochs: int = _epochs(90)
+    warmup_epochs: float = _warmup_epochs(10)
     batch_size: int = option(2048, "Batch per device (8 GPUs x 2048 = the recipe's 16384).", OPTIM, low=2,
                              resume="run")
-    blr: float = option(0.1, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
-                                 default_text="from --blr")
-    min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    blr: float = _blr(0.1)
+    lr: Optional[float] = _lr()
+    min_lr: float = _min_lr(0.0)
     weight_decay: float = option(0.0, "LARS weight decay.", OPTIM, low=0, resume="run")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("shard", "pretrain", "finetune", "probe", "eval-pos")
+COMMANDS = ("shard", "pretrain", "finetune", "probe", "eval-pos", "export")
 
 
 def test_pil_is_pillow_simd_and_pillow_is_gone():
