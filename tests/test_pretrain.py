@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,26 +28,8 @@ def droppos(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     )
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "droppos", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()}")
-        path = run / "metrics.jsonl"
-        if path.exists() and any(r.get("step", 0) >= step and "loss" in r for r in metrics(run)):
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for training progress")
 
 
 # --- recipes and schedules ---------------------------------------------------------------
