@@ -1,5 +1,6 @@
-"""`droppos pretrain`: outputs, resume after kill -9, SIGTERM, gloo DDP, divergence,
-presets and user mistakes. Runs the real CLI in subprocesses on a tiny model."""
+"""`droppos pretrain`: outputs, gloo DDP with accumulation, the paper recipe's clipping and weight decay,
+presets and user mistakes (resume, signals and divergence: tests/test_loop.py, for every stage). Runs the
+real CLI in subprocesses on a tiny model."""
 
 from __future__ import annotations
 
