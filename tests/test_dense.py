@@ -585,8 +585,10 @@ def test_demo_encoder_beats_random_init_on_segmentation(demo_data: Path, demo_ru
     assert scores["pretrained"] > scores["random"] + MIOU_MARGIN, scores
 
 
-# mIoU points; set from the spread over seeds 0-2 of the cpu-demo pre-training (see the README's measurements).
-MIOU_MARGIN = 1.0
+# mIoU points. Measured 2026-12-01 on this project's CPU machine with the cpu-demo pre-training (seeds 0, 1, 2, each
+# probed with the same --seed) and the cpu-demo-seg probe: pre-trained 52.66 / 58.61 / 56.48 against random-init
+# 47.22 / 46.58 / 48.01, differences +5.44 / +12.02 / +8.46 (mean 8.64, sd 3.30): the margin is mean - 2 sd.
+MIOU_MARGIN = 2.0
 
 
 def test_cli_recognises_ade20k_and_verifies_its_label_maps(ade_source: Path, tmp_path: Path) -> None:

@@ -82,15 +82,15 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
 from droppos import UserError
+from droppos.files import (
+    OutputLock, fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_json_atomic, write_text_atomic,
+)
 from droppos.labelmaps import (
     ADE20K_CLASSES, DEFAULT_IGNORE_INDEX, MASK_COMPONENT, MAX_CLASSES, NO_IMAGE_CLASS, TASK, BadManifest, SegSpec,
     decode_label_map, encode_label_map, spec_from_manifest,
 )
-from droppos.files import (
-    OutputLock, fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_json_atomic, write_text_atomic,
-)
-from droppos.recipes import SHARD_LAYOUTS as LAYOUTS  # what SOURCE holds (auto: recognised from its folders)
 from droppos.manifest import FORMAT, MANIFEST_NAME, ShardEntry, file_sha256, load_manifest, split_shards
+from droppos.recipes import SHARD_LAYOUTS as LAYOUTS  # what SOURCE holds (auto: recognised from its folders)
 
 IMAGENET_SPLITS = ("train", "val")
 PROGRESS_LOG = ".shard-progress.jsonl"
