@@ -19,7 +19,7 @@ import typer
 from typer._click import exceptions as click_exceptions  # typer vendors its own click
 
 from droppos import UserError
-from droppos.recipes import ExportConfig, FinetuneConfig, PretrainConfig, ProbeConfig, ShardConfig
+from droppos.recipes import EvalPosConfig, ExportConfig, FinetuneConfig, PretrainConfig, ProbeConfig, ShardConfig
 
 app = typer.Typer(
     name="droppos",
@@ -234,6 +234,14 @@ def probe(config: ProbeConfig) -> None:
     stage.run(config)
 
 
+@stage_command("eval-pos", EvalPosConfig, "Measure location awareness: position accuracy, token-order "
+               "sensitivity, position linear probe.")
+def eval_pos(config: EvalPosConfig) -> None:
+    from droppos import evalpos
+
+    evalpos.run(config)
+
+
 @stage_command("export", ExportConfig, "Export an encoder for timm (local-dir / Hugging Face Hub folder), "
                "Detectron2's ViTDet or MMSegmentation's MAE backbone.")
 def export(config: ExportConfig) -> None:
@@ -245,52 +253,6 @@ def export(config: ExportConfig) -> None:
     path = stage.run(config.source, config.format, config.out)
     print(f"exported {config.source} for {config.format} -> {path}")
     print("next: " + stage.downstream_command(config.format, path, stage.read_source(config.source).meta))
-
-
-@app.command("eval-pos")
-def eval_pos(
-    sources: Optional[List[str]] = typer.Argument(
-        None, metavar="[SOURCE]...", help="Pretrain run directory or checkpoint (has the position head), finetune run, "
-        "or encoder .safetensors. Several only with --compare."),
-    out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.html, PNG plots."),
-    data: Optional[Path] = typer.Option(None, help="Dataset directory written by `droppos shard`."),
-    split: str = typer.Option("val", help="Split of --data to evaluate on."),
-    images: Optional[Path] = typer.Option(None, help="Instead of --data: a folder of images in any format Pillow reads (recursive)."),
-    timm_model: List[str] = typer.Option([], "--timm-model", help="A timm ViT by name, randomly initialised (no download); repeatable."),
-    compare: bool = typer.Option(False, "--compare", help="Evaluate every SOURCE (and --timm-model) side by side in one report."),
-    random_baseline: bool = typer.Option(False, "--random-baseline", help="Add the first model's architecture with fresh random weights."),
-    img_size: Optional[int] = typer.Option(None, min=16, help="Input size for encoders / timm models (default: the model's own)."),
-    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
-    max_images: int = typer.Option(0, min=0, help="Evaluate at most N images (0: all)."),
-    ratio: List[str] = typer.Option([], "--ratio", help="GAMMA:GAMMA_POS for position accuracy, repeatable "
-                                    "(default: 0.75:0.75 0.5:0.75 0:0.75 0:1)."),
-    permutations: int = typer.Option(5, min=1, help="Token permutations for the order sensitivity."),
-    probe_drop: float = typer.Option(0.75, help="Position probe: fraction of patch PEs dropped."),
-    probe_fill: str = typer.Option("mean", help="Position probe: what replaces a dropped PE: mean (mean patch PE) or zeros."),
-    probe_images: int = typer.Option(1000, min=0, help="Position probe: images used, half to fit, half to test (0: all)."),
-    probe_steps: int = typer.Option(100, min=1, help="Position probe: L-BFGS iterations."),
-    seed: int = typer.Option(0, help="Seed of masks, permutations and the probe (same seed: same numbers)."),
-    device: str = typer.Option("auto", help="auto, cuda or cpu."),
-    loader: str = typer.Option("auto", help="Input pipeline for --data: auto, dali or pil."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Decode threads / loader workers (default: per backend)."),
-) -> None:
-    """Measure location awareness: position accuracy, token-order sensitivity, position linear probe."""
-    from droppos import evalpos
-
-    sources = list(sources or [])
-    if len(sources) + len(timm_model) > 1 and not compare:
-        raise UserError("several models given: add --compare to put them side by side (or give one SOURCE)")
-    if out is None:
-        raise UserError("--out is required: the folder the report is written to")
-    config = evalpos.EvalPosConfig(
-        out=str(out), sources=sources, timm_models=list(timm_model), random_baseline=random_baseline,
-        data=str(data) if data else None, split=split, images=str(images) if images else None, img_size=img_size,
-        batch_size=batch_size, max_images=max_images,
-        ratios=[evalpos.parse_ratio(r) for r in ratio] or list(evalpos.DEFAULT_RATIOS),
-        permutations=permutations, probe_drop=probe_drop, probe_fill=probe_fill, probe_images=probe_images,
-        probe_steps=probe_steps, seed=seed, device=device, loader=loader, workers=workers,
-    )
-    evalpos.run(config)
 
 
 def _fail(message: str) -> NoReturn:

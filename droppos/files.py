@@ -30,7 +30,7 @@ from typing import IO, Any, Callable, Optional
 from droppos import UserError
 
 __all__ = [
-    "LOCK_NAME", "OutputError", "OutputLock", "atomic_write", "fsync_dir", "make_dirs", "output_error", "remove_stale_temporaries",
+    "LOCK_NAME", "OutputError", "OutputLock", "atomic_write", "file_sha256", "fsync_dir", "make_dirs", "output_error", "remove_stale_temporaries",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
 
@@ -125,6 +125,14 @@ def _os_error_in(err: BaseException) -> Optional[OSError]:
         err = err.__cause__ or err.__context__
         seen += 1
     return None
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes (read in chunks)."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> Path:

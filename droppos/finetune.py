@@ -18,7 +18,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class FinetuneTask(loop.Task):
         self.augment = batch_augment(self.num_classes, mixup=config.mixup, cutmix=config.cutmix,
                                      label_smoothing=config.smoothing, reprob=config.reprob, device=self.device)
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
-        self.ddp = runtime.wrap_ddp(self.model, info)
+        self.ddp = runtime.wrap_ddp(self.model, info, config.accum)
         self.forward = torch.compile(self.ddp) if use_compile else self.ddp
         self.resolved = {"device": self.device.type, "precision": self.precision, "compile": use_compile,
                          "loader": self.loader.backend}
@@ -175,7 +175,7 @@ class FinetuneTask(loop.Task):
 
     # -- evaluation -------------------------------------------------------------------
 
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         """Top-1/top-5 on the val split (each sample once across ranks); rewrite results.json."""
         from droppos.files import write_json_atomic
 
@@ -192,7 +192,7 @@ class FinetuneTask(loop.Task):
                            encoder=runtime.plain(self.encoder_info), units="percent")
             write_json_atomic(self.out / "results.json", results)
             extra = f" (EMA {record['top1_ema']:.2f}%)" if self.ema is not None else ""
-            progress.log(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}%{extra} "
+            say(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}%{extra} "
                          f"on {scores['num_eval_samples']} images")
         return {f"val_{k}": v for k, v in record.items()}
 

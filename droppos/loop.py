@@ -30,14 +30,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from droppos import UserError, runtime
-from droppos.files import write_json_atomic, write_text_atomic
+from droppos.files import write_text_atomic
 
 CHECKPOINT_FORMAT = "droppos-checkpoint/2"
+EVAL_LINES = 10  # evaluation lines per run on the progress: a 90-epoch probe shows ~10, metrics.jsonl has all
 
 
 class NonFiniteError(UserError):
@@ -159,9 +160,9 @@ class Task:
         """Extra fields of a metrics record (host values only, e.g. sigma)."""
         return {}
 
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         """Evaluate at `step`, after `epoch` epochs (fractional at a mid-epoch stop); returns fields for
-        metrics.jsonl."""
+        metrics.jsonl. `say(line)` shows a line on the progress (the loop keeps it to ~10 per run)."""
         return None
 
     def finish(self) -> list[tuple[str, str]]:
@@ -359,7 +360,7 @@ def train(task: Task, run: Run) -> None:
 
     def save(reason: str) -> None:
         if info.is_main:
-            if float(sums[-1]) > 0:
+            if float(sums[-1]) > 0 or not _finite_weights(task):
                 raise _non_finite(step, out)
             state = checkpoint(task, step, step // schedule.steps_per_epoch, evaluated_step, reason, meta)
             runtime.save_checkpoint(runtime.checkpoint_path(out), state)
@@ -371,7 +372,8 @@ def train(task: Task, run: Run) -> None:
         _check_finite(sums, info, step, out)
         epoch = step / schedule.steps_per_epoch
         epoch = int(epoch) if epoch == int(epoch) else round(epoch, 3)
-        fields = task.evaluate(step, epoch, progress)
+        shown = step >= stop_step or step % max(1, schedule.total_steps // EVAL_LINES) < schedule.steps_per_epoch
+        fields = task.evaluate(step, epoch, progress.log if shown else lambda line: None)
         evaluated_step = step
         if fields:
             last_eval = fields
@@ -457,6 +459,16 @@ def _non_finite(step: int, out: Path) -> NonFiniteError:
     return NonFiniteError(f"non-finite loss or gradient before step {step}; the last good checkpoint "
                           f"({runtime.checkpoint_path(out)}) was kept. "
                           "Lower the lr (--blr) or check the data, then re-run to resume")
+
+
+def _finite_weights(task: Task) -> bool:
+    """Whether every floating tensor of the task's modules is finite (one host sync, at checkpoints only):
+    a finite loss can still be followed by an update that overflows the weights."""
+    tensors = [t for part in task.parts().values() if isinstance(part, torch.nn.Module)
+               for t in (*part.parameters(), *part.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def _check_finite(sums: torch.Tensor, info: runtime.DistInfo, step: int, out: Path) -> None:

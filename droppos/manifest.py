@@ -14,7 +14,6 @@ path or a modified DALI index. A manifest written before index hashes were recor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from droppos import UserError
-from droppos.files import fsync_dir, write_json_atomic  # noqa: F401 - re-exported for the shard stage
+from droppos.files import file_sha256
 
 FORMAT = "droppos-wds/1"
 MANIFEST_NAME = "manifest.json"
@@ -76,11 +75,6 @@ def confined(data_dir: Path, name: object, what: str) -> Path:
         raise UserError(f"{data_dir / MANIFEST_NAME}: {what} {name!r} resolves to {resolved}, outside the dataset "
                         f"directory {root}; refusing to read it")
     return resolved
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def split_shards(data_dir: Path, split: str, manifest: dict | None = None) -> list[ShardEntry]:

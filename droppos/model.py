@@ -4,12 +4,24 @@ Implements ../shared/METHOD.md (Wang et al., "DropPos", NeurIPS 2023):
 
 * patch masking: of the L patches, a random subset of V = floor(L * (1 - mask_ratio)) stays visible;
 * position dropping: of those V, K = floor(V * (1 - pos_mask_ratio)) keep their fixed 2-D sin-cos PE,
-  the other V - K get a [MASK] position token instead (learnable, zeros, or the PE of a wrong cell);
+  the other V - K get a [MASK] position token instead: `mask_token` 'learnable' (default), 'zeros',
+  'wrong' (the published variant: the V - K dropped patches' own PEs, shuffled among them by one
+  permutation per batch, as the published code's np.random.shuffle over the slot axis does; a slot may
+  keep its own PE) or 'random-wrong' (per patch, the PE of a uniformly chosen other cell: never its own);
 * a position decoder classifies, for every visible patch, which of the L cells it came from;
 * targets are Gaussian-smoothed over the model's true 2-D patch grid (rows sum to 1, one-hot at sigma 0),
   and only the V - K patches whose PE was dropped count in the loss;
 * attentive reconstruction weights each patch by cos(CLS, patch) / tau of a no-grad, unmasked forward of
-  the current encoder.
+  the current encoder;
+* an optional auxiliary MAE pixel decoder has the position decoder's depth, width and heads unless told
+  otherwise (as in the published code's multi-task model).
+
+The attentive pass is its own API (`saliency`) because it is the costlier half of a step: a full forward
+over 1 + L tokens costs more FLOPs than the whole masked training step (ViT-B/16: 35.1 vs 28.3 GFLOPs per
+image, METHOD.md). `forward(imgs, sigma, saliency=model.saliency(imgs))` gives the same loss and gradients
+as `forward(imgs, sigma)`, which computes it inline; `compile_step` builds the two as separate compiled
+graphs, the no-grad one with CUDA graphs (static shapes, no backward, launch-bound at small batches).
+Both run in the caller's precision: under the caller's autocast, or fp32 without one, on CPU and CUDA alike.
 
 Counts are floors with a 1e-9 tolerance (so that 196 * 0.25 = 49 is not lost to floating-point error):
 at 224/16 with mask_ratio = pos_mask_ratio = 0.75, V = 49 and K = floor(12.25) = 12, the paper's numbers.
@@ -27,15 +39,12 @@ and `droppos_vit_huge_patch14` with timm.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, PatchEmbed, build_sincos2d_pos_embed, calculate_drop_path_rates, to_2tuple
 from timm.models import register_model
 from timm.models.vision_transformer import Block
@@ -46,13 +55,13 @@ __all__ = [
     "DropPosViT",
     "MASK_TOKEN_TYPES",
     "attentive_weights",
+    "compile_step",
     "encoder_state_dict",
     "mask_counts",
     "position_targets",
-    "sigma_at",
 ]
 
-MASK_TOKEN_TYPES = ("learnable", "zeros", "wrong")
+from droppos.recipes import MASK_TOKENS as MASK_TOKEN_TYPES  # noqa: E402 - the one list (recipes is torch-free)
 
 # sigma**2 is clamped here so that sigma = 0 gives exp(-d^2 / eps) = exactly 0 off the diagonal and 1 on it.
 _SIGMA_SQ_EPS = 1e-12
@@ -118,16 +127,16 @@ def position_targets(grid_hw: Sequence[int], sigma: Union[float, torch.Tensor]) 
 
 
 def attentive_weights(cls_feat: torch.Tensor, patch_feats: torch.Tensor, tau: float) -> torch.Tensor:
-    """[B, L] softmax over patches of cos(cls, patch) / tau: how salient each patch is to the image."""
-    cls_feat = F.normalize(cls_feat.float(), dim=-1)
-    patch_feats = F.normalize(patch_feats.float(), dim=-1)
-    cos = torch.einsum("bd,bld->bl", cls_feat, patch_feats)
-    return torch.softmax(cos / tau, dim=-1)
+    """[B, L] softmax over patches of cos(cls, patch) / tau: how salient each patch is to the image.
 
-
-def sigma_at(progress: float, sigma0: float = 1.0) -> float:
-    """Smoothing sigma at training progress in [0, 1]: linear sigma0 -> 0 (clamped), stepped per iteration."""
-    return float(sigma0) * (1.0 - min(max(float(progress), 0.0), 1.0))
+    Always fp32, also under autocast: a bf16 cosine (3 significant digits) divided by tau = 0.1 would move
+    the weights by several percent. The features themselves come in the caller's precision.
+    """
+    with torch.autocast(cls_feat.device.type, enabled=False):
+        cls_feat = F.normalize(cls_feat.float(), dim=-1)
+        patch_feats = F.normalize(patch_feats.float(), dim=-1)
+        cos = torch.einsum("bd,bld->bl", cls_feat, patch_feats)
+        return torch.softmax(cos / tau, dim=-1)
 
 
 def _block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
@@ -166,9 +175,9 @@ class DropPosViT(nn.Module):
         tau: float = 0.1,
         aux_mae: bool = False,
         pos_weight: float = 1.0,
-        mae_decoder_width: int = 512,
-        mae_decoder_depth: int = 8,
-        mae_decoder_heads: int = 16,
+        mae_decoder_width: Optional[int] = None,
+        mae_decoder_depth: Optional[int] = None,
+        mae_decoder_heads: Optional[int] = None,
         timm_name: Optional[str] = None,
     ) -> None:
         super().__init__()
@@ -179,6 +188,10 @@ class DropPosViT(nn.Module):
             raise UserError(f"unknown mask token {mask_token!r}: use one of {', '.join(MASK_TOKEN_TYPES)}")
         if tau <= 0:
             raise UserError(f"attentive temperature tau must be > 0, got {tau}")
+        # The MAE decoder is the position decoder's shape unless told otherwise (the published code's).
+        mae_decoder_width = decoder_width if mae_decoder_width is None else mae_decoder_width
+        mae_decoder_depth = decoder_depth if mae_decoder_depth is None else mae_decoder_depth
+        mae_decoder_heads = decoder_heads if mae_decoder_heads is None else mae_decoder_heads
         for name, width, heads in (("decoder", decoder_width, decoder_heads),
                                    ("MAE decoder", mae_decoder_width, mae_decoder_heads),
                                    ("encoder", embed_dim, num_heads)):
@@ -208,8 +221,8 @@ class DropPosViT(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_hw, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.num_patches = self.patch_embed.num_patches
-        if mask_token == "wrong" and self.num_patches < 2:
-            raise UserError("the 'wrong' mask token needs at least 2 patches")
+        if mask_token == "random-wrong" and self.num_patches < 2:
+            raise UserError("the 'random-wrong' mask token needs at least 2 patches")
         self.num_visible, self.num_keep_pe = mask_counts(self.num_patches, mask_ratio, pos_mask_ratio)
         if self.num_visible == self.num_keep_pe:
             raise UserError(
@@ -321,7 +334,12 @@ class DropPosViT(nn.Module):
             return self.mask_pos_token.expand(batch, n, -1)
         if self.mask_token_type == "zeros":
             return self.pos_embed.new_zeros(batch, n, self.embed_dim)
-        # "wrong": the PE of another cell, uniformly among the L - 1 wrong ones.
+        if self.mask_token_type == "wrong":
+            # The published variant: one permutation of the n dropped slots for the whole batch, each slot
+            # taking the PE of the slot it is sent to (argsort of uniform noise: static shape, no host sync).
+            shuffle = torch.argsort(torch.rand(n, device=positions.device))
+            return self.pos_embed[0, 1:][positions[:, shuffle]]
+        # "random-wrong": per patch, the PE of another cell, uniformly among the L - 1 wrong ones.
         offset = torch.randint(1, self.num_patches, (batch, n), device=positions.device)
         return self.pos_embed[0, 1:][(positions + offset) % self.num_patches]
 
@@ -381,14 +399,16 @@ class DropPosViT(nn.Module):
         return _smooth_targets(self.grid_sq_dist, sigma)
 
     def saliency(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[B, L] attentive weights from a no-grad unmasked forward of the current encoder (bf16 on CUDA).
+        """[B, L] attentive weights (fp32) from a no-grad unmasked forward of the current encoder.
 
-        no_grad rather than inference_mode: the weights multiply the loss, and inference tensors cannot be
-        saved for backward; under torch.compile both cost the same (no graph is recorded). It runs inside
-        forward, so a compiled model compiles it with the rest of the step. Drop path, if enabled, stays
-        active here as in any train-mode forward (pre-training uses none).
+        It runs in the caller's precision: under the caller's autocast (bf16 means bf16), fp32 without one,
+        on CPU and CUDA alike. no_grad rather than inference_mode: the weights multiply the loss, and
+        inference tensors cannot be saved for backward; under torch.compile both cost the same. Call it
+        separately and pass the result as `forward(..., saliency=...)` to run it as its own graph
+        (`compile_step`), or let forward compute it inline. Drop path, if enabled, stays active here as in
+        any train-mode forward (pre-training uses none).
         """
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=imgs.is_cuda):
+        with torch.no_grad():
             feats = self.forward_features(imgs)
         return attentive_weights(feats[:, 0], feats[:, 1:], self.tau)
 
@@ -416,14 +436,25 @@ class DropPosViT(nn.Module):
         }
 
     def forward(
-        self, imgs: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor] = None
+        self,
+        imgs: torch.Tensor,
+        sigma: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        saliency: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """One pre-training forward: loss and metrics as 0-dim tensors (no host sync, static shapes).
 
         `sigma` is a 0-dim tensor on the device (a Python float would recompile a compiled model whenever it
-        changes). Keys: 'loss', 'loss_pos', 'pos_acc' (top-1 over dropped patches), 'pos_acc_weighted'
-        (attention-weighted; equal to 'pos_acc' without attentive reconstruction), and 'loss_mae' with aux_mae.
+        changes). `saliency` [B, L]: this model's `saliency(imgs)`, computed by the caller (e.g. as its own
+        compiled graph); None computes it here. Keys: 'loss', 'loss_pos', 'pos_acc' (top-1 over dropped
+        patches), 'pos_acc_weighted' (attention-weighted; equal to 'pos_acc' without attentive
+        reconstruction), and 'loss_mae' with aux_mae.
         """
+        if saliency is not None:
+            if not self.attentive:
+                raise ValueError("saliency given to a model built without attentive reconstruction")
+            if saliency.shape != (imgs.shape[0], self.num_patches):
+                raise ValueError(f"saliency must be [{imgs.shape[0]}, {self.num_patches}], got {list(saliency.shape)}")
         num_visible, num_keep_pe = self.num_visible, self.num_keep_pe
         order = self.random_order(imgs.shape[0], imgs.device, noise)
         latent = self.encode_masked(imgs, order, num_visible, num_keep_pe)
@@ -433,7 +464,8 @@ class DropPosViT(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), reduction="none").view_as(positions)
 
         if self.attentive:
-            weights = self.saliency(imgs).gather(1, order[:, :num_visible])
+            saliency = self.saliency(imgs) if saliency is None else saliency
+            weights = saliency.gather(1, order[:, :num_visible])
             weights = (weights / weights.sum(dim=1, keepdim=True))[:, num_keep_pe:]
         else:
             weights = torch.ones_like(ce)
@@ -486,6 +518,49 @@ class DropPosViT(nn.Module):
             "num_heads": self.num_heads,
             "mlp_ratio": self.mlp_ratio,
         }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiled training step
+
+
+def compile_step(
+    model: nn.Module,
+    device: Union[str, torch.device],
+    mode: Optional[str] = None,
+    saliency_mode: Optional[str] = "auto",
+) -> tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], Callable[..., dict[str, torch.Tensor]]]:
+    """(saliency_fn, forward_fn): the attentive pass and the training step as two compiled graphs.
+
+    `model` is what the step calls (the DropPosViT, DDP-wrapped or not). Call, under the run's autocast:
+        weights = saliency_fn(imgs) if saliency_fn is not None else None
+        out = forward_fn(imgs, sigma, saliency=weights)
+    forward_fn is torch.compile(model, mode=mode), the training graph. saliency_fn is the model's no-grad
+    `saliency` compiled on its own (fullgraph, static shapes): an inference graph with no backward, which on
+    CUDA runs as a CUDA graph (`saliency_mode` 'auto': 'reduce-overhead' on CUDA, the default mode elsewhere),
+    one replay instead of a launch per kernel. Its output is cloned out of the CUDA-graph pool ([B, L], a few
+    KB) so that the next replay cannot overwrite weights the step still uses. saliency_fn is None for a model
+    without attentive reconstruction.
+    """
+    from droppos.runtime import unwrap
+
+    core = unwrap(model)
+    if not isinstance(core, DropPosViT):
+        raise TypeError(f"expected a DropPosViT (possibly wrapped), got {type(core).__name__}")
+    forward_fn = torch.compile(model, mode=mode)
+    if not core.attentive:
+        return None, forward_fn
+    if saliency_mode == "auto":
+        saliency_mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    compiled = torch.compile(core.saliency, mode=saliency_mode, fullgraph=True, dynamic=False)
+    if saliency_mode not in ("reduce-overhead", "max-autotune"):
+        return compiled, forward_fn
+
+    def saliency_fn(imgs: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(imgs).clone()
+
+    return saliency_fn, forward_fn
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ position accuracy on the val split is logged; at the end the encoder is exported
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -121,6 +120,7 @@ class PretrainTask(loop.Task):
 
     def __init__(self, config: PretrainConfig, info: runtime.DistInfo) -> None:
         from droppos.data import build_loader
+        from droppos.model import compile_step
 
         self.config, self.info, self.device = config, info, info.device
         self.out = Path(config.out)
@@ -138,9 +138,10 @@ class PretrainTask(loop.Task):
         groups = optimizer_groups(self.model, config.weight_decay, config.decay_tokens)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=self.device.type == "cuda")
         # DDP first, then compile the wrapped module: DDPOptimizer splits the graph at bucket
-        # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice).
-        self.ddp = runtime.wrap_ddp(self.model, info)
-        self.forward = torch.compile(self.ddp) if use_compile else self.ddp
+        # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice). Compiled,
+        # the attentive pass is its own inference graph (a CUDA graph on CUDA): model.compile_step.
+        self.ddp = runtime.wrap_ddp(self.model, info, config.accum)
+        self.saliency, self.forward = compile_step(self.ddp, self.device) if use_compile else (None, self.ddp)
         self.sigma = torch.zeros((), device=self.device)
         self.total_steps = 1  # set from the schedule before training
 
@@ -168,7 +169,8 @@ class PretrainTask(loop.Task):
             last = i == len(micro) - 1
             no_sync = self.ddp.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
             with no_sync, runtime.autocast(self.device, self.precision):
-                out = self.forward(images, self.sigma)
+                weights = self.saliency(images) if self.saliency is not None else None  # else inside forward
+                out = self.forward(images, self.sigma, saliency=weights)
             (out["loss"] / len(micro)).backward()
             sums[0] += out["loss"].detach().float() / len(micro)
             sums[1] += out["pos_acc"].detach().float() / len(micro)
@@ -178,11 +180,11 @@ class PretrainTask(loop.Task):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         held_out = self.evaluate_positions()
         if held_out is None:
             return None
-        progress.log(f"epoch {epoch}: held-out position accuracy {held_out:.2f}%")
+        say(f"epoch {epoch}: held-out position accuracy {held_out:.2f}%")
         return {"val_pos_acc": held_out}
 
     @torch.no_grad()

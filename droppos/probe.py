@@ -30,7 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -405,7 +405,7 @@ class ProbeTask(HeadTask):
         logits = self.train_head(feats)
         self.learn(self.criterion(logits, labels), (logits.detach().argmax(-1) == labels).float().mean(), sums)
 
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         from droppos.encoders import evaluate_topk
         from droppos.files import write_json_atomic
 
@@ -417,7 +417,7 @@ class ProbeTask(HeadTask):
                 step=step, epoch=epoch, **scores, best_top1=self.best["top1"], best_epoch=self.best["epoch"],
                 task="probe", cached=self.config.cached, pool=self.config.pool, num_classes=self.num_classes,
                 img_size=self.img_size, encoder=runtime.plain(self.encoder_info), units="percent"))
-            progress.log(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
+            say(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
                          f"on {scores['num_eval_samples']} images")
         return {"val_top1": scores["top1"], "val_top5": scores["top5"]}
 
@@ -464,7 +464,7 @@ class SegProbeTask(HeadTask):
         self.learn(dense.pixel_loss(logits, masks), dense.pixel_accuracy(logits.detach(), masks), sums)
 
     @torch.no_grad()
-    def evaluate(self, step: int, epoch: float, progress: runtime.Progress) -> Optional[dict[str, Any]]:
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         from droppos import dense
         from droppos.files import write_json_atomic
 
@@ -484,7 +484,7 @@ class SegProbeTask(HeadTask):
                 evaluated_on=(f"the eval centre crop at {self.img_size} px (shorter side resized to "
                               f"{self.img_size}/0.875), label maps resized nearest, logits upsampled bilinearly"),
                 encoder=runtime.plain(self.encoder_info), units="percent"))
-            progress.log(f"epoch {epoch}: val mIoU {scores['miou']:.2f}% pixel accuracy {scores['pixel_acc']:.2f}% "
+            say(f"epoch {epoch}: val mIoU {scores['miou']:.2f}% pixel accuracy {scores['pixel_acc']:.2f}% "
                          f"on {scores['num_eval_images']} images")
         return {"val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"]}
 

@@ -41,19 +41,28 @@ MODELS: dict[str, tuple[int, int, int, int]] = {
 LOADERS = ("auto", "dali", "pil")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp32")
-MASK_TOKENS = ("learnable", "zeros", "wrong")
+# [MASK] position tokens: learnable; zeros; wrong: the dropped patches' own PEs shuffled among them, one
+# permutation per batch (the published code); random-wrong: the PE of a random other cell.
+MASK_TOKENS = ("learnable", "zeros", "wrong", "random-wrong")
 POOLS = ("avg", "token")  # timm's names: mean of the patch tokens (+ fc_norm), or the [CLS] token
 CLIP_MODES = ("per-param", "global")
+PROBE_FILLS = {  # eval-pos --probe-fill -> what replaces a dropped PE in the position probe
+    "mean": "the mean patch PE",
+    "zeros": "zeros",
+    "mask-token": "the model's own learnable [MASK] token",
+}
 EXPORT_FORMATS = ("timm", "detectron2", "mmseg")
 PROBE_TASKS = ("classification", "segmentation")
 PROBE_OPTIMIZERS = ("lars", "adamw")
 SHARD_LAYOUTS = ("auto", "imagenet", "ade20k", "masks")
 
 # Help panels, in the order --help shows them.
-RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT = (
-    "Recipe", "Data", "Sample data", "Images", "Verify", "Encoder", "Model", "Pretext",
-    "Augmentation and regularisation", "Optimisation", "Launch", "Output, checkpoints and logging")
-PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, ENCODER, MODEL, PRETEXT, AUGMENT, OPTIM, LAUNCH, OUTPUT)
+RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PRETEXT, DIAGNOSTICS, AUGMENT, OPTIM, LAUNCH, \
+    OUTPUT = ("Recipe", "Data", "Sample data", "Images", "Verify", "Models", "Encoder", "Model", "Pretext",
+              "Diagnostics", "Augmentation and regularisation", "Optimisation", "Launch",
+              "Output, checkpoints and logging")
+PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PRETEXT, DIAGNOSTICS, AUGMENT, OPTIM,
+          LAUNCH, OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,38 @@ class LaunchOptions:
                                 "(config.json keeps the earlier record).", OUTPUT)
 
 
+def _epochs(default: int) -> Any:
+    return option(default, "Epochs.", OPTIM, low=1, resume="run")
+
+
+def _warmup_epochs(default: float) -> Any:
+    return option(default, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0, resume="run")
+
+
+def _accum() -> Any:
+    return option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
+
+
+def _blr(default: float) -> Any:
+    return option(default, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
+
+
+def _lr() -> Any:
+    return option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run", default_text="from --blr")
+
+
+def _min_lr(default: float) -> Any:
+    return option(default, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+
+
+def _preset(presets: dict[str, dict[str, Any]]) -> Any:
+    return option(None, "A recipe bundle; options given with it override it.", RECIPE, choices=tuple(presets))
+
+
+# The schedule's options mean the same in every training stage (only their defaults differ): declared once
+# above, by these factories.
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-training
 
@@ -165,8 +206,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 class PretrainConfig(LaunchOptions):
     """`droppos pretrain`; defaults = METHOD.md's ViT-B/16 800-epoch recipe."""
 
-    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
-                                   choices=tuple(PRETRAIN_PRESETS))
+    preset: Optional[str] = _preset(PRETRAIN_PRESETS)
     model: str = option("vit_base_patch16", "Encoder size.", MODEL, choices=tuple(MODELS), resume="arch")
     img_size: int = option(224, "Input resolution (pixels, square).", MODEL, low=8, resume="arch")
     patch_size: Optional[int] = option(None, "Patch size.", MODEL, low=1, resume="arch", model_arg=True,
@@ -185,7 +225,9 @@ class PretrainConfig(LaunchOptions):
                                high=1, high_open=True, resume="run", model_arg=True)
     pos_mask_ratio: float = option(0.75, "Position-drop ratio gamma_pos: the share of visible patches whose PE "
                                    "is dropped.", PRETEXT, low=0, high=1, resume="run", model_arg=True)
-    mask_token: str = option("learnable", "What replaces a dropped PE.", PRETEXT, choices=MASK_TOKENS,
+    mask_token: str = option("learnable", "What replaces a dropped PE: a learnable token, zeros, the dropped "
+                             "patches' own PEs shuffled (wrong, as published) or a random other cell's PE.",
+                             PRETEXT, choices=MASK_TOKENS,
                              resume="arch", model_arg=True)
     sigma: float = option(1.0, "Initial position-smoothing sigma (patches).", PRETEXT, low=0, resume="run")
     sigma_decay: bool = option(True, "Decay sigma linearly to 0 over training (per step).", PRETEXT, resume="run")
@@ -195,15 +237,13 @@ class PretrainConfig(LaunchOptions):
     aux_mae: bool = option(False, "Add the auxiliary MAE pixel loss.", PRETEXT, resume="arch", model_arg=True)
     pos_weight: float = option(1.0, "Weight of the position loss with --aux-mae.", PRETEXT, low=0, resume="run",
                                model_arg=True)
-    epochs: int = option(800, "Epochs.", OPTIM, low=1, resume="run")
-    warmup_epochs: float = option(10, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
-                                  resume="run")
+    epochs: int = _epochs(800)
+    warmup_epochs: float = _warmup_epochs(10)
     batch_size: int = option(64, "Batch per device.", OPTIM, low=1, resume="run")
-    accum: int = option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
-    blr: float = option(1.5e-4, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
-                                 default_text="from --blr")
-    min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    accum: int = _accum()
+    blr: float = _blr(1.5e-4)
+    lr: Optional[float] = _lr()
+    min_lr: float = _min_lr(0.0)
     weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms).", OPTIM, low=0, resume="run")
     decay_tokens: bool = option(True, "Weight decay on the [CLS] and [MASK] tokens too, as the published code "
                                 "(its rule skips only 1-D parameters and biases).", OPTIM, resume="run")
@@ -258,8 +298,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 class FinetuneConfig(EncoderOptions):
     """`droppos finetune`; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
 
-    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
-                                   choices=tuple(FINETUNE_PRESETS))
+    preset: Optional[str] = _preset(FINETUNE_PRESETS)
     pool: str = option("avg", "Feature: avg (patch tokens, fc_norm) or token ([CLS]).", MODEL, choices=POOLS,
                        resume="arch")
     drop_path: float = option(0.1, "Stochastic depth rate.", AUGMENT, low=0, high=1, high_open=True, resume="run")
@@ -271,16 +310,14 @@ class FinetuneConfig(EncoderOptions):
     ema: bool = option(False, "Keep and evaluate an EMA of the weights.", AUGMENT, resume="arch")
     ema_decay: float = option(0.9999, "EMA decay.", AUGMENT, low=0, high=1, low_open=True, high_open=True,
                               resume="run")
-    epochs: int = option(100, "Epochs.", OPTIM, low=1, resume="run")
-    warmup_epochs: float = option(5, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
-                                  resume="run")
+    epochs: int = _epochs(100)
+    warmup_epochs: float = _warmup_epochs(5)
     batch_size: int = option(128, "Batch per device (8 GPUs x 128 = the recipe's 1024).", OPTIM, low=1,
                              resume="run")
-    accum: int = option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
-    blr: float = option(1e-3, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
-                                 default_text="from --blr")
-    min_lr: float = option(1e-6, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    accum: int = _accum()
+    blr: float = _blr(1e-3)
+    lr: Optional[float] = _lr()
+    min_lr: float = _min_lr(1e-6)
     weight_decay: float = option(0.05, "AdamW weight decay.", OPTIM, low=0, resume="run")
     layer_decay: float = option(0.75, "Layer-wise lr decay.", OPTIM, low=0, high=1, low_open=True, resume="run")
     clip_grad: float = option(0.0, "Gradient-norm clip (0: off, as in MAE's fine-tuning).", OPTIM, low=0,
@@ -290,9 +327,11 @@ class FinetuneConfig(EncoderOptions):
 PROBE_PRESETS: dict[str, dict[str, Any]] = {
     # MAE's linear probe: 90 epochs, warm-up 10, batch 16384 (8 x 2048), LARS, blr 0.1.
     "mae": dict(epochs=90, warmup_epochs=10, batch_size=2048, blr=0.1),
-    # The sample data on a CPU: cached features, a batch the 2,600 images can fill many times.
+    # The sample data on a CPU: cached features, a batch the 2,600 images can fill many times. The mean
+    # of the patch tokens, not [CLS]: DropPos puts no loss on [CLS], and its probe margin over a random
+    # init does not hold across seeds (README, "The demo's figures").
     "cpu-demo": dict(cached=True, epochs=90, warmup_epochs=10, batch_size=256, blr=0.1, device="cpu",
-                     compile=False, log_every=100),
+                     compile=False, log_every=100, pool="avg"),
     # Linear segmentation (the BN + 1x1-conv head of DINOv2/iBOT) with the MMSegmentation schedule these
     # evaluations use: AdamW lr 1e-3 at batch 16 (8 x 2), weight decay 1e-4, 40k iterations = 32 epochs of
     # ADE20K's 20,210 images, 1,500 of warm-up; cosine here where they decay polynomially.
@@ -310,8 +349,7 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 class ProbeConfig(EncoderOptions):
     """`droppos probe`; defaults = MAE's linear probe (METHOD.md)."""
 
-    preset: Optional[str] = option(None, "A recipe bundle; options given with it override it.", RECIPE,
-                                   choices=tuple(PROBE_PRESETS))
+    preset: Optional[str] = _preset(PROBE_PRESETS)
     pool: str = option("token", "Feature: token ([CLS]) or avg (mean of the patch tokens).", MODEL, choices=POOLS,
                        resume="arch")
     cached: bool = option(False, "Extract the frozen features once (eval transforms), then train the head on "
@@ -325,15 +363,13 @@ class ProbeConfig(EncoderOptions):
                              resume="arch")
     seg_previews: int = option(8, "Segmentation: val images drawn with their labels and predictions in "
                                "OUT/predictions.png (0: none).", OUTPUT, low=0)
-    epochs: int = option(90, "Epochs.", OPTIM, low=1, resume="run")
-    warmup_epochs: float = option(10, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0,
-                                  resume="run")
+    epochs: int = _epochs(90)
+    warmup_epochs: float = _warmup_epochs(10)
     batch_size: int = option(2048, "Batch per device (8 GPUs x 2048 = the recipe's 16384).", OPTIM, low=2,
                              resume="run")
-    blr: float = option(0.1, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
-                                 default_text="from --blr")
-    min_lr: float = option(0.0, "Final lr of the cosine.", OPTIM, low=0, resume="run")
+    blr: float = _blr(0.1)
+    lr: Optional[float] = _lr()
+    min_lr: float = _min_lr(0.0)
     weight_decay: float = option(0.0, "Weight decay (LARS: on weight matrices only; AdamW: on every weight, not "
                                  "on biases and norms).", OPTIM, low=0, resume="run")
     optimizer: str = option("lars", "The head's optimizer: lars (MAE's linear probe) or adamw (DINOv2's linear "
@@ -375,6 +411,68 @@ class ShardConfig:
     reduce_zero_label: Optional[bool] = option(None, "Segmentation: stored 0 means unlabelled and stored v is class "
                                                "v-1 (MMSegmentation's reduce_zero_label).", DATA,
                                                default_text="on for ade20k, off for masks")
+
+
+def parse_ratio(text: Any) -> tuple[float, float]:
+    """'0.75:0.75' -> (0.75, 0.75) (gamma : gamma_pos); a (gamma, gamma_pos) pair passes through (Python callers)."""
+    try:
+        parts = text.replace(",", ":").split(":") if isinstance(text, str) else list(text)
+        g, gp = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"--ratio {text!r}: expected GAMMA:GAMMA_POS, e.g. 0.75:0.75") from None
+    return g, gp
+
+
+@dataclass
+class EvalPosConfig:
+    """`droppos eval-pos`: how location-aware a ViT is (docs/METHOD.md, "Location-awareness diagnostics")."""
+
+    sources: tuple[str, ...] = option((), "Pretrain run directory or checkpoint (it has the position head), finetune "
+                                      "run, or encoder .safetensors. Several only with --compare.", MODELS_PANEL,
+                                      positional=True, metavar="[SOURCE]...")
+    timm_models: tuple[str, ...] = option((), "A timm ViT by name (repeatable): random init, seeded by --seed, "
+                                          "unless --pretrained or --weights.", MODELS_PANEL, flag="--timm-model")
+    pretrained: bool = option(False, "With --timm-model: timm's pretrained weights from the Hugging Face cache "
+                              "(HF_HUB_OFFLINE is honoured).", MODELS_PANEL)
+    weights: Optional[str] = option(None, "A local checkpoint for the one --timm-model (or a droppos export alone): "
+                                    "timm, MAE/DeiT, MoCo v3, DINO layouts.", MODELS_PANEL)
+    compare: bool = option(False, "Evaluate every model given side by side in one report.", MODELS_PANEL,
+                           flag="--compare")
+    random_baseline: bool = option(False, "Add the first model's architecture with fresh random weights, initialised "
+                                   "as its training started (see the report).", MODELS_PANEL, flag="--random-baseline")
+    labels: tuple[str, ...] = option((), "A model's name in the report (repeatable), in the order the models are given: "
+                                     "SOURCEs, --timm-model names, the random baseline.", MODELS_PANEL, flag="--label",
+                                     default_text="folder or file names")
+    img_size: Optional[int] = option(None, "Input size for encoders and timm models.", MODELS_PANEL, low=16,
+                                     default_text="the model's own")
+    data: Optional[str] = option(None, "Dataset directory written by `droppos shard`.", DATA)
+    split: str = option("val", "Split of --data to evaluate on.", DATA)
+    images: Optional[str] = option(None, "Instead of --data: a folder of images in any format Pillow reads "
+                                   "(recursive).", DATA)
+    max_images: int = option(0, "Evaluate at most N images (0: all).", DATA, low=0)
+    batch_size: int = option(64, "Images per batch.", DATA, low=1)
+    loader: str = option("auto", "Input pipeline for --data.", DATA, choices=LOADERS)
+    workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil).", DATA, low=0,
+                                    default_text="per backend")
+    ratios: tuple[str, ...] = option(("0.75:0.75", "0.5:0.75", "0:0.75", "0:1"), "GAMMA:GAMMA_POS of a position-"
+                                     "accuracy measurement (repeatable).", DIAGNOSTICS, flag="--ratio",
+                                     metavar="GAMMA:GAMMA_POS", default_text="0.75:0.75 0.5:0.75 0:0.75 0:1")
+    permutations: int = option(5, "Token permutations for the order sensitivity.", DIAGNOSTICS, low=1)
+    probe_drop: float = option(0.75, "Position probe: the fraction of patch PEs dropped.", DIAGNOSTICS, low=0,
+                               low_open=True, high=1)
+    probe_fill: str = option("mean", "Position probe: what replaces a dropped PE (mask-token: DropPos runs and "
+                             "checkpoints).", DIAGNOSTICS, choices=tuple(PROBE_FILLS))
+    probe_images: int = option(1000, "Position probe: images used, half to fit, half to test (0: all).", DIAGNOSTICS,
+                               low=0)
+    probe_steps: int = option(100, "Position probe: L-BFGS iterations.", DIAGNOSTICS, low=1)
+    seed: int = option(0, "Seed of masks, permutations, the probe and random models (same seed: same numbers).",
+                       LAUNCH)
+    device: str = option("auto", "Device (auto: cuda when available).", LAUNCH, choices=DEVICES)
+    out: str = option("", "Report folder: report.json, report.html, PNG figures.", OUTPUT, default_text="required")
+
+    @property
+    def ratio_pairs(self) -> list[tuple[float, float]]:
+        return [parse_ratio(text) for text in self.ratios]
 
 
 @dataclass

@@ -18,15 +18,13 @@ import inspect
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -345,13 +343,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo, static_graph: bool = True) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, accum: int = 1) -> torch.nn.Module:
     """The model as the training step calls it: DDP-wrapped when there are several processes.
 
     No broadcast of buffers (ours are constants, or BatchNorm statistics of a frozen or cached
     probe), gradients as views of the all-reduce buckets (no copy), and a static graph (the same
-    parameters take part in every step, which lets DDP plan its buckets once).
+    parameters take part in every step, which lets DDP plan its buckets once) where it is valid:
+    not with gradient accumulation, whose no_sync micro-steps a static graph does not support
+    (torch 2.14: "expect_autograd_hooks_ INTERNAL ASSERT FAILED").
     """
+    static_graph = accum == 1
     if not info.distributed:
         return model
     ddp = torch.nn.parallel.DistributedDataParallel
@@ -593,9 +594,11 @@ def _cpu_model() -> Optional[str]:
 
 
 def file_sha256(path: Path) -> Optional[str]:
+    """The file's sha256, None when it cannot be read (a run card records what it can)."""
+    from droppos import files
+
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return files.file_sha256(path)
     except OSError:
         return None
 

@@ -1,12 +1,17 @@
-"""`droppos eval-pos`: the ViT pieces reproduce timm's forward, order invariance with PEs attached,
-the report's files and keys, a timm model on scikit-image's real photos, user mistakes, and (slow) that
-the demo-trained model is location-aware where a random-init one is not."""
+"""`droppos eval-pos`: the ViT pieces reproduce timm's forward, order invariance with PEs attached, no host
+sync in a batch, exact fp32, the random baselines' initialisation, the report's files, keys, units and
+figures (five labelled models, no overlapping labels), progress and the table off a terminal, the output
+lock and a full disk, a timm model on scikit-image's real photos, user mistakes, and (slow) that the
+demo-trained model is location-aware where a random-init one is not."""
 
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,17 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from droppos import UserError
-from droppos.evalpos import (
-    VARIANTS,
-    OrderSensitivity,
-    PositionAccuracy,
-    _encode,
-    _token_parts,
-    _weighted_median,
-    parse_ratio,
-)
+from droppos.evalpos import parse_ratio
+from droppos.evalpos.metrics import VARIANTS, OrderSensitivity, PositionAccuracy, _encode, _token_parts, _weighted_median
 
 TINY = [
     "--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
@@ -72,12 +71,12 @@ def test_pieces_reproduce_timm_and_with_pe_permutation_is_invisible(kwargs):
         torch.testing.assert_close(_encode(vit, prefix, x + pe), vit.forward_features(images))
         perms = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(3)])
         order = OrderSensitivity(perms, classifier=True, labelled=True)
-        order.update(vit, images, torch.tensor([0, 1, 2]))
+        order.update(vit, images, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool))
         result = order.result("test")
     assert set(VARIANTS) <= set(result)
     # (a) a ViT has no order bias of its own: permuting tokens with their PEs changes nothing.
     assert result["with_pe"]["cosine_mean"] > 0.9999 and result["with_pe"]["cosine_std"] < 1e-4
-    assert result["with_pe"]["top1_agreement"] == 1.0 and result["with_pe"]["accuracy_change"] == 0.0
+    assert result["with_pe"]["top1_agreement"] == 100.0 and result["with_pe"]["accuracy_change"] == 0.0  # percent
     assert result["with_pe"]["displacement_mean"] < 1e-8
     # (b) with strong PEs left in place, the scrambled image is a different input.
     assert result["pe_in_place"]["cosine_mean"] < 0.999 and result["pe_in_place"]["displacement_mean"] > 1e-3
@@ -97,15 +96,19 @@ def test_position_accuracy_counts_distances_on_the_grid():
     predicted = [0, 6, 0, 6]  # right, one column off, (2, 3) -> (0, 0): sqrt(13), right
     for i, p in enumerate(predicted):
         logits[0, i, p] = 10.0
-    acc.update(logits, positions, dropped)
+    acc.update(logits, positions, dropped, torch.ones(1, dtype=torch.bool))
+    # A padded image (valid False) with every answer wrong counts for nothing.
+    acc.update(torch.flip(logits, dims=[-1]), positions, dropped, torch.zeros(1, dtype=torch.bool))
     result = acc.result(seed=0)
-    assert result["top1"] == 0.5 and result["patches_evaluated"] == 4 and result["errors"] == 2
-    assert result["mean_error"] == pytest.approx((1 + 13 ** 0.5) / 2)
+    assert result["top1"] == 50.0 and result["patches_evaluated"] == 4 and result["errors"] == 2  # percent
+    assert result["mean_error"] == pytest.approx((1 + 13 ** 0.5) / 2)  # over the two wrong answers
+    assert result["mean_distance"] == pytest.approx((1 + 13 ** 0.5) / 4)  # over all four
     assert result["median_error"] == pytest.approx((1 + 13 ** 0.5) / 2)
     assert sum(result["error_histogram"]["counts"]) == 2
-    assert result["cell_accuracy"][0][0] == 1.0 and result["cell_accuracy"][1][1] == 0.0
+    assert result["cell_accuracy"][0][0] == 100.0 and result["cell_accuracy"][1][1] == 0.0
     assert result["cell_accuracy"][2][2] is None  # never dropped
-    assert result["chance_top1"] == pytest.approx(1 / 12)
+    assert result["chance_top1"] == pytest.approx(100 / 12)
+    assert sum(result["error_histogram"]["chance_share"]) == pytest.approx(100 * 11 / 12)
     assert _weighted_median(np.array([1.0, 2.0, 3.0]), np.array([1, 0, 2])) == 3.0
     assert _weighted_median(np.array([1.0, 2.0, 3.0]), np.array([1, 1, 0])) == 1.5
     assert parse_ratio("0.5:0.75") == (0.5, 0.75)
@@ -113,7 +116,157 @@ def test_position_accuracy_counts_distances_on_the_grid():
         parse_ratio("half")
 
 
+# --- no host sync in a batch; padding; exact fp32; the baselines ------------------------------
+
+_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "masked_scatter",
+             "bincount", "_unique2", "unique_dim", "unique_consecutive"}
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on every op that makes the host wait for the device: .item() / bool(), data-dependent shapes
+    (boolean indexing, nonzero, masked_select), and bincount (it reads its input's maximum)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name in ("index", "index_put", "index_put_", "_index_put_impl_") else ()
+        if name in _SYNC_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+            raise AssertionError(f"host sync in a batch: aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_sync_detector_catches_what_it_must():
+    x = torch.randn(4, 3)
+    for sync in (lambda: x[x[:, 0] > 0], lambda: float(x.sum()), lambda: bool((x > 0).all()),
+                 lambda: torch.bincount(torch.tensor([1, 2]), minlength=4)):
+        with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+            sync()
+
+
+class _Batches:
+    """An ImageSource stand-in whose batches are consumed with the sync detector on: `evaluate`'s loop
+    body runs while this generator is suspended inside the `with`, its final `result`s run outside."""
+
+    def __init__(self, batches: list, num_classes: int) -> None:
+        self.fixed, self.data, self.num_classes = batches, "labelled", num_classes
+
+    def batches(self, img_size, device):
+        for images, labels, valid in self.fixed:
+            with _NoHostSync():
+                yield images, labels, valid
+
+
+def _droppos_subject():
+    from droppos.evalpos.load import _subject_from_droppos
+    from droppos.model import DropPosViT
+
+    torch.manual_seed(0)
+    model = DropPosViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_width=32,
+                       decoder_depth=1, decoder_heads=2, timm_name="vit_tiny_patch16_224")
+    return _subject_from_droppos(model, "droppos", "test", "droppos-checkpoint", {})
+
+
+@pytest.mark.parametrize("which", ["droppos with mask-token fill", "timm classifier"])
+def test_a_batch_never_waits_for_the_host_and_padding_counts_for_nothing(which):
+    from droppos.evalpos import EvalPosConfig, evaluate
+    from droppos.evalpos.load import _subject_from_timm
+
+    droppos_model = which.startswith("droppos")
+    subject = _droppos_subject() if droppos_model else _subject_from_timm(_tiny_vit(), "vit", "test", "timm", None, {})
+    config = EvalPosConfig(out="unused", ratios=[(0.75, 0.75), (0.0, 1.0)], permutations=2, probe_steps=5,
+                           probe_fill="mask-token" if droppos_model else "mean")
+    torch.manual_seed(1)
+    images, labels, valid = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0]), torch.ones(6, dtype=torch.bool)
+    plain = [(images[:4], labels[:4], valid[:4]), (images[4:], labels[4:], valid[4:])]
+    padded = [plain[0], (torch.cat([images[4:], torch.zeros(2, 3, 32, 32)]), torch.tensor([4, 0, -1, -1]),
+                         torch.tensor([True, True, False, False]))]  # the eval loader's padding: zeros labelled -1
+    cpu = torch.device("cpu")
+    first, second = (evaluate(subject, _Batches(batches, 5), config, cpu) for batches in (plain, padded))
+    assert first["images"] == second["images"] == 6
+    if droppos_model:
+        assert first["position_probe"]["fill"] == "the model's own learnable [MASK] token"
+        for a, b in zip(first["position_accuracy"], second["position_accuracy"]):
+            assert a["patches_evaluated"] == b["patches_evaluated"] and a["top1"] == pytest.approx(b["top1"])
+    else:
+        assert first["order_sensitivity"]["with_pe"]["top1_agreement"] == 100.0
+        assert first["order_sensitivity"]["reference_accuracy"] == pytest.approx(second["order_sensitivity"]["reference_accuracy"])
+    for key in VARIANTS:
+        a, b = first["order_sensitivity"][key], second["order_sensitivity"][key]
+        assert a["cosine_mean"] == pytest.approx(b["cosine_mean"], rel=1e-5)
+        assert a["displacement_mean"] == pytest.approx(b["displacement_mean"], rel=1e-4, abs=1e-9)
+    probes = first["position_probe"], second["position_probe"]
+    assert probes[0]["fit_tokens"] == probes[1]["fit_tokens"] and probes[0]["test_tokens"] == probes[1]["test_tokens"]
+
+
+def test_exact_fp32_turns_tf32_off_for_matmul_and_cudnn_and_restores_both():
+    from droppos.evalpos import exact_fp32
+
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (torch.get_float32_matmul_precision(), cuda.allow_tf32, cudnn.allow_tf32)
+    try:
+        torch.set_float32_matmul_precision("high")  # what the training stages leave behind on CUDA
+        cuda.allow_tf32 = cudnn.allow_tf32 = True
+        with exact_fp32() as used:
+            assert (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (False, False, "highest")
+            assert used == {"dtype": "float32", "autocast": False, "tf32_matmul": False, "tf32_cudnn": False,
+                            "float32_matmul_precision": "highest"}
+        assert (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (True, True, "high")
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        cuda.allow_tf32, cudnn.allow_tf32 = before[1], before[2]
+
+
+def test_random_baselines_start_where_training_started(tiny_run):
+    from droppos.evalpos.load import load_subject, random_like
+
+    run = load_subject(str(tiny_run))
+    encoder = load_subject(str(tiny_run / "encoder.safetensors"))
+    timm_vit = load_subject("vit_tiny_patch16_224", 32, timm_name=True)
+    for source, init in ((run, "droppos"), (encoder, "timm-fixed-pe"), (timm_vit, "timm")):
+        fresh = random_like(source, seed=0)
+        assert fresh.kind == "random-init" and fresh.info["weights"]["init"] == init
+        assert not torch.equal(fresh.vit.blocks[0].attn.qkv.weight, source.vit.blocks[0].attn.qkv.weight)
+    # DropPos never trains its sin-cos PE: the DropPos baseline and the exported encoder's keep it ...
+    for fixed in (random_like(run, 0), random_like(encoder, 0)):
+        torch.testing.assert_close(fixed.vit.pos_embed, encoder.vit.pos_embed)
+    assert float(encoder.vit.pos_embed.detach()[0, 1:].square().mean().sqrt()) > 0.5
+    # ... while a stock timm ViT's learned PE is drawn again, at std 0.02: nearly a bag of patches.
+    assert float(random_like(timm_vit, 0).vit.pos_embed.detach().std()) == pytest.approx(0.02, rel=0.25)
+    torch.testing.assert_close(random_like(run, 3).vit.blocks[0].attn.qkv.weight,
+                               random_like(run, 3).vit.blocks[0].attn.qkv.weight)  # seeded
+
+
+def test_progress_off_a_terminal_is_plain_periodic_lines(monkeypatch, capsys):
+    import droppos.evalpos as evalpos
+
+    monkeypatch.setattr(evalpos, "PROGRESS_EVERY_S", 0.0)
+    ticker = evalpos._Ticker(total=10)
+    assert not ticker.bar.interactive  # pytest's stderr is not a terminal
+    ticker.advance(4, "model A")
+    ticker.advance(6, "model A")
+    ticker.close()
+    monkeypatch.setattr(evalpos, "PROGRESS_EVERY_S", 3600.0)
+    quiet = evalpos._Ticker(total=10)
+    quiet.advance(10, "model B")
+    quiet.close()
+    assert capsys.readouterr().err.splitlines() == ["eval-pos: 4/10 images (model A)", "eval-pos: 10/10 images (model A)"]
+
+
 # --- the command ----------------------------------------------------------------------------
+
+LABELS = ["DropPos run (tiny, 3 steps)", "its exported encoder", "timm ViT-Ti, random", "timm DeiT-Ti, random",
+          "random-init twin of the run"]
+
+
+@pytest.fixture(scope="module")
+def five_models(tiny_run: Path, sample_shards: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One report of five labelled models (a run, its encoder, two timm ViTs, a random baseline): (out, process)."""
+    out = tmp_path_factory.mktemp("five") / "report"
+    labels = [arg for label in LABELS for arg in ("--label", label)]
+    result = droppos("eval-pos", "--compare", str(tiny_run), str(tiny_run / "encoder.safetensors"),
+                     "--timm-model", "vit_tiny_patch16_224", "--timm-model", "deit_tiny_patch16_224", "--img-size", "32",
+                     "--random-baseline", *labels, "--data", str(sample_shards), "--out", str(out), "--max-images", "24", *FAST)
+    assert result.returncode == 0, result.stderr
+    return out, result
 
 
 def _check_report_files(out: Path, report: dict) -> None:
@@ -121,7 +274,7 @@ def _check_report_files(out: Path, report: dict) -> None:
 
     html = (out / "report.html").read_text()
     embedded = dict(re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html))
-    assert sorted(embedded) == report["plots"] and len(embedded) >= 2
+    assert sorted(embedded) == sorted(report["plots"]) and len(embedded) >= 2
     for name, data in embedded.items():
         png = (out / name).read_bytes()
         assert base64.b64decode(data) == png  # the page embeds exactly the PNGs written beside it
@@ -129,40 +282,191 @@ def _check_report_files(out: Path, report: dict) -> None:
             img.load()
             assert img.format == "PNG" and img.size[0] > 100
     assert "<img" in html and "src='http" not in html and "<table>" in html
+    assert not list(out.glob(".*.tmp-*"))  # every file was written atomically
 
 
-def test_report_of_a_run_its_encoder_and_a_random_baseline(tiny_run, sample_shards, tmp_path):
-    out = tmp_path / "report"
-    result = droppos("eval-pos", "--compare", str(tiny_run), str(tiny_run / "encoder.safetensors"), "--random-baseline",
-                     "--data", str(sample_shards), "--out", str(out), "--max-images", "24", *FAST)
-    assert result.returncode == 0, result.stderr
-    assert f"report: {out / 'report.html'}" in result.stdout and "pos top-1" in result.stdout
+def test_report_of_five_labelled_models(five_models, tiny_run, sample_shards):
+    out, result = five_models
+    assert f"report: {out / 'report.html'}" in result.stdout
     report = json.loads((out / "report.json").read_text())
     _check_report_files(out, report)
-    run, encoder, random = report["models"]
-    assert [m["kind"] for m in report["models"]] == ["droppos-run", "encoder", "random-init"]
+    assert report["format"] == "droppos-evalpos/2"
+    assert [m["name"] for m in report["models"]] == LABELS  # --label, in the order the models were given
+    run, encoder, vit, deit, random = report["models"]
+    assert [m["kind"] for m in report["models"]] == ["droppos-run", "encoder", "timm", "timm", "random-init"]
     assert report["position_accuracy"] == run["position_accuracy"]
     assert [(a["mask_ratio"], a["pos_mask_ratio"]) for a in run["position_accuracy"]] == [(0.75, 0.75), (0.5, 0.75), (0.0, 0.75), (0.0, 1.0)]
     for entry in run["position_accuracy"] + random["position_accuracy"]:
-        for key in ("top1", "top5", "mean_error", "median_error", "cell_accuracy", "error_histogram", "seed"):
+        for key in ("top1", "top5", "mean_error", "median_error", "mean_distance", "cell_accuracy", "error_histogram", "seed"):
             assert key in entry
-        assert 0 <= entry["top1"] <= entry["top5"] <= 1
+        assert 0 <= entry["top1"] <= entry["top5"] <= 100 and entry["chance_top1"] == pytest.approx(100 / 16)  # percent
     everything_dropped = run["position_accuracy"][3]
     assert everything_dropped["visible_per_image"] == everything_dropped["dropped_per_image"] == 16
     assert everything_dropped["patches_evaluated"] == 24 * 16
     assert encoder["position_accuracy"] == []  # no position head in an encoder file
     for model in report["models"]:
         for key in VARIANTS:
-            assert {"cosine_mean", "cosine_std"} <= set(model["order_sensitivity"][key])
+            assert {"cosine_mean", "cosine_std", "cosine_sem", "displacement_mean", "displacement_sem"} <= set(model["order_sensitivity"][key])
         assert model["order_sensitivity"]["with_pe"]["cosine_mean"] > 0.9999
-        assert 0 <= model["position_probe"]["top1"] <= 1
-        assert model["images"] == 24
+        assert 0 <= model["position_probe"]["top1"] <= 100 and model["images"] == 24
     # The run's encoder, converted in memory, is the exported encoder: the same numbers.
     for key in VARIANTS:
         assert run["order_sensitivity"][key]["cosine_mean"] == pytest.approx(encoder["order_sensitivity"][key]["cosine_mean"], abs=1e-5)
-    assert run["position_probe"]["top1"] == pytest.approx(encoder["position_probe"]["top1"], abs=0.02)
+    assert run["position_probe"]["top1"] == pytest.approx(encoder["position_probe"]["top1"], abs=2.0)
+    # What each model's weights are, and the PEs' visibility that makes a reference fair or not.
+    assert run["info"]["weights"]["sha256"] == hashlib.sha256((tiny_run / "checkpoints" / "last.pt").read_bytes()).hexdigest()
+    assert random["info"]["weights"]["init"] == "droppos" and vit["info"]["weights"]["init"] == "timm"
+    assert vit["architecture"]["patch_pe_rms"] < 0.05 < 0.5 < run["architecture"]["patch_pe_rms"]
     settings = report["settings"]
     assert settings["seed"] == 0 and settings["permutations"] == 2 and settings["ratios"][0] == [0.75, 0.75]
+    assert settings["device"] == "cpu" and settings["loader"] == "pil" and settings["workers"] == 0
+    assert settings["precision"]["tf32_cudnn"] is False and settings["precision"]["tf32_matmul"] is False
+    assert "percent (0-100)" in settings["units"] and "top1" in settings["units"]["percent (0-100)"]
+    card = report["run_card"]
+    assert card["world_size"] == 1 and card["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert card["data_manifest_sha256"] == hashlib.sha256((sample_shards / "manifest.json").read_bytes()).hexdigest()
+    assert "over the WRONG answers only" in report["definitions"]["mean_error"] and "ALL answers" in report["definitions"]["mean_distance"]
+
+
+def test_start_line_and_a_table_that_stays_readable_off_a_terminal(five_models):
+    _, result = five_models
+    start = result.stderr.splitlines()[:2]
+    assert start[0].startswith("eval-pos: 5 model(s): DropPos run (tiny, 3 steps) (droppos-run, 32px, grid 4x4")
+    assert "device cpu" in start[1] and "ratios 0.75:0.75 0.5:0.75 0:0.75 0:1" in start[1] and "2 permutation(s)" in start[1]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.lstrip("┃ ").startswith("metric"))
+    assert all(label in header for label in LABELS)  # not squeezed into 80 columns: no label wrapped
+    row = next(line for line in lines if "displacement" in line and "(b) PE in place" in line)
+    assert row.count(" ± ") == 5 + 1 and len(row) == len(header)  # one per model, plus the unit "± sem"
+
+
+def test_html_report_stands_on_its_own(five_models):
+    out, _ = five_models
+    report = json.loads((out / "report.json").read_text())
+    page = (out / "report.html").read_text()
+    links = set(re.findall(r"href='#def-([a-z0-9_]+)'", page))
+    anchors = re.findall(r"id='def-([a-z0-9_]+)'", page)
+    assert links and links <= set(anchors) and len(anchors) == len(set(anchors))  # each metric defined, once
+    captions = re.findall(r"<figcaption><b>([^<]+)</b>([^<]+)</figcaption>", page)
+    assert len(captions) == len(report["plots"])
+    assert all(not title.endswith(".png") and len(text) > 80 for title, text in captions)
+    assert 'docs/METHOD.md' in page and "Location-awareness diagnostics" in page
+    assert page.count("METHOD.md") == page.count("docs/METHOD.md")
+    assert "<th>option</th><th>value</th><th>meaning</th>" in page and '{"' not in page  # settings: a table, no JSON dump
+    assert "over the WRONG answers only" in page and "over ALL answers" in page
+    assert "bag-of-patches reference" in page and "std 0.02" in page  # what the random baseline is, and why
+
+
+def _drawn_texts(fig):
+    """Every text matplotlib draws: tick labels inside the view, titles, axis labels, bar values, legends."""
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        for axis, (lo, hi) in ((ax.xaxis, sorted(ax.get_xlim())), (ax.yaxis, sorted(ax.get_ylim()))):
+            for tick in axis.get_major_ticks():
+                if lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
+                    yield from (label for label in (tick.label1, tick.label2) if label.get_visible())
+            yield axis.label
+            yield axis.get_offset_text()
+        yield ax.title
+        yield from ax.texts
+        if ax.get_legend() is not None:
+            yield from ax.get_legend().get_texts()
+    yield from fig.texts  # suptitle, supxlabel
+    for legend in fig.legends:
+        yield from legend.get_texts()
+
+
+def _text_never_overlaps(fig) -> bytes:
+    """A `render` for make_figures that fails when two texts of a figure overlap."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer).padded(-0.5)) for t in _drawn_texts(fig)
+             if t.get_visible() and t.get_text().strip()]
+    clashes = [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+    plt.close(fig)
+    assert len(boxes) > 10 and not clashes, clashes[:5]
+    return b"png"
+
+
+def test_report_figures_label_five_models_without_overlap(five_models):
+    from droppos.evalpos.report import make_figures
+
+    out, _ = five_models
+    report = json.loads((out / "report.json").read_text())
+    figures = make_figures(report["models"], render=_text_never_overlaps)
+    assert {f.name for f in figures} == set(report["plots"])
+    import matplotlib.pyplot as plt
+
+    clash = plt.figure()
+    for i in range(11):
+        clash.text(0.05, 0.08 * i, f"label {i}")
+    clash.text(0.06, 0.0, "on top of label 0")
+    with pytest.raises(AssertionError, match="on top of label 0"):  # the check itself sees a clash
+        _text_never_overlaps(clash)
+
+
+def test_a_second_writer_on_the_same_out_stops_with_one_line(tiny_run, sample_shards, tmp_path):
+    from droppos.files import OutputLock
+
+    out = tmp_path / "report"
+    with OutputLock(out, "eval-pos"):
+        result = droppos("eval-pos", str(tiny_run), "--data", str(sample_shards), "--out", str(out), *FAST, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "in use by" in result.stderr
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_exit_2(tiny_run, sample_shards, tmp_path, monkeypatch, capsys):
+    import cli
+    from droppos import files
+
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if Path(dst).name == "report.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["eval-pos", str(tiny_run), "--data", str(sample_shards), "--out", str(out), "--max-images", "8",
+                  "--ratio", "0:1", *FAST])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"droppos: error: cannot write {out / 'report.json'}") and "disk is full" in last
+    assert not list(out.glob(".*.tmp-*"))  # no temporary file left behind
+
+
+def test_a_downloaded_checkpoint_is_compared_by_its_own_name_and_sha256(sample_shards, tmp_path):
+    """--weights FILE (an MAE-layout {'model': ...} file of a 224-px ViT-Ti/16, written here) for a --timm-model
+    at 64 px: loaded with its PE resampled, named after its weights, its sha256 in report.json, beside a
+    random-init baseline. A file of another architecture is one line, not a silent mismatch."""
+    import timm
+
+    from droppos.files import file_sha256
+
+    torch.manual_seed(1)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    path = tmp_path / "mae-like.pth"
+    torch.save({"model": vit.state_dict(), "epoch": 3}, path)
+    out = tmp_path / "report"
+    result = droppos("eval-pos", "--timm-model", "vit_tiny_patch16_224", "--weights", str(path), "--img-size", "64",
+                     "--data", str(sample_shards), "--out", str(out), "--max-images", "16", "--random-baseline",
+                     "--compare", *FAST)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    loaded, random = report["models"]
+    weights = loaded["info"]["weights"]
+    assert weights["sha256"] == file_sha256(path) and weights["source"] == "file" and weights["layout"] == "mae-deit"
+    assert "random-init" not in loaded["name"] and random["kind"] == "random-init"
+    assert loaded["architecture"]["grid"] == [4, 4]
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    torch.save({"model": small.state_dict()}, tmp_path / "other.pth")
+    result = droppos("eval-pos", "--timm-model", "vit_tiny_patch16_224", "--weights", str(tmp_path / "other.pth"),
+                     "--data", str(sample_shards), "--out", str(tmp_path / "r2"), *FAST, timeout=120)
+    assert result.returncode == 2 and "pick the --timm-model of its architecture" in result.stderr.strip().splitlines()[-1]
 
 
 def test_timm_model_on_scikit_image_photos(tmp_path):
@@ -191,7 +495,8 @@ def test_timm_model_on_scikit_image_photos(tmp_path):
     assert model["kind"] == "timm" and model["architecture"]["grid"] == [4, 4]
     assert report["position_accuracy"] == []
     assert model["order_sensitivity"]["with_pe"]["cosine_mean"] > 0.9999
-    assert model["order_sensitivity"]["with_pe"]["top1_agreement"] == 1.0  # a classifier head: agreement reported
+    assert model["order_sensitivity"]["with_pe"]["top1_agreement"] == 100.0  # a classifier head: agreement reported (%)
+    assert model["name"] == "random-init vit_tiny_patch16_224" and model["info"]["weights"]["source"] == "random-init"
     assert report["position_probe"]["top1"] is not None
     _check_report_files(out, report)
 
@@ -207,6 +512,10 @@ def test_timm_model_on_scikit_image_photos(tmp_path):
         (["--timm-model", "vit_enormous", "--data", "{shards}", "--out", "{tmp}/r"], "unknown timm model"),
         (["{run}", "--data", "{shards}", "--split", "test", "--out", "{tmp}/r"], "no split"),
         (["{run}", "--images", "{tmp}/missing", "--out", "{tmp}/r"], "not a directory"),
+        (["{run}/encoder.safetensors", "--probe-fill", "mask-token", "--data", "{shards}", "--out", "{tmp}/r"],
+         "has no learnable [MASK] token"),
+        (["{run}", "--probe-fill", "noise", "--data", "{shards}", "--out", "{tmp}/r"], "--probe-fill 'noise': choose one of"),
+        (["{run}", "--label", "a", "--label", "b", "--data", "{shards}", "--out", "{tmp}/r"], "2 --label given for 1 model"),
     ],
 )
 def test_user_mistakes_are_one_line(tiny_run, sample_shards, tmp_path, args, message):

@@ -22,6 +22,7 @@ from pathlib import Path
 import faultlib
 import numpy as np
 import pytest
+import torch
 from faultlib import Fault
 from PIL import Image, features
 
@@ -499,6 +500,48 @@ def test_a_full_disk_in_a_worker_pool_stops_cleanly(source: Path, dataset: Path,
     assert _temporaries(out) == []
     shard_imagenet.run(source, out, workers=2, shard_size=SHARD_SIZE)
     assert _shard_bytes(out) == _shard_bytes(dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# 12.6 OS errors in a training run: the checkpoint, the run directory
+
+
+TINY_PRETRAIN = ["--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
+                 "--decoder-width", "32", "--decoder-depth", "1", "--batch-size", "4", "--epochs", "2",
+                 "--warmup-epochs", "0", "--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0"]
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ["pretrain", "--data", str(dataset), "--out", str(run), *TINY_PRETRAIN]
+    assert _cli(*common, "--max-steps", "2").returncode == 0
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    # The disk fills while the next checkpoint is written: one line, the last good checkpoint intact,
+    # no temporary file left (every retry used to leave one behind).
+    env = faultlib.env(Fault("write", run / "checkpoints", "ENOSPC", after=50_000))
+    for _ in range(2):
+        result = _cli(*common, "--max-steps", "4", env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]  # after the run's progress lines
+        assert line.startswith("droppos: error: ")
+        assert f"cannot write {run / 'checkpoints' / 'last.pt'}: No space left on device" in line
+        assert (run / "checkpoints" / "last.pt").read_bytes() == good
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
+    result = _cli(*common, "--max-steps", "4")  # with space again: it resumes from the good one and finishes
+    assert result.returncode == 0, result.stderr
+    assert "resumed from step 2" in result.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_read_only_run_directory_is_one_line(dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = faultlib.env(Fault("write", run, "EROFS"))
+    line = _one_line_error(_cli("pretrain", "--data", str(dataset), "--out", str(run), *TINY_PRETRAIN, env=env))
+    assert str(run) in line and "Read-only file system" in line
+    (tmp_path / "a_file").write_text("x")
+    line = _one_line_error(_cli("pretrain", "--data", str(dataset), "--out", str(tmp_path / "a_file" / "run"),
+                                *TINY_PRETRAIN))
+    assert "a_file" in line and ("Not a directory" in line or "is a file" in line)
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,3 +256,22 @@ def test_config_records_what_auto_became(sample_shards, tmp_path):
     assert config["schedule"]["effective_batch"] == 8 and math.isclose(config["schedule"]["peak_lr"], 1.5e-4 * 8 / 256)
     card = config["run_card"]
     assert card["world_size"] == 1 and card["hardware"]["cpu_count"] >= 1 and "timm" in card["packages"]
+
+
+# --- the GPU path's numerics on a CPU --------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_bf16_autocast_runs_every_stage(stage, sample_shards, tmp_path):
+    """CPU bf16 autocast through each stage's step and evaluation, so that dtype mismatches of the CUDA
+    path surface here. pretrain also runs compiled under DDP (2 gloo processes): all three together."""
+    run = tmp_path / "run"
+    extra = ["--precision", "bf16", "--max-steps", "2", "--log-every", "1"]
+    if stage == "pretrain":
+        extra += ["--nproc", "2", "--compile"]
+    result = droppos(*command(stage, sample_shards, run, *extra), timeout=900)
+    assert result.returncode == 0, result.stderr
+    records = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    config = json.loads((run / "config.json").read_text())
+    assert config["precision"] == "bf16" and config["compile"] is (stage == "pretrain")

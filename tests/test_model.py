@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Optional
 
 import pytest
 import timm
@@ -15,9 +16,9 @@ from droppos.export import export_encoder
 from droppos.model import (
     DropPosViT,
     attentive_weights,
+    compile_step,
     mask_counts,
     position_targets,
-    sigma_at,
 )
 
 # A ViT small enough for a 2-core CPU: 32x48 images, patch 8 -> a 4x6 grid (non-square on purpose).
@@ -83,14 +84,6 @@ def test_targets_one_hot_at_sigma_zero_and_smaller_sigma_is_sharper():
         assert torch.isfinite(t).all()
         torch.testing.assert_close(t, torch.eye(192))
     assert position_targets((14, 14), 0.5)[0, 0] > position_targets((14, 14), 1.0)[0, 0]
-
-
-def test_sigma_schedule_linear_and_clamped():
-    assert sigma_at(0.0) == 1.0
-    assert sigma_at(0.25) == pytest.approx(0.75)
-    assert sigma_at(1.0) == 0.0
-    assert sigma_at(1.5) == 0.0 and sigma_at(-1.0) == 1.0
-    assert sigma_at(0.5, sigma0=2.0) == pytest.approx(1.0)
 
 
 def test_attentive_weights_softmax_of_cosine():
@@ -213,15 +206,15 @@ def test_gradients_reach_mask_token_and_variants_run():
     assert model.mask_pos_token.grad is not None and model.mask_pos_token.grad.abs().sum() > 0
     assert model.cls_token.grad.abs().sum() > 0
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
-    for variant in ("zeros", "wrong"):
+    for variant in ("zeros", "wrong", "random-wrong"):
         other = tiny_model(mask_token=variant)
         assert other.mask_pos_token is None
         out = other(images(), torch.tensor(0.5))
         assert torch.isfinite(out["loss"])
 
 
-def test_wrong_mask_token_never_uses_the_true_pe():
-    model = tiny_model(mask_token="wrong")
+def test_random_wrong_mask_token_never_uses_the_true_pe():
+    model = tiny_model(mask_token="random-wrong")
     positions = torch.arange(model.num_patches).repeat(50, 1)
     tokens = model._dropped_pos_tokens(positions)
     true_pe = model.pos_embed[0, 1:].expand(50, -1, -1)
@@ -353,3 +346,234 @@ def test_export_standard_vit_loads_with_the_contract_call(tmp_path):
     imgs = images(1, hw=(224, 224))
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(imgs), model.forward_features(imgs), rtol=0, atol=1e-5)
+
+
+# ---- the published recipe: 'wrong' [MASK] PEs, the auxiliary MAE decoder's depth -----------------------
+
+
+def _source_slots(model: DropPosViT, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, n]: for each dropped slot, which slot's own PE it was given (exact match required)."""
+    own = model.pos_embed[0, 1:][positions]  # [B, n, D]: each slot's true PE
+    matches = (tokens[:, :, None, :] == own[:, None, :, :]).all(-1)  # [B, n, n]
+    assert (matches.sum(-1) == 1).all(), "every token must be exactly one of the image's dropped PEs"
+    return matches.float().argmax(-1)
+
+
+def test_wrong_mask_token_shuffles_the_dropped_pes_one_permutation_per_batch():
+    """The published variant: np.random.shuffle over the slot axis of [slots, batch, D], written out here."""
+    model = tiny_model(mask_token="wrong")
+    g = torch.Generator().manual_seed(0)
+    positions = torch.stack([torch.randperm(model.num_patches, generator=g)[:9] for _ in range(6)])  # [6, 9]
+    torch.manual_seed(1)
+    tokens = model._dropped_pos_tokens(positions)
+    source = _source_slots(model, tokens, positions)
+    assert (source == source[0]).all()  # the same permutation for every image of the batch
+    assert sorted(source[0].tolist()) == list(range(9))  # a permutation of the dropped slots
+    # Reference: slot j of image b gets the PE of slot perm[j] of the same image.
+    torch.testing.assert_close(tokens, model.pos_embed[0, 1:][positions[:, source[0]]], rtol=0, atol=0)
+    # Uniform over permutations like np.random.shuffle: with 4 slots, all 24 orders show up in 400 draws
+    # (a given one is missing with probability (23/24)^400 < 1e-7), identity (a slot keeping its PE) included.
+    seen = {tuple(_source_slots(model, model._dropped_pos_tokens(positions[:, :4]), positions[:, :4])[0].tolist())
+            for _ in range(400)}
+    assert len(seen) == 24
+
+
+def test_wrong_mask_token_compiles_without_graph_break():
+    torch.compiler.reset()
+    model = tiny_model(mask_token="wrong")
+    explanation = torch._dynamo.explain(model)(images(2), torch.tensor(1.0))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch.compiler.reset()
+
+
+def _block_params(width: int, mlp_ratio: float = 4.0) -> int:
+    """Parameters of one pre-norm ViT block: qkv, proj, fc1, fc2 (weights + biases) and two LayerNorms."""
+    hidden = int(width * mlp_ratio)
+    return (3 * width * width + 3 * width) + (width * width + width) + (width * hidden + hidden) \
+        + (hidden * width + width) + 4 * width
+
+
+@pytest.mark.parametrize("overrides,depth,width", [
+    ({}, 2, 32),  # follows the position decoder (depth 2, width 32), as in the published multi-task model
+    ({"mae_decoder_depth": 3}, 3, 32),
+    ({"mae_decoder_width": 16, "mae_decoder_heads": 2, "mae_decoder_depth": 1}, 1, 16),
+])
+def test_aux_mae_decoder_follows_the_position_decoder_unless_told(overrides, depth, width):
+    model = tiny_model(aux_mae=True, decoder_depth=2, **overrides)
+    assert len(model.mae_decoder_blocks) == depth and model.mae_decoder_depth == depth
+    pixels = model.patch_size ** 2 * model.in_chans
+    expected = (model.embed_dim * width + width) + width + depth * _block_params(width) + 2 * width \
+        + (width * pixels + pixels)  # embed, [MASK] token, blocks, norm, pixel head
+    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("mae_")) == expected
+    # The FLOP count follows: the MAE decoder runs over all 1 + L tokens.
+    no_mae = tiny_model(decoder_depth=2).flops_per_image()["step"]
+    L, V, D = model.num_patches, model.num_visible, model.embed_dim
+    block = 2.0 * (1 + L) * 12 * width * width + 4.0 * (1 + L) ** 2 * width
+    mae = 2.0 * (1 + V) * D * width + depth * block + 2.0 * (L - V) * width * pixels
+    assert model.flops_per_image()["step"] == pytest.approx(no_mae + 3 * mae, rel=1e-12)
+
+
+def test_recipe_aux_mae_decoder_has_two_blocks():
+    with torch.device("meta"):
+        model = timm.create_model("droppos_vit_base_patch16", aux_mae=True)
+    assert len(model.mae_decoder_blocks) == model.decoder_depth == 2
+    assert model.mae_decoder_blocks[0].attn.qkv.in_features == 512
+
+
+# ---- the attentive pass: its own call, the run's precision ---------------------------------------------
+
+
+def _step_grads(model: DropPosViT, **kwargs) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("aux_mae", [False, True])
+def test_saliency_passed_in_gives_identical_loss_and_gradients(aux_mae):
+    model = tiny_model(aux_mae=aux_mae)
+    imgs = images(3)
+    noise = torch.rand(3, model.num_patches, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor(0.8)
+    inline, grads_inline = _step_grads(model, imgs=imgs, sigma=sigma, noise=noise)
+    split, grads_split = _step_grads(model, imgs=imgs, sigma=sigma, noise=noise, saliency=model.saliency(imgs))
+    assert inline.keys() == split.keys()
+    for key in inline:
+        assert torch.equal(inline[key], split[key]), key
+    assert grads_inline.keys() == grads_split.keys() and len(grads_inline) > 10
+    for name in grads_inline:
+        assert torch.equal(grads_inline[name], grads_split[name]), name
+    # Other weights change the loss: the argument is really used.
+    other = model(imgs, sigma, noise=noise, saliency=torch.softmax(torch.randn(3, model.num_patches), -1))
+    assert other["loss"].item() != pytest.approx(inline["loss"].item(), rel=1e-4)
+
+
+def test_saliency_argument_is_checked():
+    imgs = images(2)
+    with pytest.raises(ValueError, match="without attentive"):
+        tiny_model(attentive=False)(imgs, torch.tensor(1.0), saliency=torch.ones(2, 24) / 24)
+    with pytest.raises(ValueError, match=r"\[2, 24\]"):
+        tiny_model()(imgs, torch.tensor(1.0), saliency=torch.ones(2, 23) / 23)
+
+
+def _saliency_matmul_dtypes(model: DropPosViT, imgs: torch.Tensor, autocast: Optional[torch.dtype]):
+    """The dtypes the attentive pass's first and last matmuls ran in, and its weights."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+             for m in (model.blocks[0].attn.qkv, model.blocks[-1].mlp.fc2)]
+    try:
+        with torch.autocast(imgs.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            weights = model.saliency(imgs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return set(seen), weights
+
+
+def _check_saliency_precision(device: torch.device) -> None:
+    model = tiny_model().to(device)
+    imgs = images(2).to(device)
+    dtypes, fp32 = _saliency_matmul_dtypes(model, imgs, None)
+    assert dtypes == {torch.float32}  # fp32 means fp32 (before: bf16 on CUDA whatever --precision said)
+    with torch.no_grad():
+        feats = model.forward_features(imgs)
+    torch.testing.assert_close(fp32, attentive_weights(feats[:, 0], feats[:, 1:], model.tau), rtol=0, atol=0)
+    dtypes, bf16 = _saliency_matmul_dtypes(model, imgs, torch.bfloat16)
+    assert dtypes == {torch.bfloat16} and bf16.dtype == torch.float32  # bf16 means bf16; weights in fp32
+    assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=2e-3)
+
+
+def test_saliency_runs_in_the_callers_precision_on_cpu():
+    _check_saliency_precision(torch.device("cpu"))
+
+
+# ---- bf16 on the CPU -------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_on_cpu_forward_backward_close_to_fp32():
+    """Tolerances from measurement: over 5 seeds of this model the bf16 loss was within 1.9e-3 (relative)
+    of fp32 and the gradient's cosine with fp32's >= 0.99989; asserted with ~5x margin."""
+    model = tiny_model(aux_mae=True)
+    imgs = images(4)
+    noise = torch.rand(4, model.num_patches, generator=torch.Generator().manual_seed(4))
+    fp32, grads32 = _step_grads(model, imgs=imgs, sigma=torch.tensor(1.0), noise=noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        bf16 = model(imgs, torch.tensor(1.0), noise=noise)
+    bf16["loss"].backward()
+    grads16 = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(v) for v in bf16.values()) and bf16["loss"].dtype == torch.float32
+    assert bf16["loss"].item() != fp32["loss"].item()  # autocast really ran in bf16
+    assert bf16["loss"].item() == pytest.approx(fp32["loss"].item(), rel=1e-2)
+    flat32 = torch.cat([grads32[n].flatten() for n in grads32])
+    flat16 = torch.cat([grads16[n].flatten() for n in grads32])
+    assert torch.isfinite(flat16).all()
+    assert F.cosine_similarity(flat32, flat16, dim=0).item() > 0.999
+
+
+def _compiled_steps_match_eager(device: torch.device, steps: int = 2) -> None:
+    """compile_step's two graphs under bf16 autocast: no recompile as sigma changes, close to eager bf16."""
+    torch.compiler.reset()
+    model = tiny_model(img_size=32).to(device)
+    imgs = images(4, hw=(32, 32)).to(device)
+    noise = torch.rand(4, model.num_patches, generator=torch.Generator().manual_seed(5)).to(device)
+    saliency_fn, forward_fn = compile_step(model, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for sigma in (1.0, 0.6, 0.3)[:steps]:
+            sigma_t = torch.tensor(sigma, device=device)
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                out_c = forward_fn(imgs, sigma_t, noise=noise, saliency=saliency_fn(imgs))
+            out_c["loss"].backward()
+            grad_c = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                out_e = model(imgs, sigma_t, noise=noise)
+            out_e["loss"].backward()
+            grad_e = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            assert torch.isfinite(out_c["loss"]) and torch.isfinite(grad_c).all()
+            assert out_c["loss"].item() == pytest.approx(out_e["loss"].item(), rel=1e-2)
+            assert F.cosine_similarity(grad_c, grad_e, dim=0).item() > 0.999
+    torch.compiler.reset()
+
+
+def test_compile_step_bf16_on_cpu_matches_eager():
+    _compiled_steps_match_eager(torch.device("cpu"))
+
+
+def test_compile_step_without_attentive_has_no_saliency_graph():
+    model = tiny_model(attentive=False)
+    saliency_fn, forward_fn = compile_step(model, "cpu")
+    assert saliency_fn is None and forward_fn._orig_mod is model
+    with pytest.raises(TypeError):
+        compile_step(torch.nn.Linear(2, 2), "cpu")
+
+
+# ---- CUDA (skipped without a GPU) ------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_saliency_runs_in_the_callers_precision_on_cuda():
+    _check_saliency_precision(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compile_step_bf16_on_cuda_cuda_graphs_match_eager():
+    """The trainer's CUDA path: bf16 autocast, the attentive pass as a CUDA graph, the step compiled."""
+    _compiled_steps_match_eager(torch.device("cuda"), steps=3)
+
+
+def test_config_builds_the_mae_decoder_at_the_position_decoders_depth():
+    from droppos.model import create_from_config
+
+    config = {"model": "vit_tiny_patch16", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
+              "num_heads": 2, "aux_mae": True, "decoder_depth": 1, "decoder_width": 32, "decoder_heads": 2}
+    assert len(create_from_config(config).mae_decoder_blocks) == 1
+    assert len(create_from_config(dict(config, decoder_depth=3)).mae_decoder_blocks) == 3

@@ -105,17 +105,25 @@ def test_user_mistakes_exit_2_with_one_line(sample_shards, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_encoder_beats_random_init_on_the_cached_probe(demo_data, demo_run, tmp_path, capsys):
-    """The cpu-demo pre-trained encoder against the same architecture at random init, same probe."""
+    """The cpu-demo pre-trained encoder against the same architecture at random init, same probe: the mean of
+    the patch tokens (the cpu-demo probe preset), the measure that holds across seeds and machines."""
     scores = {}
     for name, extra in (("pretrained", []), ("random", ["--random-init"])):
         out = tmp_path / name
         code, err = cli_run(capsys, "probe", "--preset", "cpu-demo", "--data", str(demo_data), "--out", str(out),
                             "--run", str(demo_run), "--loader", "pil", *extra)
         assert code == 0, err
-        scores[name] = json.loads((out / "results.json").read_text())["top1"]
+        results = json.loads((out / "results.json").read_text())
+        assert results["pool"] == "avg"
+        scores[name] = results["top1"]
     assert scores["pretrained"] > scores["random"] + MARGIN, scores
 
 
-# Percentage points. Measured on 2026-11-24 with the cpu-demo pre-training preset (8 epochs) and the
-# cpu-demo probe preset: 64.2% (pre-trained) vs 57.6% (random init) top-1 on the 500 val images.
-MARGIN = 3.0
+# Percentage points, derived from the spread across seeds. Measured 2026-12-01 on an Intel Xeon (2 cores), the
+# cpu-demo pre-training at seeds 0, 1, 2, each probed (cpu-demo probe preset) with the same seed:
+#   mean of the patch tokens: pre-trained 58.2 / 56.8 / 69.8 vs random init 52.6 / 53.6 / 52.0,
+#   differences +5.6 / +3.2 / +17.8 (the smallest pre-trained score minus the largest random one: 3.2);
+#   [CLS] token, for comparison: 57.4 / 65.0 / 58.0 vs 56.6 / 70.2 / 60.0 (+0.8 / -5.2 / -2.0): DropPos puts
+#   no loss on [CLS], so its probe does not tell the two apart, which is why the demo probes the patch mean.
+# The margin is the smallest difference less twice the random baselines' spread (sd 0.8): 3.2 - 1.6 = 1.6.
+MARGIN = 1.5

@@ -53,6 +53,8 @@ def test_ddp_without_buffer_broadcast_with_bucket_views_and_a_static_graph(tmp_p
         assert ddp.gradient_as_bucket_view is True and ddp.static_graph is True
         for _ in range(2):  # a static graph still trains step after step
             ddp(torch.randn(8, 4)).sum().backward()
+        accumulating = runtime.wrap_ddp(model, runtime.DistInfo(0, 2, 0, torch.device("cpu")), accum=2)
+        assert accumulating.static_graph is False  # no_sync micro-steps and a static graph do not mix
     finally:
         dist.destroy_process_group()
     assert runtime.wrap_ddp(model, runtime.DistInfo(0, 1, 0, torch.device("cpu"))) is model

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-COMMANDS = ("shard", "pretrain", "finetune", "probe", "eval-pos")
+COMMANDS = ("shard", "pretrain", "finetune", "probe", "eval-pos", "export")
 
 
 def test_pil_is_pillow_simd_and_pillow_is_gone():
@@ -54,3 +57,31 @@ def test_usage_mistakes_are_one_line_and_exit_2(args):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("droppos: error:"), result.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_version_bare_usage_and_print_config():
+    import droppos
+
+    assert _cli("--version").stdout.strip() == f"droppos {droppos.__version__}"
+    bare = _cli()
+    assert bare.returncode == 0 and "Usage: droppos" in bare.stdout and "error" not in bare.stderr
+    shown = _cli("pretrain", "--preset", "cpu-demo", "--epochs", "3", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    config = json.loads(shown.stdout)
+    assert (config["img_size"], config["patch_size"], config["epochs"], config["loader"]) == (48, 8, 3, "pil")
+
+
+def test_help_groups_options_in_panels_and_shows_each_default_once():
+    result = subprocess.run([sys.executable, "-m", "droppos", "pretrain", "--help"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "200"})
+    text = result.stdout
+    for panel in ("Recipe", "Data", "Model", "Pretext", "Optimisation", "Launch", "Output, checkpoints and logging"):
+        assert f"─ {panel} ─" in text, panel
+    assert "cpu-demo: model=vit_tiny_patch16" in text  # the presets, and what each sets
+    rows = [line for line in text.splitlines() if re.match(r"│ --[a-z]", line)]
+    assert rows and all(line.count("default:") <= 1 for line in rows)
+    assert text.count("default: 800") == 1 and "default: on" in text  # one style: values, on/off

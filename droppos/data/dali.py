@@ -63,7 +63,13 @@ from droppos.data.recipe import CROP_RATIO, EVAL_CROP_PCT, IMAGENET_MEAN, IMAGEN
 # DALI's RandAugment has magnitude bins and no magnitude noise: m=27 of bins 0..30 is timm's 9/10.
 RAND_AUGMENT_M, RAND_AUGMENT_BINS = 27, 31
 RAND_AUGMENT_TRANSLATE = 0.45  # timm's translate_pct: the largest shift, as a fraction of the side
-PREFETCH = 2
+PREFETCH = 2  # batches DALI prepares ahead on a CPU
+# GPU decoding ('mixed') on Hopper (H100/H200: 7 NVJPG engines), set by reading, not measured yet: most JPEGs
+# to the hardware decoder (nvImageCodec's own default, above the legacy 0.65 meant for A100's 5 engines),
+# nvJPEG's buffers padded for ImageNet-size images so that they are not reallocated as sizes vary (the
+# paddings of DALI's ResNet-50 example), and one more batch in flight to hide decode jitter.
+MIXED_DECODER = dict(hw_decoder_load=0.9, device_memory_padding=211_025_920, host_memory_padding=140_544_512)
+MIXED_PREFETCH = 3
 READER_NAME = "reader"
 _SEED_SALT = 0xDA11
 
@@ -95,15 +101,16 @@ def pipeline(files, index_files, mode, img_size, shard_id, num_shards, decoder_d
     )
     normalise = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in IMAGENET_MEAN],
                      std=[255 * s for s in IMAGENET_STD])
+    tuned = MIXED_DECODER if decoder_device == "mixed" else {}
     if not recipe.training:
-        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **tuned)
         images = fn.resize(images, resize_shorter=int(img_size / EVAL_CROP_PCT),
                            interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(images, crop=(img_size, img_size), crop_pos_x=0.5, crop_pos_y=0.5,
                                         **normalise), labels
     images = fn.decoders.image_random_crop(
         jpegs, device=decoder_device, output_type=types.RGB, random_area=list(recipe.crop_scale),
-        random_aspect_ratio=list(CROP_RATIO), num_attempts=10)
+        random_aspect_ratio=list(CROP_RATIO), num_attempts=10, **tuned)
     images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC, antialias=True)
     if recipe.rand_augment:
         images = rand_augment.rand_augment(
@@ -174,7 +181,8 @@ class DaliBackend:
             [s.tar for s in shards], [s.index for s in shards], self.mode, self.img_size,
             self.plan.rank, self.plan.world_size, "mixed" if mixed else "cpu",
             batch_size=self.plan.batch_size, num_threads=max(1, self.threads), device_id=device_id,
-            seed=self.plan.pipeline_seed(epoch, _SEED_SALT), prefetch_queue_depth=PREFETCH,
+            seed=self.plan.pipeline_seed(epoch, _SEED_SALT),
+            prefetch_queue_depth=MIXED_PREFETCH if mixed else PREFETCH,
         )
 
     def _data_error(self, err: Exception, epoch: int, step: int) -> UserError:
