@@ -12,6 +12,16 @@ Two ways to feed the head:
   (ranks split the work and gather the features), the features are saved to OUT/features.pt, and
   rank 0 trains the head on them: seconds on a CPU. Re-running reuses the features.
 Both resume from OUT/checkpoints/last.pt and rewrite OUT/results.json after every epoch.
+
+`--task segmentation` (a dataset with label maps) probes the patch tokens instead, with the linear
+protocol of DINOv2 and iBOT (droppos.dense): the last block's patch tokens (`--seg-layers N`: the
+last N blocks' concatenated), BatchNorm + a 1x1 convolution, logits upsampled bilinearly to the
+label map, cross-entropy that ignores unlabelled pixels; the same LARS, schedule, two feature
+sources (`--cached` keeps the frozen patch-token maps and the full-resolution label maps of the eval
+transforms) and guarantees. Training images and their masks take the same crop and flip (the
+`segment` recipe); evaluation is exact over every val pixel across ranks (a confusion matrix on the
+device, summed once). results.json gives `miou`, `pixel_acc` and `per_class_iou` (percent, by class
+name), and OUT/predictions.png shows a few val images with their labels and the predictions.
 """
 
 from __future__ import annotations
@@ -49,6 +59,17 @@ def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
             dict(params=others, weight_decay=0.0, always_adapt=False)]
 
 
+def head_optimizer(head: nn.Module, config: ProbeConfig) -> torch.optim.Optimizer:
+    """`--optimizer`: LARS (MAE's linear probe) or AdamW (DINOv2's linear segmentation head); the loop sets the lr.
+    Either way biases and norms get no weight decay."""
+    if config.optimizer == "adamw":
+        groups = [{k: v for k, v in group.items() if k != "always_adapt"} for group in lars_groups(head, config.weight_decay)]
+        return torch.optim.AdamW(groups, lr=0.0)
+    from timm.optim import Lars
+
+    return Lars(lars_groups(head, config.weight_decay), lr=0.0, momentum=0.9)
+
+
 # ---------------------------------------------------------------------------------------
 # Entry point (parent process)
 
@@ -60,8 +81,31 @@ def run(config: ProbeConfig) -> None:
     out = runtime.check_out_dir(config.out)
     encoders.check_encoder_source(config.encoder, config.run, config.timm_model, config.weights, config.pretrained,
                                   config.random_init)
+    _check_task(config)
     runtime.start("probe", _worker, config, out, step_batch=config.batch_size,
                   need_val="the probe is evaluated on it after every epoch")
+
+
+def _check_task(config: ProbeConfig) -> None:
+    """The data suits the task: label maps for segmentation, image classes for classification."""
+    if not config.data:
+        return  # runtime.start says what is missing
+    from droppos.data import dataset_seg_spec
+    from droppos.labelmaps import BadManifest, spec_from_manifest
+    from droppos.manifest import load_manifest
+
+    if config.task == "segmentation":
+        from droppos.data import resolve_backend
+
+        dataset_seg_spec(config.data)
+        resolve_backend(config.loader, "cpu", "segment", masks=True)  # refuses dali, whatever the device
+        return
+    try:
+        seg = spec_from_manifest(load_manifest(Path(config.data)))
+    except BadManifest as err:
+        raise UserError(str(err)) from None
+    if seg is not None and not seg.image_classes:
+        raise UserError(f"{config.data} has label maps but no image classes: probe it with --task segmentation")
 
 
 def _worker(payload: dict) -> None:
@@ -69,16 +113,13 @@ def _worker(payload: dict) -> None:
     runtime.run_worker(device, lambda info: _probe(ProbeConfig(**payload), info))
 
 
-def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
-    from droppos.data import build_loader, resolve_backend
+def _frozen_encoder(config: ProbeConfig, info: runtime.DistInfo, global_pool: str) -> tuple[nn.Module, dict, bool]:
+    """The encoder, frozen on the device: (module, encoder info, whether the feature pass is compiled)."""
     from droppos.encoders import load_encoder
-    from droppos.manifest import load_manifest
 
-    precision = runtime.setup_precision(info.device, config.precision)
-    num_classes = len(load_manifest(Path(config.data))["classes"])
     torch.manual_seed(config.seed)  # a --timm-model / --random-init encoder is the same on every rank and run
     encoder, encoder_info = load_encoder(
-        config.encoder, config.run, config.timm_model, num_classes=0, global_pool=config.pool,
+        config.encoder, config.run, config.timm_model, num_classes=0, global_pool=global_pool,
         img_size=config.img_size, depth=config.depth, random_init=config.random_init, weights=config.weights,
         pretrained=config.pretrained)
     img_h, img_w = encoder_info["img_size"]
@@ -86,34 +127,69 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
         raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
     encoder.requires_grad_(False)
     encoder.eval().to(info.device)
-    use_compile = config.compile if config.compile is not None else info.device.type == "cuda"
-    frozen = torch.compile(encoder) if use_compile else encoder
+    return encoder, encoder_info, config.compile if config.compile is not None else info.device.type == "cuda"
 
-    def loader(split: str, mode: str):
-        return build_loader(config.data, split, mode, config.batch_size, img_size=img_h, backend=config.loader,
-                            device=info.device, rank=info.rank, world_size=info.world_size, seed=config.seed,
-                            workers=config.workers)
+
+def _loader_factory(config: ProbeConfig, info: runtime.DistInfo, img_size: int, masks: bool = False) -> Any:
+    """loader(split, mode): this rank's loader of the probe's data."""
+    from droppos.data import build_loader
+
+    def loader(split: str, mode: str, rank: int = info.rank, world_size: int = info.world_size,
+               batch_size: int = config.batch_size, workers: Optional[int] = config.workers):
+        return build_loader(config.data, split, mode, batch_size, img_size=img_size, backend=config.loader,
+                            device=info.device, rank=rank, world_size=world_size, seed=config.seed,
+                            workers=workers, masks=masks)
+
+    return loader
+
+
+def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
+    from droppos import dense
+    from droppos.data import dataset_seg_spec, resolve_backend
+    from droppos.manifest import load_manifest
+
+    precision = runtime.setup_precision(info.device, config.precision)
+    segmentation = config.task == "segmentation"
+    # Segmentation reads the patch tokens through the final norm: `token` pooling keeps the trained norm there.
+    encoder, encoder_info, use_compile = _frozen_encoder(config, info, "token" if segmentation else config.pool)
+    img_size = encoder_info["img_size"][0]
+    if segmentation:
+        seg = dataset_seg_spec(config.data)
+        if config.seg_layers > len(encoder.blocks):
+            raise UserError(f"--seg-layers {config.seg_layers}: the encoder has {len(encoder.blocks)} blocks")
+        feature: nn.Module = dense.PatchFeatures(encoder, config.seg_layers).eval()
+        train_mode = "segment"
+    else:
+        num_classes = len(load_manifest(Path(config.data))["classes"])
+        feature, train_mode = encoder, "probe"
+    frozen = torch.compile(feature) if use_compile else feature
+    loader = _loader_factory(config, info, img_size, masks=segmentation)
 
     if config.cached:
-        features = _cached_features(config, info, frozen, encoder_info, loader, precision)
+        train, val = _cached_features(config, info, frozen, encoder_info, loader, precision)
         if not info.is_main:
             return  # rank 0 trains the head on the gathered features
-        source: Any = CachedSource(*features, batch_size=config.batch_size * info.world_size, seed=config.seed,
+        source: Any = CachedSource(train, val, batch_size=config.batch_size * info.world_size, seed=config.seed,
                                    device=info.device)
         head_info = runtime.DistInfo(rank=0, world_size=1, local_rank=info.local_rank, device=info.device)
     else:
-        source = EncoderSource(frozen, loader("train", "probe"), loader("val", "eval"), info.device, precision)
+        source = EncoderSource(frozen, loader("train", train_mode), loader("val", "eval"), info.device, precision)
         head_info = info
-    task = ProbeTask(config, head_info, source, encoder_info, num_classes, img_h)
+    if segmentation:
+        preview = _previewer(config, loader, frozen, info.device, precision)
+        task: loop.Task = SegProbeTask(config, head_info, source, encoder_info, seg, img_size, feature.num_features,
+                                       preview)
+    else:
+        task = ProbeTask(config, head_info, source, encoder_info, num_classes, img_size)
     resolved = {"device": info.device.type, "precision": precision, "compile": use_compile,
-                "loader": resolve_backend(config.loader, info.device, "probe")}
+                "loader": resolve_backend(config.loader, info.device, train_mode, masks=segmentation)}
     # Batch x world size per step, also when rank 0 alone trains the head on the gathered cached features.
     schedule = loop.make_schedule(config, source.steps_per_epoch, info.world_size)
     loop.train(task, loop.Run(config, schedule, head_info, Path(config.out), resolved))
 
 
 # ---------------------------------------------------------------------------------------
-# Feature sources
+# Feature sources: batches of (features, labels) or, with label maps, (feature maps, labels, masks)
 
 
 def _features(frozen: nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
@@ -122,50 +198,55 @@ def _features(frozen: nn.Module, images: torch.Tensor, device: torch.device, pre
 
 
 class EncoderSource:
-    """Features of augmented images, computed by the frozen encoder every step."""
+    """Features of augmented images, computed by the frozen encoder every step (masks cropped and flipped alike)."""
 
     def __init__(self, frozen: nn.Module, train_loader: Any, val_loader: Any, device: torch.device, precision: str) -> None:
         self.frozen, self.train_loader, self.val_loader = frozen, train_loader, val_loader
         self.device, self.precision = device, precision
         self.steps_per_epoch = train_loader.steps_per_epoch
 
-    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
         batches = self.train_loader.epoch(epoch, start_step=start_step)
         try:
-            for images, labels in batches:
-                yield _features(self.frozen, images, self.device, self.precision), labels
+            for images, *targets in batches:
+                yield _features(self.frozen, images, self.device, self.precision), *targets
         finally:
             batches.close()
 
-    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.val_loader.epoch(0):
-            yield _features(self.frozen, images, self.device, self.precision), labels
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Eval padding has label -1 (and an all-IGNORE mask)."""
+        for images, *targets in self.val_loader.epoch(0):
+            yield _features(self.frozen, images, self.device, self.precision), *targets
 
 
 class CachedSource:
-    """Batches of cached features, reshuffled every epoch by (seed, epoch): resumable exactly."""
+    """Batches of cached features (and labels, masks), reshuffled every epoch by (seed, epoch): resumable exactly."""
 
-    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 batch_size: int, seed: int, device: torch.device) -> None:
-        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
-        self.val_x, self.val_y = val_x.to(device), val_y.to(device)
+    def __init__(self, train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...], batch_size: int, seed: int,
+                 device: torch.device) -> None:
+        self.train, self.val = tuple(t.to(device) for t in train), tuple(t.to(device) for t in val)
         self.batch_size, self.seed = batch_size, seed
-        self.steps_per_epoch = len(self.train_y) // batch_size  # full batches: BatchNorm sees no tiny one
+        self.steps_per_epoch = len(self.train[0]) // batch_size  # full batches: BatchNorm sees no tiny one
 
-    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        order = order.to(self.train_y.device)
+    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = torch.randperm(len(self.train[0]), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = order.to(self.train[0].device)
         for step in range(start_step, self.steps_per_epoch):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            yield self.train_x[index], self.train_y[index]
+            yield tuple(_targets(t[index]) for t in self.train)
 
-    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for begin in range(0, len(self.val_y), self.batch_size):
-            yield self.val_x[begin:begin + self.batch_size], self.val_y[begin:begin + self.batch_size]
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for begin in range(0, len(self.val[0]), self.batch_size):
+            yield tuple(_targets(t[begin:begin + self.batch_size]) for t in self.val)
+
+
+def _targets(tensor: torch.Tensor) -> torch.Tensor:
+    """Cached masks are int16 (a quarter of the memory); the loss and the scores take int64."""
+    return tensor.long() if tensor.dtype == torch.int16 else tensor
 
 
 def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int) -> dict:
-    """What the features depend on: the encoder (file identity), its input, the data."""
+    """What the features depend on: the encoder (file identity), its input, the data (and the task's feature)."""
     from droppos.manifest import load_manifest
 
     key: dict[str, Any] = {k: getattr(config, k) for k in ("timm_model", "depth", "random_init", "pool", "seed")}
@@ -175,73 +256,100 @@ def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int) -> dict:
     manifest = load_manifest(Path(config.data))
     key["data"] = [str(Path(config.data).resolve())] + [
         [s["sha256"] for s in manifest["splits"][split]["shards"]] for split in ("train", "val")]
+    if config.task != "classification":
+        key.update(task=config.task, seg_layers=config.seg_layers)
     return key
 
 
+CACHED = ("x", "y", "m")  # features.pt holds train_x, train_y (and train_m: label maps), the same for val
+
+
 def _cached_features(config: ProbeConfig, info: runtime.DistInfo, frozen: nn.Module, encoder_info: dict,
-                     loader: Any, precision: str) -> tuple[torch.Tensor, ...]:
-    """(train_x, train_y, val_x, val_y) on the CPU: from OUT/features.pt, or extracted across ranks once."""
+                     loader: Any, precision: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(train, val) tensors on the CPU, each (features, labels[, int16 masks]): from OUT/features.pt, or
+    extracted across ranks once (eval transforms; masks at the loader's full resolution)."""
     path = Path(config.out) / "features.pt"
     key = _cache_key(config, encoder_info, encoder_info["img_size"][0])
+    parts = CACHED if config.task == "segmentation" else CACHED[:2]
     if path.exists():
         saved = runtime.load_checkpoint(path)
         if saved.get("format") == FEATURES_FORMAT and saved.get("key") == json.loads(json.dumps(key)):
             if info.is_main:
                 print(f"using the cached features in {path}", file=sys.stderr)
-            return saved["train_x"], saved["train_y"], saved["val_x"], saved["val_y"]
+            return tuple(saved[f"train_{p}"] for p in parts), tuple(saved[f"val_{p}"] for p in parts)
     t0 = time.perf_counter()
-    train_x, train_y = _extract(frozen, loader("train", "eval"), info, precision, "train")
-    val_x, val_y = _extract(frozen, loader("val", "eval"), info, precision, "val")
+    train = _extract(frozen, loader("train", "eval"), info, precision, "train")
+    val = _extract(frozen, loader("val", "eval"), info, precision, "val")
     if info.is_main:
-        runtime.save_checkpoint(path, {"format": FEATURES_FORMAT, "key": key, "train_x": train_x, "train_y": train_y,
-                                       "val_x": val_x, "val_y": val_y})
-        print(f"extracted {len(train_y)} train and {len(val_y)} val features of dim {train_x.shape[1]} in "
-              f"{time.perf_counter() - t0:.1f} s -> {path}", file=sys.stderr)
-    return train_x, train_y, val_x, val_y
+        tensors = {f"{split}_{p}": t for split, held in (("train", train), ("val", val)) for p, t in zip(parts, held)}
+        runtime.save_checkpoint(path, {"format": FEATURES_FORMAT, "key": key, **tensors})
+        what = (f"feature maps of {tuple(train[0].shape[1:])} (label maps {tuple(train[2].shape[1:])})"
+                if len(parts) == 3 else f"features of dim {train[0].shape[1]}")
+        print(f"extracted {len(train[1])} train and {len(val[1])} val {what} in {time.perf_counter() - t0:.1f} s "
+              f"-> {path}", file=sys.stderr)
+    return train, val
 
 
-def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of one split (eval transforms), every sample once, gathered on every rank."""
-    feats, labels = [], []
+def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: str,
+             split: str) -> tuple[torch.Tensor, ...]:
+    """(features, labels[, int16 masks]) of one split (eval transforms), every sample once, gathered on every rank."""
+    columns: list[list[torch.Tensor]] = []
     progress = runtime.Progress(loader.steps_per_epoch, 0, info.is_main, f"features ({split})")
-    for step, (images, batch_labels) in enumerate(loader.epoch(0), start=1):
-        feats.append(_features(frozen, images, info.device, precision))
-        labels.append(batch_labels)
+    for step, (images, *targets) in enumerate(loader.epoch(0), start=1):
+        row = [_features(frozen, images, info.device, precision), targets[0], *(m.to(torch.int16) for m in targets[1:])]
+        columns = [[t] for t in row] if not columns else [held + [t] for held, t in zip(columns, row)]
         progress.update(step)
     progress.close()
-    x, y = torch.cat(feats), torch.cat(labels)
+    tensors = [torch.cat(column) for column in columns]
     if info.distributed:  # every rank holds the same number of (padded) slots: plain all_gather
-        xs = [torch.empty_like(x) for _ in range(info.world_size)]
-        ys = [torch.empty_like(y) for _ in range(info.world_size)]
-        torch.distributed.all_gather(xs, x)
-        torch.distributed.all_gather(ys, y)
-        x, y = torch.cat(xs), torch.cat(ys)
-    real = y >= 0  # drop the eval loader's padding
-    return x[real].cpu(), y[real].cpu()
+        for i, tensor in enumerate(tensors):
+            gathered = [torch.empty_like(tensor) for _ in range(info.world_size)]
+            torch.distributed.all_gather(gathered, tensor)
+            tensors[i] = torch.cat(gathered)
+    real = tensors[1] >= 0  # drop the eval loader's padding
+    return tuple(t[real].cpu() for t in tensors)
+
+
+def _previewer(config: ProbeConfig, loader: Any, frozen: nn.Module, device: torch.device, precision: str) -> Any:
+    """preview(head): the first val images, their label maps and the head's logits (rank 0, for predictions.png)."""
+    from droppos.manifest import load_manifest
+
+    def preview(head: nn.Module) -> Optional[tuple[torch.Tensor, ...]]:
+        val = load_manifest(Path(config.data))["splits"]["val"]["num_samples"]
+        count = min(config.seg_previews, val)
+        if count == 0:
+            return None
+        batches = loader("val", "eval", rank=0, world_size=1, batch_size=count, workers=0).epoch(0)
+        try:
+            images, _, masks = next(batches)
+        finally:
+            batches.close()
+        with torch.no_grad():
+            logits = head(_features(frozen, images, device, precision), masks.shape[-2:])
+        return images, masks, logits
+
+    return preview
 
 
 # ---------------------------------------------------------------------------------------
 # The head's training
 
 
-class ProbeTask(loop.Task):
+class HeadTask(loop.Task):
+    """What both probes share: a head (and its optimizer) trained on a feature source, the best score kept."""
+
     stage = "probe"
-    metrics = (Metric("loss"), Metric("train_top1", percent=True))
-    eval_metrics = (Metric("val_top1", percent=True, label="val top-1"),
-                    Metric("val_top5", percent=True, label="val top-5"))
+    best_key = ""
 
     def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict,
-                 num_classes: int, img_size: int) -> None:
-        from timm.optim import Lars
-
+                 head: nn.Module, img_size: int) -> None:
         self.config, self.info, self.device, self.source = config, info, info.device, source
-        self.encoder_info, self.num_classes, self.img_size = encoder_info, num_classes, img_size
+        self.encoder_info, self.img_size = encoder_info, img_size
         self.out = Path(config.out)
-        torch.manual_seed(config.seed)
-        self.head = LinearHead(encoder_info["num_features"], num_classes).to(self.device)
-        self.optimizer = Lars(lars_groups(self.head, config.weight_decay), lr=0.0, momentum=0.9)
-        self.criterion = nn.CrossEntropyLoss()
-        self.best: dict[str, Any] = {"top1": None, "epoch": None}
+        self.eval_every = config.eval_every
+        self.head = head.to(self.device)
+        self.optimizer = head_optimizer(self.head, config)
+        self.best: dict[str, Any] = {self.best_key: None, "epoch": None}
         self.train_head = runtime.wrap_ddp(self.head, info)
 
     def parts(self) -> dict[str, Any]:
@@ -253,6 +361,37 @@ class ProbeTask(loop.Task):
     def load_extra_state(self, saved: dict[str, Any]) -> None:
         self.best = dict(saved.get("best") or self.best)
 
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        return self.source.train_epoch(epoch, start_batch)
+
+    def keep_best(self, score: float, epoch: float) -> None:
+        if self.best[self.best_key] is None or score > self.best[self.best_key]:
+            self.best = {self.best_key: score, "epoch": epoch}
+
+    def learn(self, loss: torch.Tensor, accuracy: torch.Tensor, sums: torch.Tensor) -> None:
+        """Backward, step, and the step's metrics (loss, accuracy, non-finite flag) added on the device."""
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums[0] += loss.detach()
+        sums[1] += accuracy
+        sums[2] += (~torch.isfinite(loss.detach())).float()
+
+
+class ProbeTask(HeadTask):
+    metrics = (Metric("loss"), Metric("train_top1", percent=True))
+    eval_metrics = (Metric("val_top1", percent=True, label="val top-1"),
+                    Metric("val_top5", percent=True, label="val top-5"))
+    best_key = "top1"
+
+    def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict,
+                 num_classes: int, img_size: int) -> None:
+        torch.manual_seed(config.seed)
+        super().__init__(config, info, source, encoder_info, LinearHead(encoder_info["num_features"], num_classes),
+                         img_size)
+        self.num_classes = num_classes
+        self.criterion = nn.CrossEntropyLoss()
+
     def describe(self) -> str:
         info = self.encoder_info
         feature = "[CLS] token" if self.config.pool == "token" else "mean of the patch tokens"
@@ -260,20 +399,11 @@ class ProbeTask(loop.Task):
         return (f"a linear head on the frozen {info['label']} ({info['num_features']}-d {feature}, {self.img_size} "
                 f"px, {self.num_classes} classes, {how}) on {self.config.data}")
 
-    def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
-        return self.source.train_epoch(epoch, start_batch)
-
     def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
         (feats, labels), = micro
         self.head.train()
         logits = self.train_head(feats)
-        loss = self.criterion(logits, labels)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums[0] += loss.detach()
-        sums[1] += (logits.detach().argmax(-1) == labels).float().mean()
-        sums[2] += (~torch.isfinite(loss.detach())).float()
+        self.learn(self.criterion(logits, labels), (logits.detach().argmax(-1) == labels).float().mean(), sums)
 
     def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         from droppos.encoders import evaluate_topk
@@ -281,8 +411,7 @@ class ProbeTask(loop.Task):
 
         self.head.eval()
         scores = evaluate_topk(self.head, self.source.val_batches(), self.device, self.info.distributed)
-        if self.best["top1"] is None or scores["top1"] > self.best["top1"]:
-            self.best = {"top1": scores["top1"], "epoch": epoch}
+        self.keep_best(scores["top1"], epoch)
         if self.info.is_main:
             write_json_atomic(self.out / "results.json", dict(
                 step=step, epoch=epoch, **scores, best_top1=self.best["top1"], best_epoch=self.best["epoch"],
@@ -299,3 +428,79 @@ class ProbeTask(loop.Task):
             print(f"probe {self.out}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% on {r['num_eval_samples']} val "
                   f"images; results in {results}", file=sys.stderr)
         return [("results", str(results))]
+
+
+class SegProbeTask(HeadTask):
+    """The segmentation probe: BatchNorm + 1x1 conv on the patch-feature maps, scored by mIoU (droppos.dense)."""
+
+    metrics = (Metric("loss"), Metric("pixel_acc", percent=True, label="final train pixel accuracy"))
+    eval_metrics = (Metric("val_miou", percent=True, label="val mIoU"),
+                    Metric("val_pixel_acc", percent=True, label="val pixel accuracy"))
+    best_key = "miou"
+
+    def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict, seg: Any,
+                 img_size: int, num_features: int, preview: Any) -> None:
+        from droppos import dense
+
+        torch.manual_seed(config.seed)
+        super().__init__(config, info, source, encoder_info, dense.SegHead(num_features, seg.num_classes), img_size)
+        self.seg, self.preview, self.num_features = seg, preview, num_features
+
+    def describe(self) -> str:
+        info, layers = self.encoder_info, self.config.seg_layers
+        grid = "x".join(str(self.img_size // p) for p in info["patch_size"])
+        tokens = "last block's" if layers == 1 else f"last {layers} blocks'"
+        how = "cached feature maps" if self.config.cached else "feature maps of augmented images every step"
+        return (f"a BatchNorm + 1x1-conv head on the frozen {info['label']} ({tokens} patch tokens, "
+                f"{self.num_features}-d on a {grid} grid, {self.img_size} px, {self.seg.num_classes} classes, {how}) "
+                f"on {self.config.data}")
+
+    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
+        from droppos import dense
+
+        (feats, _, masks), = micro
+        self.head.train()
+        logits = self.train_head(feats, masks.shape[-2:])
+        self.learn(dense.pixel_loss(logits, masks), dense.pixel_accuracy(logits.detach(), masks), sums)
+
+    @torch.no_grad()
+    def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
+        from droppos import dense
+        from droppos.files import write_json_atomic
+
+        self.head.eval()
+        matrix = dense.ConfusionMatrix(self.seg.num_classes, self.device)
+        for feats, labels, masks in self.source.val_batches():
+            matrix.update(self.head(feats, masks.shape[-2:]).argmax(1), masks, labels >= 0)
+        if self.info.distributed:
+            matrix.all_reduce()
+        scores = matrix.scores(self.seg.classes)
+        self.keep_best(scores["miou"], epoch)
+        if self.info.is_main:
+            write_json_atomic(self.out / "results.json", dict(
+                step=step, epoch=epoch, **scores, best_miou=self.best["miou"], best_epoch=self.best["epoch"],
+                task="segmentation", cached=self.config.cached, seg_layers=self.config.seg_layers,
+                num_classes=self.seg.num_classes, img_size=self.img_size,
+                evaluated_on=(f"the eval centre crop at {self.img_size} px (shorter side resized to "
+                              f"{self.img_size}/0.875), label maps resized nearest, logits upsampled bilinearly"),
+                encoder=runtime.plain(self.encoder_info), units="percent"))
+            say(f"epoch {epoch}: val mIoU {scores['miou']:.2f}% pixel accuracy {scores['pixel_acc']:.2f}% "
+                         f"on {scores['num_eval_images']} images")
+        return {"val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"]}
+
+    def finish(self) -> list[tuple[str, str]]:
+        from droppos import dense
+
+        rows = []
+        results = self.out / "results.json"
+        self.head.eval()
+        shown = self.preview(self.head)
+        if shown is not None:
+            path = dense.write_predictions(self.out / "predictions.png", *shown, self.seg.num_classes)
+            rows.append(("predictions", str(path)))
+        if results.exists():
+            r = json.loads(results.read_text())
+            print(f"probe {self.out}: mIoU {r['miou']:.2f}% pixel accuracy {r['pixel_acc']:.2f}% on "
+                  f"{r['num_eval_images']} val images ({r['num_eval_pixels']} labelled pixels); results in {results}",
+                  file=sys.stderr)
+        return [("results", str(results)), *rows]

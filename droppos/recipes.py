@@ -52,6 +52,9 @@ PROBE_FILLS = {  # eval-pos --probe-fill -> what replaces a dropped PE in the po
     "mask-token": "the model's own learnable [MASK] token",
 }
 EXPORT_FORMATS = ("timm", "detectron2", "mmseg")
+PROBE_TASKS = ("classification", "segmentation")
+PROBE_OPTIMIZERS = ("lars", "adamw")
+SHARD_LAYOUTS = ("auto", "imagenet", "ade20k", "masks")
 
 # Help panels, in the order --help shows them.
 RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PRETEXT, DIAGNOSTICS, AUGMENT, OPTIM, LAUNCH, \
@@ -329,6 +332,16 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
     # init does not hold across seeds (README, "The demo's figures").
     "cpu-demo": dict(cached=True, epochs=90, warmup_epochs=10, batch_size=256, blr=0.1, device="cpu",
                      compile=False, log_every=100, pool="avg"),
+    # Linear segmentation (the BN + 1x1-conv head of DINOv2/iBOT) with the MMSegmentation schedule these
+    # evaluations use: AdamW lr 1e-3 at batch 16 (8 x 2), weight decay 1e-4, 40k iterations = 32 epochs of
+    # ADE20K's 20,210 images, 1,500 of warm-up; cosine here where they decay polynomially.
+    "seg-linear": dict(task="segmentation", optimizer="adamw", batch_size=2, blr=0.016, weight_decay=1e-4, epochs=32,
+                       warmup_epochs=1.2),
+    # The sample data's label maps on a CPU: cached patch-token maps, a few epochs of AdamW (LARS's trust
+    # ratio moves a 1x1-conv head too slowly for the rare object classes), one evaluation at the end.
+    "cpu-demo-seg": dict(task="segmentation", cached=True, optimizer="adamw", epochs=8, warmup_epochs=1,
+                         batch_size=256, blr=0.01, weight_decay=1e-4, device="cpu", compile=False, log_every=10,
+                         eval_every=0),
 }
 
 
@@ -341,6 +354,15 @@ class ProbeConfig(EncoderOptions):
                        resume="arch")
     cached: bool = option(False, "Extract the frozen features once (eval transforms), then train the head on "
                           "them.", MODEL, resume="arch")
+    task: str = option("classification", "classification: a linear head on the [CLS] or pooled feature (top-1/top-5); "
+                       "segmentation: BatchNorm + 1x1 conv on the patch tokens, upsampled to the label maps of a "
+                       "segmentation dataset (mIoU, pixel accuracy, predictions.png).", MODEL, choices=PROBE_TASKS,
+                       resume="arch")
+    seg_layers: int = option(1, "Segmentation: the patch tokens of the last N blocks, concatenated, each through the "
+                             "final norm (1: the last block; 4: DINOv2's multi-layer linear).", MODEL, low=1,
+                             resume="arch")
+    seg_previews: int = option(8, "Segmentation: val images drawn with their labels and predictions in "
+                               "OUT/predictions.png (0: none).", OUTPUT, low=0)
     epochs: int = _epochs(90)
     warmup_epochs: float = _warmup_epochs(10)
     batch_size: int = option(2048, "Batch per device (8 GPUs x 2048 = the recipe's 16384).", OPTIM, low=2,
@@ -348,7 +370,11 @@ class ProbeConfig(EncoderOptions):
     blr: float = _blr(0.1)
     lr: Optional[float] = _lr()
     min_lr: float = _min_lr(0.0)
-    weight_decay: float = option(0.0, "LARS weight decay.", OPTIM, low=0, resume="run")
+    weight_decay: float = option(0.0, "Weight decay (LARS: on weight matrices only; AdamW: on every weight, not "
+                                 "on biases and norms).", OPTIM, low=0, resume="run")
+    optimizer: str = option("lars", "The head's optimizer: lars (MAE's linear probe) or adamw (DINOv2's linear "
+                            "segmentation head; --preset seg-linear).", OPTIM, choices=PROBE_OPTIMIZERS, resume="run")
+    eval_every: int = option(1, "Evaluate on val every N epochs (0: only at the end).", OUTPUT, low=0)
 
 
 @dataclass
@@ -377,6 +403,14 @@ class ShardConfig:
     sample_classes: int = option(10, "--sample: number of classes.", SAMPLE, low=2)
     sample_train: int = option(260, "--sample: train images per class.", SAMPLE, low=0)
     sample_val: int = option(50, "--sample: val images per class.", SAMPLE, low=0)
+    layout: str = option("auto", "What SOURCE holds: imagenet (class folders), ade20k (images/ + annotations/ "
+                         "{training,validation}), masks (masks/{split}/... beside the images, with classes.txt), or "
+                         "auto (recognised from the folders).", DATA, choices=SHARD_LAYOUTS)
+    ignore_index: Optional[int] = option(None, "Segmentation: the stored label value that means unlabelled.", DATA,
+                                         low=0, high=65535, default_text="255")
+    reduce_zero_label: Optional[bool] = option(None, "Segmentation: stored 0 means unlabelled and stored v is class "
+                                               "v-1 (MMSegmentation's reduce_zero_label).", DATA,
+                                               default_text="on for ade20k, off for masks")
 
 
 def parse_ratio(text: Any) -> tuple[float, float]:

@@ -279,12 +279,10 @@ def test_shards_are_globally_shuffled(sample_shards: Path) -> None:
     assert len(labels) >= 5  # sorted input would give one or two classes per 24-sample shard
 
 
-def test_resume_after_an_interrupted_run(
-    sample_source: Path, sample_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = tmp_path / "out"
+def _interrupt_the_third_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the third shard commit raise KeyboardInterrupt; returns the names of the shards committed before it."""
     real_commit = shard_imagenet._ShardWriter.commit
-    commits = []
+    commits: list[str] = []
 
     def crash_on_third_commit(self):
         if len(commits) == 2:
@@ -293,6 +291,14 @@ def test_resume_after_an_interrupted_run(
         return real_commit(self)
 
     monkeypatch.setattr(shard_imagenet._ShardWriter, "commit", crash_on_third_commit)
+    return commits
+
+
+def test_resume_after_an_interrupted_run(
+    sample_source: Path, sample_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    commits = _interrupt_the_third_commit(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         shard_imagenet.run(sample_source, out, seed=0, workers=1, shard_size=24)
     monkeypatch.undo()
@@ -525,6 +531,9 @@ def test_cli_shards_the_builtin_sample(tmp_path: Path) -> None:
     manifest = load_manifest(out)
     assert len(manifest["classes"]) == 3 and manifest["options"]["sample"] is True
     assert (manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"]) == (9, 3)
+    # The sample data comes with its label maps: usable by the classification and the segmentation probe.
+    assert manifest["task"] == "segmentation" and manifest["segmentation"]["image_classes"] is True
+    assert "label maps: 5 classes" in result.stdout
 
 
 def test_cli_verify_reports_success_and_corruption(sample_shards: Path, tmp_path: Path) -> None:
@@ -539,3 +548,58 @@ def test_cli_verify_reports_success_and_corruption(sample_shards: Path, tmp_path
     bad = _cli("--verify", str(data_dir), cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "val-000001.tar" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation data (label maps): resume, fingerprint, --verify --decode
+
+
+@pytest.fixture(scope="module")
+def seg_sample_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from droppos import sample_data
+
+    return sample_data.generate(tmp_path_factory.mktemp("seg-sample"), num_classes=3, train_per_class=8,
+                                val_per_class=2, seed=0, masks=True)
+
+
+def test_segmentation_shards_resume_byte_identical_and_refuse_a_classification_twin(
+    seg_sample_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = tmp_path / "reference"
+    shard_imagenet.run(seg_sample_source, reference, seed=0, workers=2, shard_size=5)
+    out = tmp_path / "out"
+    _interrupt_the_third_commit(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=5)
+    monkeypatch.undo()
+    shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=5)
+    assert _shard_bytes(out) == _shard_bytes(reference)  # parallel == serial == resumed
+    with pytest.raises(UserError, match="other input or options"):  # the same folder as classification data
+        shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=5, layout="imagenet")
+
+
+def test_verify_decode_checks_label_maps(seg_sample_source: Path, tmp_path: Path) -> None:
+    from droppos.labelmaps import SegSpec, encode_label_map
+
+    out = tmp_path / "out"
+    shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=100)
+    shard_imagenet.verify(out, decode=True)
+    entry = split_shards(out, "val")[0]
+    with tarfile.open(entry.tar) as tar:
+        sample = {m.name.partition(".")[2]: tar.extractfile(m).read() for m in tar.getmembers()
+                  if m.name.startswith("val_000000000.")}
+    spec = SegSpec(("sky", "ground", "a", "b", "c"))
+    shard_imagenet._verify_sample("val-000000.tar", "val_000000000", sample, spec)
+    width, height = Image.open(io.BytesIO(sample["jpg"])).size
+    for labels, message in ((np.zeros((height, width + 1), np.uint8), "label map"),
+                            (np.full((height, width), 9, np.uint8), "not classes")):
+        with pytest.raises(UserError, match=message):
+            shard_imagenet._verify_sample("val-000000.tar", "val_000000000", {**sample, "seg.png": encode_label_map(labels)},
+                                          spec)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    del manifest["segmentation"]["classes"]
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="segmentation classes"):
+        shard_imagenet.verify(damaged)

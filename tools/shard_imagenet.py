@@ -34,12 +34,31 @@ class folder whose name is not valid UTF-8. A file name that is not valid UTF-8 
 written: its sample's `.json` (and a skipped.jsonl line) keeps the name, with U+FFFD for
 the bad bytes, in `path`, and the original bytes, base64, in `path_bytes`. With --list,
 an entry that resolves outside SOURCE through a symlink is skipped unread.
+
+Segmentation data (image + label-map pairs) is recognised by its layout (`layout="auto"`):
+ADE20K's (`[ADEChallengeData2016/]images/{training,validation}/*.jpg` with
+`annotations/{training,validation}/*.png`: 150 classes, stored 0 = "other", MMSegmentation's
+reduce_zero_label) or the generic one: `masks/{split}/REL.png` beside each image `{split}/REL` or
+`images/{split}/REL`, with `classes.txt` (line i names label i; stored 255 = unlabelled unless
+`ignore_index` says otherwise). Images in class folders (`{split}/<class>/...`) keep their image
+classes; otherwise every sample gets class 0 of the one class `none`. Each sample then also holds
+`{key}.seg.png`: the source PNG's bytes when they can be kept, else its label values re-encoded
+losslessly (8-bit L, or 16-bit when a label exceeds 255). A label map goes through the checks an
+image goes through, and is skipped with its image, for its own reasons (missing, undecodable, not a
+single-channel PNG, another size than its image, labels that are neither a class nor unlabelled,
+an EXIF orientation other than its image's: which pixel grid the labels follow would be a guess,
+so both are refused rather than aligned by guess; when they agree both are turned alike). A label
+map without an image is found and skipped too, so written + skipped = found still holds (found
+counts images and unmatched label maps). `manifest.json` records the task, the classes, the
+ignore index and whether labels are stored shifted (droppos.labelmaps: the source's values are
+stored, never shifted; `reduce_zero_label` says how to read them).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,7 +76,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
@@ -66,7 +85,12 @@ from droppos import UserError
 from droppos.files import (
     OutputLock, fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_json_atomic, write_text_atomic,
 )
+from droppos.labelmaps import (
+    ADE20K_CLASSES, DEFAULT_IGNORE_INDEX, MASK_COMPONENT, MAX_CLASSES, NO_IMAGE_CLASS, TASK, BadManifest, SegSpec,
+    decode_label_map, encode_label_map, spec_from_manifest,
+)
 from droppos.manifest import FORMAT, MANIFEST_NAME, ShardEntry, file_sha256, load_manifest, split_shards
+from droppos.recipes import SHARD_LAYOUTS as LAYOUTS  # what SOURCE holds (auto: recognised from its folders)
 
 IMAGENET_SPLITS = ("train", "val")
 PROGRESS_LOG = ".shard-progress.jsonl"
@@ -82,6 +106,9 @@ JPEG_DRAFT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes at, largest f
 CODECS = {"webp": ("WebP", "libwebp-dev"), "libtiff": ("libtiff", "libtiff-dev"), "jpeg2k": ("JPEG 2000", "libopenjp2-7-dev")}
 _MISSING_DECODER = re.compile(r"decoder (\w+) not available")
 NOT_IN_A_CLASS = "not inside a class folder"
+ADE20K_ROOT = "ADEChallengeData2016"
+ADE20K_SPLITS = {"train": "training", "val": "validation"}
+MASKS_ROOT, CLASSES_FILE = "masks", "classes.txt"  # the generic segmentation layout
 BAD_CLASS_NAME = "in a class folder whose name is not valid UTF-8 (class names are text): rename the folder"
 
 
@@ -90,19 +117,27 @@ class SkipImage(Exception):
 
 
 class Candidate(NamedTuple):
-    """One input file: its path relative to SOURCE (POSIX) and its class index (-1: none)."""
+    """One input file: its path relative to SOURCE (POSIX), its class index (-1: none) and, for
+    segmentation data, the path of its label map relative to SOURCE."""
 
     path: str
     label: int
+    mask: Optional[str] = None
 
 
 class Converted(NamedTuple):
-    """A decoded and validated image: the JPEG bytes to store and what was done to get them."""
+    """A decoded and validated image: the JPEG bytes to store and what was done to get them.
+
+    `width`/`height` are the input's stored size; `orientation` the EXIF orientation applied (1:
+    none) and `size` the stored JPEG's (after orientation and --max-side), what a label map must follow.
+    """
 
     jpg: bytes
     width: int
     height: int
     actions: tuple[str, ...]
+    orientation: int = 1
+    size: tuple[int, int] = (0, 0)
 
 
 class ShardPlan(NamedTuple):
@@ -174,11 +209,12 @@ def convert_image(data: bytes, max_side: int = 0, quality: int = 90, max_pixels:
             actions.append("non-baseline")
         elif not data.endswith(b"\xff\xd9"):
             actions.append("jpeg-structure")  # no end-of-image marker last (trailing bytes or cut short)
+    applied = orientation if orientation in range(2, 9) else 1
     if not actions:
-        return Converted(data, width, height, ())
+        return Converted(data, width, height, (), applied, (width, height))
     buffer = io.BytesIO()
     rgb.save(buffer, "JPEG", quality=quality)  # baseline; no EXIF/ICC copied, so orientation is gone
-    return Converted(buffer.getvalue(), width, height, tuple(actions))
+    return Converted(buffer.getvalue(), width, height, tuple(actions), applied, rgb.size)
 
 
 @contextlib.contextmanager
@@ -340,6 +376,105 @@ def _convert_file(job: tuple[str, int, int, int], within: str | None = None) -> 
         return None, "decompression bomb: out of memory while decoding"
 
 
+# --------------------------------------------------------------------------------------------
+# One label map
+
+
+class ConvertedMask(NamedTuple):
+    """A validated label map: the PNG bytes to store and what was done to get them ("mask-kept": nothing)."""
+
+    png: bytes
+    actions: tuple[str, ...]
+
+
+_TRANSPOSED = frozenset((5, 6, 7, 8))  # EXIF orientations that swap width and height
+
+
+def convert_mask(data: bytes, image: Converted, spec: SegSpec, max_pixels: int | None = None) -> ConvertedMask:
+    """Check a label map against its (converted) image and return the PNG to store; raises SkipImage.
+
+    Decoded fully, like an image; single-channel (L, palette indices, 1-bit, 16-bit gray); turned by
+    its image's EXIF orientation when it carries the same one, refused when they differ; the size of
+    the image as displayed; only classes or unlabelled values; resized NEAREST when --max-side
+    resized the image. Re-encoded (losslessly) only when one of those changed it.
+    """
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS
+    if not data:
+        raise SkipImage("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with _pillow_bomb_guard_off():
+                im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise SkipImage("not an image (unrecognised format)") from None
+        except Exception as err:
+            raise SkipImage(f"unreadable header: {_describe(err)}") from None
+        if im.format != "PNG":
+            raise SkipImage(f"a {im.format} file: label maps must be PNGs (lossless; a JPEG's edges change labels)")
+        if im.size[0] * im.size[1] > max_pixels:
+            raise SkipImage(f"decompression bomb: {im.size[0]}x{im.size[1]} pixels exceed the limit of {max_pixels}")
+        try:
+            im.load()
+            orientation = _mask_orientation(im)
+        except Exception as err:
+            raise SkipImage(f"corrupt or truncated: {_describe(err)}") from None
+    mode = im.mode
+    if mode not in ("L", "P", "1", "I") and not mode.startswith("I;16"):
+        raise SkipImage(f"a {mode} image, not a label map: give single-channel PNGs (8-bit gray or palette "
+                        "indices, or 16-bit gray) of label values, not colour-coded masks")
+    actions: list[str] = []
+    if orientation != image.orientation:
+        raise SkipImage(f"EXIF orientation {orientation} differs from its image's {image.orientation}: which pixel "
+                        "grid the labels follow is ambiguous; apply or strip the orientation in both files")
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+        actions.append("mask-exif-rotated")
+    expected = (image.height, image.width) if image.orientation in _TRANSPOSED else (image.width, image.height)
+    if im.size != expected:
+        hint = " (it matches the image's pixel grid before its EXIF rotation)" if im.size == expected[::-1] else ""
+        raise SkipImage(f"size {im.size[0]}x{im.size[1]} differs from its image's {expected[0]}x{expected[1]}{hint}")
+    if mode == "1" or mode == "I":
+        values = np.asarray(im).astype(np.int64)
+        if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
+            raise SkipImage(f"labels out of range: values {int(values.min())}..{int(values.max())} do not fit 16 bits")
+        values = values.astype(np.uint16 if values.size and int(values.max()) > 255 else np.uint8)
+        actions.append("mask-re-encoded")
+    else:
+        values = np.asarray(im).astype(np.uint16 if mode.startswith("I;16") else np.uint8)
+    bad = spec.out_of_range(values)
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        raise SkipImage(f"labels out of range: {shown} (the dataset has {spec.describe()})")
+    if image.size != im.size:  # --max-side resized the image: the label map follows, nearest
+        values = np.asarray(Image.fromarray(values).resize(image.size, Image.Resampling.NEAREST))
+        actions.append("mask-resized")
+    if not actions:
+        return ConvertedMask(data, ("mask-kept",))
+    return ConvertedMask(encode_label_map(values), tuple(actions))
+
+
+def _mask_orientation(im: Image.Image) -> int:
+    """A label map's EXIF orientation (1 when absent or unreadable: a PNG's eXIf chunk is rare)."""
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _convert_mask_file(path: str, rel: str, image: Converted, spec: SegSpec,
+                       max_pixels: int) -> tuple[ConvertedMask | None, str]:
+    """Worker: read and check one label map; returns (result, "") or (None, reason naming the label map)."""
+    try:
+        return convert_mask(_read_input(path), image, spec, max_pixels), ""
+    except SkipImage as err:
+        return None, f"label map {rel}: {err}"
+    except MemoryError:
+        return None, f"label map {rel}: decompression bomb: out of memory while decoding"
+
+
 def _read_input(path: str, within: str | None = None) -> bytes:
     """The bytes of one input file; raises SkipImage for anything that is not a readable regular file.
 
@@ -390,11 +525,13 @@ def _inside(path: str, folder: str) -> bool:
 
 class Listing(NamedTuple):
     """What discovery found: class names, the candidates of each split and, per split, what it
-    refused while listing (skipped.jsonl records: path, maybe path_bytes, reason)."""
+    refused while listing (skipped.jsonl records: path, maybe path_bytes, reason); for segmentation
+    data, how its label maps are read."""
 
     classes: list[str]
     candidates: dict[str, list[Candidate]]
     refused: dict[str, list[dict]]
+    segmentation: Optional[SegSpec] = None
 
 
 def discover_imagenet(source: Path) -> Listing:
@@ -568,6 +705,136 @@ def discover_lists(source: Path, lists: dict[str, Path]) -> Listing:
     return Listing(names, splits, {split: [] for split in splits})
 
 
+class SegLayout(NamedTuple):
+    """Where a segmentation SOURCE keeps its images and label maps (folders relative to SOURCE, POSIX)."""
+
+    name: str  # "ade20k" | "masks"
+    images: str  # the image root ("" = SOURCE itself)
+    masks: str  # the label-map root
+    splits: dict[str, str]  # our split -> its folder under both roots
+    spec: SegSpec
+
+
+def detect_layout(source: Path, layout: str = "auto", ignore_index: int | None = None,
+                  reduce_zero_label: bool | None = None) -> SegLayout | None:
+    """The segmentation layout of SOURCE, or None for classification data (see the module docstring).
+
+    `ignore_index` and `reduce_zero_label` override the layout's own convention (ADE20K: 255 and true,
+    the generic layout: 255 and false).
+    """
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if ignore_index is not None and not 0 <= ignore_index <= 65535:
+        raise UserError(f"--ignore-index must be in 0..65535 (a stored label value), got {ignore_index}")
+    if layout == "imagenet":
+        return None
+    ade = next((root for root in (ADE20K_ROOT, "") if _is_ade20k(source / root)), None)
+    if layout in ("auto", "ade20k") and ade is not None:
+        splits = {ours: theirs for ours, theirs in ADE20K_SPLITS.items() if (source / ade / "images" / theirs).is_dir()}
+        spec = SegSpec(ADE20K_CLASSES, DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
+                       True if reduce_zero_label is None else reduce_zero_label, image_classes=False)
+        return SegLayout("ade20k", _join(ade, "images"), _join(ade, "annotations"), splits, spec)
+    if layout == "ade20k":
+        raise UserError(f"{source} is not ADE20K's layout: expected [{ADE20K_ROOT}/]images/training (or "
+                        "validation) with annotations/ beside it")
+    if (source / MASKS_ROOT).is_dir():
+        images = "images" if (source / "images").is_dir() else ""
+        splits = {}
+        for split in IMAGENET_SPLITS:
+            folder = next((f for f in (split, ADE20K_SPLITS[split]) if (source / images / f).is_dir()
+                           or (source / MASKS_ROOT / f).is_dir()), None)
+            if folder is not None:
+                splits[split] = folder
+        if not splits:
+            raise UserError(f"{source / MASKS_ROOT} has no train/ or val/ folder: expected masks/{{train,val}}/...")
+        spec = SegSpec(_read_classes(source / CLASSES_FILE),
+                       DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index, bool(reduce_zero_label))
+        return SegLayout("masks", images, MASKS_ROOT, splits, spec)
+    if layout == "masks":
+        raise UserError(f"{source} has no {MASKS_ROOT}/ folder: expected masks/{{train,val}}/... beside the images")
+    return None
+
+
+def _is_ade20k(root: Path) -> bool:
+    return (root / "annotations").is_dir() and any((root / "images" / s).is_dir() for s in ADE20K_SPLITS.values())
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def _read_classes(path: Path) -> tuple[str, ...]:
+    """classes.txt: one class name per line, line i (from 0) naming label i; blank lines only at the end."""
+    if not path.is_file():
+        raise UserError(f"{path.parent} has label maps ({MASKS_ROOT}/) but no {CLASSES_FILE}: list the class names "
+                        "in it, one per line, line i (from 0) naming label value i")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read it ({_describe(err)})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = tuple(line.strip() for line in lines)
+    blank = next((number for number, name in enumerate(names, 1) if not name), None)
+    if blank is not None:
+        raise UserError(f"{path}:{blank}: a blank class name (line i names label i-1: every line needs a name)")
+    if not 1 <= len(names) <= MAX_CLASSES:
+        raise UserError(f"{path}: {len(names)} classes; need 1..{MAX_CLASSES}")
+    return names
+
+
+def discover_segmentation(source: Path, layout: SegLayout) -> Listing:
+    """Images of each split with the label map each must have; label maps without an image are refused.
+
+    An image `IMAGES/{split}/REL` has the label map `MASKS/{split}/REL` with the suffix `.png`. Its
+    image class is the first folder of REL when every image lies in a folder (ImageNet-style), else
+    there are no image classes (class 0, `none`).
+    """
+    files: dict[str, list[tuple[str, str, str]]] = {}  # split -> (image path, folder, mask path)
+    refused: dict[str, list[dict]] = {}
+    for split, folder in layout.splits.items():
+        image_rel, mask_rel = _join(layout.images, folder), _join(layout.masks, folder)
+        refused[split], files[split] = [], []
+        claimed: dict[str, str] = {}  # mask path -> the image that has it
+        if (source / image_rel).is_dir():
+            for path, reason in _walk(image_rel, str(source / image_rel)):
+                if reason is not None:
+                    refused[split].append(_skip_record(path, reason))
+                    continue
+                inner = PurePosixPath(path[len(image_rel) + 1:])
+                mask = f"{mask_rel}/{inner.with_suffix('.png').as_posix()}"
+                if mask in claimed:
+                    refused[split].append(_skip_record(path, f"its label map name {mask} is also that of "
+                                                             f"{claimed[mask]}: rename one of the two images"))
+                    continue
+                claimed[mask] = path
+                files[split].append((path, inner.parts[0] if len(inner.parts) > 1 else "", mask))
+        if (source / mask_rel).is_dir():
+            for path, reason in _walk(mask_rel, str(source / mask_rel)):
+                if reason is not None:
+                    refused[split].append(_skip_record(path, reason))
+                elif path not in claimed:
+                    refused[split].append(_skip_record(path, f"a label map without an image (no {image_rel}/"
+                                                             f"{PurePosixPath(path[len(mask_rel) + 1:]).stem}.*)"))
+    listed = [entry for entries in files.values() for entry in entries]
+    with_classes = bool(listed) and all(folder for _, folder, _ in listed)
+    if with_classes:
+        good = {folder for _, folder, _ in listed if _is_text(folder)}
+        classes = sorted(good)
+    else:
+        classes = [NO_IMAGE_CLASS]
+    index = {name: i for i, name in enumerate(classes)}
+    candidates: dict[str, list[Candidate]] = {}
+    for split, entries in files.items():
+        candidates[split] = []
+        for path, folder, mask in entries:
+            if with_classes and folder not in index:
+                refused[split].append(_skip_record(path, BAD_CLASS_NAME))
+            else:
+                candidates[split].append(Candidate(path, index[folder] if with_classes else 0, mask))
+    return Listing(classes, candidates, refused, dataclasses.replace(layout.spec, image_classes=with_classes))
+
+
 # --------------------------------------------------------------------------------------------
 # Writing shards
 
@@ -673,15 +940,22 @@ class _ShardWriter:
                 tmp.unlink(missing_ok=True)
 
 
-def _sample_components(label: int, class_name: str, path: str, converted: Converted) -> dict[str, bytes]:
-    """jpg, cls (ASCII), lbl (int32 little-endian: fixed width, what DALI batches) and json (provenance)."""
+def _sample_components(label: int, class_name: str, path: str, converted: Converted,
+                       mask: tuple[str, ConvertedMask] | None = None) -> dict[str, bytes]:
+    """jpg, cls (ASCII), lbl (int32 little-endian: fixed width, what DALI batches) and json (provenance);
+    with a label map (its path, its checked PNG), seg.png too and the label map's path in json."""
     meta = {**_path_fields(path), "class": class_name, "width": converted.width, "height": converted.height}
-    return {
+    if mask is not None:
+        meta["mask"] = _path_fields(mask[0])["path"]
+    components = {
         "jpg": converted.jpg,
         "cls": str(label).encode("ascii"),
         "lbl": struct.pack("<i", label),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
     }
+    if mask is not None:
+        components[MASK_COMPONENT] = mask[1].png
+    return components
 
 
 def _sample_key(split: str, position: int) -> str:
@@ -755,10 +1029,16 @@ def run(
     shard_size: int = 1000,
     sample_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    layout: str = "auto",
+    ignore_index: int | None = None,
+    reduce_zero_label: bool | None = None,
 ) -> dict:
     """Shard SOURCE (or the built-in sample data) into OUT; resumes a previous run; returns the manifest.
 
-    Holds OUT's lock for the whole run: a second `shard` on the same OUT stops with one line.
+    `layout` says what SOURCE holds (auto: recognised; see `detect_layout`); `ignore_index` and
+    `reduce_zero_label` override a segmentation layout's convention. The sample data comes with its
+    label maps (`sample_options` may say `masks=False`). Holds OUT's lock for the whole run: a second
+    `shard` on the same OUT stops with one line.
     """
     lists = dict(lists or {})
     _check_options(workers=workers, max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels)
@@ -775,9 +1055,15 @@ def run(
 
             source = out / "sample-source"
             print(f"generating the sample data in {source}", file=sys.stderr, flush=True)
-            sample_data.generate(source, workers=workers, **(sample_options or {}))
+            sample_data.generate(source, workers=workers, **{"masks": True, **(sample_options or {})})
             source = _checked_source(source, out)
-        return _run_locked(source, out, lists, seed, workers, max_side, quality, shard_size, max_pixels, sample)
+        seg = None if lists else detect_layout(source, layout, ignore_index, reduce_zero_label)
+        if lists and layout not in ("auto", "imagenet"):
+            raise UserError(f"--list describes classification data; it does not combine with --layout {layout}")
+        if seg is not None:
+            _check_out_outside(out, [source / _join(root, folder) for folder in seg.splits.values()
+                                     for root in (seg.images, seg.masks)])
+        return _run_locked(source, out, lists, seed, workers, max_side, quality, shard_size, max_pixels, sample, seg)
 
 
 def _checked_source(source: Path, out: Path) -> Path:
@@ -800,21 +1086,35 @@ def _checked_source(source: Path, out: Path) -> Path:
     return source
 
 
+def _check_out_outside(out: Path, folders: list[Path]) -> None:
+    """OUT lies in none of the folders a segmentation layout reads (compared resolved)."""
+    real_out = out.resolve()
+    for folder in folders:
+        real = folder.resolve()
+        if real_out == real or real_out.is_relative_to(real):
+            raise UserError(f"OUT {out} must not lie inside {folder}, which is read")
+
+
 def _run_locked(
     source: Path, out: Path, lists: dict[str, Path], seed: int, workers: int, max_side: int, quality: int,
-    shard_size: int, max_pixels: int, sample: bool,
+    shard_size: int, max_pixels: int, sample: bool, seg: SegLayout | None = None,
 ) -> dict:
     """The run, with OUT locked and SOURCE checked."""
-    listing = discover_lists(source, lists) if lists else discover_imagenet(source)
+    if seg is not None:
+        listing = discover_segmentation(source, seg)
+    else:
+        listing = discover_lists(source, lists) if lists else discover_imagenet(source)
     found = listing.candidates
     splits = [s for s in _split_order({*found, *listing.refused}) if found.get(s) or listing.refused.get(s)]
     total_found = sum(len(found.get(s, ())) + len(listing.refused.get(s, ())) for s in splits)
     if total_found == 0:
+        if seg is not None:
+            raise UserError(f"SOURCE {source} has no images under {_join(seg.images, '{train,val}')} ({seg.name} layout)")
         raise UserError(f"SOURCE {source} has no files in its class folders (expected SOURCE/train/<class>/*.JPEG)")
 
     options = {
         "source": _path_fields(str(source))["path"],
-        "mode": "list" if lists else "imagenet",
+        "mode": seg.name if seg is not None else "list" if lists else "imagenet",
         "lists": {split: _path_fields(str(Path(path).absolute()))["path"] for split, path in lists.items()},
         "sample": sample,
         "seed": seed,
@@ -825,7 +1125,7 @@ def _run_locked(
     }
     planned = [s for s in splits if found.get(s)]
     plans = _plan_shards(found, planned, seed, shard_size)
-    options["fingerprint"] = _fingerprint(listing.classes, found, planned, options)
+    options["fingerprint"] = _fingerprint(listing.classes, found, planned, options, listing.segmentation)
 
     records = _resume(out, options["fingerprint"])
     todo = [plan for plan in plans if plan.name not in records]
@@ -834,7 +1134,7 @@ def _run_locked(
               file=sys.stderr, flush=True)
     within = os.path.realpath(source) if lists else None  # a list's entries must stay inside SOURCE
     if todo:
-        _write_shards(source, out, todo, listing.classes, options, workers, records, within)
+        _write_shards(source, out, todo, listing.classes, options, workers, records, within, listing.segmentation)
 
     manifest = _finish(out, plans, listing, splits, options, records)
     _print_tally(out, manifest)
@@ -870,15 +1170,20 @@ def _plan_shards(found: dict[str, list[Candidate]], splits: list[str], seed: int
     return plans
 
 
-def _fingerprint(classes: list[str], found: dict[str, list[Candidate]], splits: list[str], options: dict) -> str:
-    """What the shards depend on: the input listing, the classes and the options that change bytes."""
+def _fingerprint(classes: list[str], found: dict[str, list[Candidate]], splits: list[str], options: dict,
+                 seg: SegSpec | None = None) -> str:
+    """What the shards depend on: the input listing, the classes and the options that change bytes
+    (for segmentation data also the label maps' paths and convention; classification data hashes as before)."""
     digest = hashlib.sha256()
     relevant = {k: options[k] for k in ("mode", "seed", "shard_size", "max_side", "quality", "max_pixels")}
     digest.update(json.dumps({"format": FORMAT, "classes": classes, "options": relevant}, sort_keys=True).encode())
+    if seg is not None:
+        digest.update(json.dumps({"segmentation": seg.record()}, sort_keys=True).encode())
     for split in splits:
         digest.update(f"\n[{split}]\n".encode())
         for candidate in sorted(found[split]):
-            digest.update(f"{candidate.path}\t{candidate.label}\n".encode("utf-8", "surrogateescape"))
+            mask = "" if candidate.mask is None else f"\t{candidate.mask}"
+            digest.update(f"{candidate.path}\t{candidate.label}{mask}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -963,7 +1268,7 @@ def _shard_problem(out: Path, record: dict) -> str | None:
 
 def _write_shards(
     source: Path, out: Path, todo: list[ShardPlan], classes: list[str], options: dict, workers: int,
-    records: dict[str, dict], within: str | None,
+    records: dict[str, dict], within: str | None, seg: SegSpec | None = None,
 ) -> None:
     """Write the shards of `todo`, one shard per task on `workers` processes, logging each when done.
 
@@ -975,7 +1280,7 @@ def _write_shards(
     import webdataset  # noqa: F401  (slow import: done once here, before forking and the progress clock)
 
     settings = (options["max_side"], options["quality"], options["max_pixels"])
-    tasks = [(source, out, plan, classes, settings, within) for plan in todo]
+    tasks = [(source, out, plan, classes, settings, within, seg) for plan in todo]
     progress = _Progress("shard", sum(len(plan.items) for plan in todo))
     log_path = out / PROGRESS_LOG
     _remove_temporaries(out)
@@ -1069,21 +1374,29 @@ def _count_image() -> None:
 
 def _write_shard(task: tuple, on_image: Callable[[], None] = _count_image) -> dict:
     """Convert the candidates of one shard in order and write it atomically; returns its record."""
-    source, out, plan, classes, (max_side, quality, max_pixels), within = task
+    source, out, plan, classes, (max_side, quality, max_pixels), within, seg = task
     writer = _ShardWriter(out, plan.name)
     skipped, actions = [], Counter()
     try:
         for offset, candidate in enumerate(plan.items):
+            mask = None
             if candidate.label < 0:
                 converted, reason = None, NOT_IN_A_CLASS
             else:
                 job = (str(source / candidate.path), max_side, quality, max_pixels)
                 converted, reason = _convert_file(job, within)
+            if converted is not None and seg is not None:
+                checked, reason = _convert_mask_file(str(source / candidate.mask), candidate.mask, converted, seg,
+                                                     max_pixels)
+                converted, mask = (converted, (candidate.mask, checked)) if checked is not None else (None, None)
             if converted is None:
                 skipped.append(_skip_record(candidate.path, reason))
             else:
                 actions.update(converted.actions or ("kept",))
-                components = _sample_components(candidate.label, classes[candidate.label], candidate.path, converted)
+                if mask is not None:
+                    actions.update(mask[1].actions)
+                components = _sample_components(candidate.label, classes[candidate.label], candidate.path, converted,
+                                                mask)
                 writer.write(_sample_key(plan.split, plan.start + offset), components)
             on_image()
         if writer.index_lines:
@@ -1122,6 +1435,7 @@ def _finish(
             raise RuntimeError(f"{split}: written {written} + skipped {skipped} != found {found}")
         split_info[split] = {"num_samples": written, "found": found, "skipped": skipped, "shards": shards}
     write_text_atomic(out / SKIPPED_NAME, "".join(line + "\n" for line in skipped_lines))
+    kept_masks = actions.pop("mask-kept", 0)
     total_written = sum(info["num_samples"] for info in split_info.values())
     if total_written == 0:
         (out / PROGRESS_LOG).unlink(missing_ok=True)  # nothing usable: do not let a re-run "resume" this
@@ -1140,6 +1454,8 @@ def _finish(
         "kept_original_bytes": actions.get("kept", 0),
         "options": options,
     }
+    if listing.segmentation is not None:
+        manifest.update(task=TASK, segmentation=listing.segmentation.record(), kept_original_label_maps=kept_masks)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return manifest
 
@@ -1150,6 +1466,10 @@ def _print_tally(out: Path, manifest: dict) -> None:
               f"{len(info['shards'])} shard{'s' if len(info['shards']) != 1 else ''}")
     conversions = ", ".join(f"{k} {v}" for k, v in manifest["conversions"].items()) or "none"
     print(f"re-encoded or converted: {conversions}; original bytes kept: {manifest['kept_original_bytes']}")
+    spec = spec_from_manifest(manifest)
+    if spec is not None:
+        print(f"label maps: {spec.describe()}; {'image classes from the class folders' if spec.image_classes else 'no image classes'}; "
+              f"original bytes kept: {manifest['kept_original_label_maps']}")
     print(f"total: found {manifest['found']}, written {manifest['written']}, skipped {manifest['skipped']} "
           f"-> {out} (skipped inputs and reasons: {out / SKIPPED_NAME})")
 
@@ -1259,6 +1579,10 @@ def verify(path: Path, decode: bool = False) -> dict:
     """
     data_dir = Path(path)
     manifest = load_manifest(data_dir)
+    try:
+        seg = spec_from_manifest(manifest, str(data_dir / MANIFEST_NAME))
+    except BadManifest as err:
+        raise UserError(str(err)) from None
     entries = {split: split_shards(data_dir, split, manifest) for split in manifest["splits"]}
     total_bytes = sum(e.bytes for shards in entries.values() for e in shards)
     progress = _Progress("verify", total_bytes, unit="bytes")
@@ -1267,7 +1591,7 @@ def verify(path: Path, decode: bool = False) -> dict:
         for split, shards in entries.items():
             counts[split] = 0
             for entry in shards:
-                counts[split] += _verify_shard(entry, decode)
+                counts[split] += _verify_shard(entry, decode, seg)
                 progress.advance(entry.bytes)
             expected = manifest["splits"][split]["num_samples"]
             if counts[split] != expected:
@@ -1277,17 +1601,17 @@ def verify(path: Path, decode: bool = False) -> dict:
     summary = ", ".join(f"{split} {n} samples in {len(entries[split])} shard{'s' if len(entries[split]) != 1 else ''}"
                         for split, n in counts.items())
     print(f"verified {data_dir}: {summary}; sha256, sample counts and indexes match"
-          + ("; every image decodes" if decode else ""))
+          + (("; every image and label map decodes" if seg else "; every image decodes") if decode else ""))
     return counts
 
 
-def _verify_shard(entry: ShardEntry, decode: bool) -> int:
+def _verify_shard(entry: ShardEntry, decode: bool, seg: SegSpec | None = None) -> int:
     """Check one shard in a single read of its tar; returns its sample count."""
     name = entry.tar.name
     if entry.tar.stat().st_size != entry.bytes:
         raise UserError(f"{name}: size {entry.tar.stat().st_size} bytes, manifest says {entry.bytes}; re-run `droppos shard`")
     try:
-        scan = _scan_tar(entry.tar, ("jpg", "cls", "lbl") if decode else ())
+        scan = _scan_tar(entry.tar, ("jpg", "cls", "lbl", MASK_COMPONENT) if decode else ())
     except _BadShard as err:
         raise UserError(str(err)) from None
     if scan.sha256 != entry.sha256:
@@ -1295,7 +1619,7 @@ def _verify_shard(entry: ShardEntry, decode: bool) -> int:
     if len(scan.samples) != entry.num_samples:
         raise UserError(f"{name}: {len(scan.samples)} samples, manifest says {entry.num_samples}")
     for key, components in scan.samples.items():
-        missing = {"jpg", "cls", "lbl", "json"} - set(components)
+        missing = {"jpg", "cls", "lbl", "json", *((MASK_COMPONENT,) if seg else ())} - set(components)
         if missing:
             raise UserError(f"{name}: sample {key} lacks {', '.join(sorted(missing))}")
     problem = _index_problem(entry.index, scan.members)
@@ -1303,11 +1627,11 @@ def _verify_shard(entry: ShardEntry, decode: bool) -> int:
         raise UserError(f"{entry.index.name}: {problem}: the index is corrupt or modified; re-run `droppos shard`")
     if decode:
         for key, components in scan.samples.items():
-            _verify_sample(name, key, components)
+            _verify_sample(name, key, components, seg)
     return len(scan.samples)
 
 
-def _verify_sample(shard: str, key: str, components: dict) -> None:
+def _verify_sample(shard: str, key: str, components: dict, seg: SegSpec | None = None) -> None:
     label = components["lbl"]
     if len(label) != 4 or str(struct.unpack("<i", label)[0]).encode() != components["cls"]:
         raise UserError(f"{shard}: sample {key} has inconsistent cls/lbl labels")
@@ -1317,7 +1641,20 @@ def _verify_sample(shard: str, key: str, components: dict) -> None:
             with Image.open(io.BytesIO(components["jpg"])) as im:
                 im.load()
                 ok = im.format == "JPEG" and im.mode == "RGB"
+                size = im.size
     except Exception as err:
         raise UserError(f"{shard}: sample {key}: image does not decode ({_describe(err)})") from None
     if not ok:
         raise UserError(f"{shard}: sample {key} is not an RGB JPEG")
+    if seg is None:
+        return
+    try:
+        labels = decode_label_map(components[MASK_COMPONENT])
+    except Exception as err:
+        raise UserError(f"{shard}: sample {key}: label map does not decode ({_describe(err)})") from None
+    if labels.shape[::-1] != size:
+        raise UserError(f"{shard}: sample {key}: label map {labels.shape[1]}x{labels.shape[0]}, image "
+                        f"{size[0]}x{size[1]}")
+    bad = seg.out_of_range(labels)
+    if bad:
+        raise UserError(f"{shard}: sample {key}: label values {bad[:8]} are not classes of {seg.describe()}")

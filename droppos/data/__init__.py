@@ -11,11 +11,11 @@ Read top to bottom, one seam per module:
 The private APIs the pil backend uses for speed live in `droppos.fastpaths`, with one switch.
 """
 
-from droppos.data.loader import BACKENDS, Loader, build_loader, dali_available, resolve_backend
+from droppos.data.loader import BACKENDS, Loader, build_loader, dali_available, dataset_seg_spec, resolve_backend
 from droppos.data.plan import PAD_LABEL, rank_range
 from droppos.data.recipe import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, MODES, batch_augment, normalize
 
 __all__ = [
     "MODES", "BACKENDS", "PAD_LABEL", "IMAGENET_MEAN", "IMAGENET_STD", "EVAL_CROP_PCT",
-    "Loader", "build_loader", "resolve_backend", "batch_augment", "normalize", "dali_available", "rank_range",
+    "Loader", "build_loader", "resolve_backend", "dataset_seg_spec", "batch_augment", "normalize", "dali_available", "rank_range",
 ]

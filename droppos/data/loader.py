@@ -2,8 +2,10 @@
 
 The stages call `resolve_backend` once (to record the backend `auto` became in config.json) and
 `build_loader` for each split they read. A `Loader` yields (float32 [B,3,H,W] normalised images,
-int64 [B] labels) per step; what it guarantees about samples, ranks, padding and determinism is
-in `droppos.data.plan`, what each mode does to a sample in `droppos.data.recipe`.
+int64 [B] labels) per step, and with `masks=True` (a segmentation dataset) also int64 [B,H,W]
+label maps (IGNORE = -1 for unlabelled pixels and padding); what it guarantees about samples,
+ranks, padding and determinism is in `droppos.data.plan`, what each mode does to a sample in
+`droppos.data.recipe`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from droppos.data import dali
 from droppos.data.pil import PilBackend
 from droppos.data.plan import PAD_LABEL, Plan, Shard
 from droppos.data.recipe import MODES, RECIPES
+from droppos.labelmaps import IGNORE, BadManifest, SegSpec, spec_from_manifest
 
 log = logging.getLogger("droppos.data")
 
@@ -31,23 +34,30 @@ def dali_available() -> bool:
     return dali.available()
 
 
-def resolve_backend(requested: str, device: torch.device | str, mode: str) -> str:
-    """The backend ('dali' or 'pil') that `requested` means for `mode` on `device`.
+def resolve_backend(requested: str, device: torch.device | str, mode: str, masks: bool = False) -> str:
+    """The backend ('dali' or 'pil') that `requested` means for `mode` on `device` (with label maps: `masks`).
 
     `auto` is the fastest one that gives the recipe's batches: DALI with GPU decoding ('mixed') on a
     CUDA device when DALI imports; Pillow on a CPU, where DALI's CPU mode is the slower one
-    (benchmarks/bench_loader.py); and Pillow for fine-tuning on any device, until DALI's
-    RandAugment matches timm's (what differs: `droppos.data.dali`).
+    (benchmarks/bench_loader.py); Pillow for fine-tuning on any device, until DALI's RandAugment
+    matches timm's (what differs: `droppos.data.dali`); and Pillow for label maps, which only it
+    reads (with the image's crop and flip): `dali` with masks is refused.
     """
     if requested not in BACKENDS:
         raise UserError(f"unknown data backend {requested!r}: use one of {', '.join(BACKENDS)}")
     if mode not in MODES:
         raise UserError(f"unknown data mode {mode!r}: use one of {', '.join(MODES)}")
+    if masks and RECIPES[mode].rand_augment:
+        raise UserError(f"label maps cannot be read in {mode} mode: its RandAugment moves pixels that the mask "
+                        "would not follow")
+    if masks and requested == "dali":
+        raise UserError("the dali backend does not read label maps (segmentation): use --loader pil "
+                        "(--loader auto picks it)")
     if requested == "dali" and not dali.available():
         raise UserError("the dali backend needs nvidia-dali, which does not import here: use --loader pil")
     if requested != "auto":
         return requested
-    if RECIPES[mode].rand_augment:
+    if RECIPES[mode].rand_augment or masks:
         return "pil"
     cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     return "dali" if cuda and dali.available() else "pil"
@@ -57,7 +67,7 @@ class Loader:
     """Batches of one split for one rank. Build it with `build_loader`."""
 
     def __init__(self, *, data_dir: Path, split: str, mode: str, img_size: int, device: torch.device,
-                 plan: Plan, backend, workers: int, num_classes: int) -> None:
+                 plan: Plan, backend, workers: int, num_classes: int, seg: SegSpec | None = None) -> None:
         self.data_dir, self.split, self.mode, self.img_size, self.device = data_dir, split, mode, img_size, device
         self.plan, self._backend, self.workers, self.num_classes = plan, backend, workers, num_classes
         self.backend: str = backend.name  # the resolved name, never 'auto'
@@ -67,12 +77,14 @@ class Loader:
         self.rank_samples = plan.rank_samples  # eval: real (non-padding) samples this rank yields per epoch
         self.skipped = 0  # corrupt samples skipped by the pil backend (the dali backend stops instead)
         self.skipped_keys: list[str] = []
+        self.seg = seg  # a loader of label maps: how the dataset stores them (None: no masks)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `epoch` from `start_step` on: (float32 [B,3,H,W] on the device, int64 [B]).
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of `epoch` from `start_step` on: (float32 [B,3,H,W] on the device, int64 [B]), and
+        int64 [B,H,W] label maps third when the loader reads masks.
 
         Labels are on the device unless the loader was built with `labels_to_device=False`.
         Resuming with `start_step` yields the batches the uninterrupted epoch yields from there.
@@ -83,9 +95,9 @@ class Loader:
             return
         batches = self._backend.epoch(epoch, start_step)
         try:
-            for images, labels, skipped in batches:
+            for images, labels, skipped, *masks in batches:
                 self._note_skipped(skipped)
-                yield pad_eval(images, labels, self.batch_size)
+                yield pad_eval(images, labels, self.batch_size, *masks)
         finally:
             batches.close()  # an epoch left early stops its workers (and frees its ring) now
 
@@ -102,13 +114,17 @@ class Loader:
         self._backend.close()
 
 
-def pad_eval(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a short (eval) batch of normalised images to `batch_size` with zeros labelled PAD_LABEL."""
+def pad_eval(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             masks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Pad a short (eval) batch of normalised images to `batch_size` with zeros labelled PAD_LABEL
+    (and label maps of IGNORE only)."""
     missing = batch_size - labels.shape[0]
-    if missing <= 0:
-        return images, labels
-    pad = images.new_zeros((missing, *images.shape[1:]))
-    return torch.cat([images, pad]), torch.cat([labels, labels.new_full((missing,), PAD_LABEL)])
+    if missing > 0:
+        images = torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
+        labels = torch.cat([labels, labels.new_full((missing,), PAD_LABEL)])
+        if masks is not None:
+            masks = torch.cat([masks, masks.new_full((missing, *masks.shape[1:]), IGNORE)])
+    return (images, labels) if masks is None else (images, labels, masks)
 
 
 def build_loader(
@@ -124,6 +140,7 @@ def build_loader(
     seed: int = 0,
     workers: int | None = None,
     labels_to_device: bool = True,
+    masks: bool = False,
 ) -> Loader:
     """A loader of `split` of the dataset in `data_dir` for one rank.
 
@@ -132,16 +149,18 @@ def build_loader(
     DataLoader workers (0: decode in this process) or DALI's threads; by default the cores this
     process may use, shared among the ranks. `labels_to_device=False` leaves the labels on the
     host, for a stage that never reads them (pre-training): no copy to the device per step.
+    `masks=True` reads each sample's label map too (a segmentation dataset; the pil backend).
     """
     from droppos.manifest import load_manifest, split_shards
 
-    backend = resolve_backend(backend, device, mode)
+    backend = resolve_backend(backend, device, mode, masks)
     if batch_size < 1 or img_size < 16:
         raise UserError(f"batch size ({batch_size}) must be >= 1 and image size ({img_size}) >= 16")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
+    seg = dataset_seg_spec(data_dir, manifest) if masks else None
     entries = split_shards(data_dir, split, manifest)
     shards = tuple(Shard(str(e.tar), str(e.index), int(e.num_samples)) for e in entries if e.num_samples > 0)
     plan = Plan(shards=shards, training=RECIPES[mode].training, batch_size=batch_size, rank=rank,
@@ -155,6 +174,23 @@ def build_loader(
     if backend == "dali":
         impl = dali.DaliBackend(plan, mode, img_size, device, workers, labels_to_device, split, data_dir)
     else:
-        impl = PilBackend(plan, mode, img_size, device, workers, labels_to_device)
+        impl = PilBackend(plan, mode, img_size, device, workers, labels_to_device,
+                          seg.train_lut() if seg is not None else None)
     return Loader(data_dir=data_dir, split=split, mode=mode, img_size=img_size, device=device, plan=plan,
-                  backend=impl, workers=workers, num_classes=len(manifest["classes"]))
+                  backend=impl, workers=workers, num_classes=len(manifest["classes"]), seg=seg)
+
+
+def dataset_seg_spec(data_dir: str | Path, manifest: dict | None = None) -> SegSpec:
+    """How the dataset in `data_dir` stores its label maps; a UserError when it has none (or a malformed record)."""
+    from droppos.manifest import MANIFEST_NAME, load_manifest
+
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir) if manifest is None else manifest
+    try:
+        seg = spec_from_manifest(manifest, str(data_dir / MANIFEST_NAME))
+    except BadManifest as err:
+        raise UserError(f"{err}; re-run `droppos shard`") from None
+    if seg is None:
+        raise UserError(f"{data_dir} holds no label maps (a classification dataset): shard image + label-map "
+                        "pairs (ADE20K's layout, or masks/ + classes.txt beside the images) for segmentation")
+    return seg

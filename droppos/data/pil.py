@@ -20,6 +20,11 @@ How one epoch is made (the plan's guarantees hold; see `droppos.data.plan`):
   (`PinnedStaging`), normalising on the GPU (four times fewer bytes over PCIe than float).
 - A sample that cannot be decoded is skipped and counted (its key is reported); a training batch
   is completed from the role's spare samples.
+- Label maps (a loader built with `masks=True`): each sample's `seg.png` takes the image's crop box
+  (in the image's full-size coordinates, whatever `draft` decoded) and flip, resized NEAREST, and
+  its stored values become labels through the dataset's lookup table (`labelmaps.SegSpec.train_lut`)
+  into an int16 ring beside the images'; the main process hands them out as int64 [B, H, W].
+  A mask of another size than its image makes the sample unreadable (skipped and counted).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import numpy as np
 import torch
 
 from droppos import UserError, fastpaths
-from droppos.data.plan import Plan, Role, read_segments, sample_seed, shuffled
+from droppos.data.plan import Plan, Role, components, read_segments, sample_seed, shuffled
 from droppos.data.recipe import CROP_RATIO, EVAL_CROP_PCT, RAND_AUGMENT, RECIPES, normalize, rand_augment_hparams
+from droppos.labelmaps import MASK_COMPONENT, label_array
 
 PIL_PREFETCH = 2  # batches queued per DataLoader worker
 STAGING_DEPTH = 2  # pinned host batches in flight to CUDA
@@ -56,32 +62,59 @@ def seeded_globals(seed: int) -> Iterator[None]:
 
 
 class PilTransform:
-    """Decode + augment one JPEG with Pillow(-SIMD) into a uint8 HWC slot of a batch (see the module docstring)."""
+    """Decode + augment one JPEG (and its label map) with Pillow(-SIMD) into uint8 HWC (and int16 HW) batch
+    slots (see the module docstring)."""
 
-    def __init__(self, mode: str, img_size: int) -> None:
-        self.recipe, self.size = RECIPES[mode], img_size
+    def __init__(self, mode: str, img_size: int, lut: np.ndarray | None = None) -> None:
+        self.recipe, self.size, self.lut = RECIPES[mode], img_size, lut
         self.rand_augment = None
         if self.recipe.rand_augment:
             from timm.data.auto_augment import rand_augment_transform
 
             self.rand_augment = rand_augment_transform(RAND_AUGMENT, rand_augment_hparams(img_size))
 
-    def __call__(self, jpeg: bytes, seed: int, slot: np.ndarray) -> None:
+    def __call__(self, jpeg: bytes, seed: int, slot: np.ndarray, mask: bytes | None = None,
+                 mask_slot: np.ndarray | None = None) -> None:
         from PIL import Image
 
         img = Image.open(io.BytesIO(jpeg))
+        labels = None if mask_slot is None else self._label_map(mask, img.size)
         if not self.recipe.training:
-            np.copyto(slot, self._eval(img))
+            pixels, box = self._eval(img)
+            np.copyto(slot, pixels)
+            if labels is not None:
+                self._put_labels(labels.resize((self.size, self.size), Image.NEAREST, box=box), mask_slot)
             return
         with seeded_globals(seed):
-            img = self._random_resized_crop(img)
-            if self.recipe.flip and random.random() < 0.5:  # Pillow's flip: 5x faster than a reversed-stride copy
+            img, box = self._random_resized_crop(img)
+            flip = self.recipe.flip and random.random() < 0.5
+            if flip:  # Pillow's flip: 5x faster than a reversed-stride copy
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             if self.rand_augment is not None:
                 img = self.rand_augment(img)
         np.copyto(slot, np.asarray(img))
+        if labels is not None:
+            labels = labels.resize((self.size, self.size), Image.NEAREST, box=box)
+            self._put_labels(labels.transpose(Image.FLIP_LEFT_RIGHT) if flip else labels, mask_slot)
+
+    @staticmethod
+    def _label_map(data: bytes | None, size: tuple[int, int]):
+        """The decoded label map, which must have the image's (full) size."""
+        from PIL import Image
+
+        if data is None:
+            raise ValueError("the sample has no label map")
+        labels = Image.open(io.BytesIO(data))
+        labels.load()
+        if labels.size != size:
+            raise ValueError(f"label map {labels.size} and image {size} differ in size")
+        return labels
+
+    def _put_labels(self, labels, mask_slot: np.ndarray) -> None:
+        np.take(self.lut, label_array(labels), out=mask_slot)
 
     def _random_resized_crop(self, img):
+        """The crop resized to `size`, and its box in the full image's coordinates (for the label map)."""
         from PIL import Image
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
@@ -94,13 +127,14 @@ class PilTransform:
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         # Nor rows below the last one the bicubic filter reads (support 2 px x the downscale factor).
         img = _rgb(img, rows=math.ceil(box[3] + 2.0 * max(1.0, (box[3] - box[1]) / self.size)) + 1)
-        return img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        return img.resize((self.size, self.size), Image.BICUBIC, box=box), (left, top, left + w, top + h)
 
-    def _eval(self, img) -> np.ndarray:
+    def _eval(self, img) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """The eval crop's pixels, and its box in the full image's coordinates (for the label map)."""
         from PIL import Image
 
         resize_to = int(self.size / EVAL_CROP_PCT)
-        width, height = img.size
+        full_width, full_height = width, height = img.size
         short = min(width, height)
         img.draft("RGB", (math.ceil(width * resize_to / short), math.ceil(height * resize_to / short)))
         img = _rgb(img)
@@ -114,7 +148,9 @@ class PilTransform:
         top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
         sx, sy = width / new_w, height / new_h
         box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        return np.asarray(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+        fx, fy = full_width / width, full_height / height  # the drafted image -> the full one
+        full_box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        return np.asarray(img.resize((self.size, self.size), Image.BICUBIC, box=box)), full_box
 
 
 def _rgb(img, rows: int | None = None):
@@ -145,26 +181,36 @@ class Ring:
     has read the slot (`PilBackend.epoch`).
     """
 
-    def __init__(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool) -> None:
+    def __init__(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool,
+                 masks: bool = False) -> None:
         shape = (workers, depth, batch_size, img_size, img_size, 3)
-        if shared:
-            self.slots = torch.empty(0, dtype=torch.uint8).set_(fastpaths.shared_storage(math.prod(shape)), 0, shape)
-        else:
-            self.slots = torch.empty(shape, dtype=torch.uint8)
+        self.slots = _ring_tensor(shape, torch.uint8, shared)
+        # Label maps: int16 [workers, depth, B, H, W] beside the images, in the same slots.
+        self.mask_slots = _ring_tensor(shape[:-1], torch.int16, shared) if masks else None
         self.shared = shared
         self.busy = False  # an epoch's workers may be writing into it
 
-    def fits(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool) -> bool:
+    def fits(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool, masks: bool = False) -> bool:
         w, d, b, h = self.slots.shape[:4]
-        return w >= workers and d == depth and b == batch_size and h == img_size and self.shared == shared
+        return (w >= workers and d == depth and b == batch_size and h == img_size and self.shared == shared
+                and (self.mask_slots is not None) == masks)
+
+
+def _ring_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """A tensor made once per loader: in shared memory for worker processes, else a plain one."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(fastpaths.shared_storage(nbytes), 0, shape)
 
 
 class BatchWriter:
     """Images are written straight into a ring slot (no per-image arrays to stack, no batch copy)."""
 
-    def __init__(self, worker: int, slots: torch.Tensor, free_slots) -> None:
+    def __init__(self, worker: int, slots: torch.Tensor, free_slots, mask_slots: torch.Tensor | None = None) -> None:
         self.worker, self.free_slots = worker, free_slots
         self.ring = slots.numpy()  # [depth, B, H, W, 3]
+        self.mask_ring = mask_slots.numpy() if mask_slots is not None else None  # [depth, B, H, W]
         self.batch_size = self.ring.shape[1]
         self._written = 0  # batches started so far
         self._slots: np.ndarray | None = None
@@ -182,6 +228,19 @@ class BatchWriter:
             self._take_slot()
         return self._slots
 
+    def mask_slot(self, k: int) -> np.ndarray | None:
+        """Label-map slot k of the batch being filled (None: the loader reads no masks)."""
+        if self.mask_ring is None:
+            return None
+        self.slots  # noqa: B018 - takes the ring slot on first use
+        return self.mask_ring[(self._written - 1) % len(self.mask_ring), k]
+
+    def repeat(self, k: int, source: int) -> None:
+        """Slot k becomes a copy of slot `source` (image and label map): completing a short batch."""
+        self.slots[k] = self.slots[source]
+        if self.mask_ring is not None:
+            self.mask_slot(k)[...] = self.mask_slot(source)
+
     def finish(self, count: int) -> tuple[int, int, int]:
         """(worker, slot, count) of the batch just filled; the next image starts a new batch."""
         if self._slots is None:  # an eval batch of unreadable samples only
@@ -190,11 +249,13 @@ class BatchWriter:
         return self.worker, (self._written - 1) % len(self.ring), count
 
 
-def decode_sample(sample: dict, transform: PilTransform, seed: int, slot: np.ndarray) -> int | None:
-    """Decode a sample into `slot`; its label, or None when it cannot be used (counted as skipped)."""
+def decode_sample(sample: dict, transform: PilTransform, seed: int, slot: np.ndarray,
+                  mask_slot: np.ndarray | None = None) -> int | None:
+    """Decode a sample into `slot` (and its label map into `mask_slot`); its label, or None when it
+    cannot be used (counted as skipped)."""
     try:
         label = int.from_bytes(sample["lbl"], "little", signed=True)
-        transform(sample["jpg"], seed, slot)
+        transform(sample["jpg"], seed, slot, sample.get(MASK_COMPONENT), mask_slot)
         return label
     except Exception:  # any failure of a sample's bytes: Pillow raises many types
         return None
@@ -206,10 +267,11 @@ def train_batches(role: Role, transform: PilTransform, batches: BatchWriter) -> 
     labels: list[int] = []
     skipped: list[str] = []
     done = 0
-    for position, sample in shuffled(role, read_segments(role.segments)):
+    for position, sample in shuffled(role, read_segments(role.segments, components(batches.mask_ring is not None))):
         if position <= role.skip * batch_size:
             continue  # drawn, not decoded: resuming replays only the shuffle
-        label = decode_sample(sample, transform, sample_seed(role, position), batches.slots[len(labels)])
+        label = decode_sample(sample, transform, sample_seed(role, position), batches.slots[len(labels)],
+                              batches.mask_slot(len(labels)))
         if label is None:
             skipped.append(str(sample.get("__key__")))
             continue
@@ -227,7 +289,7 @@ def train_batches(role: Role, transform: PilTransform, batches: BatchWriter) -> 
             raise UserError("every sample of a pil worker's share was unreadable: run `droppos shard --verify`")
         real = len(labels)
         for k in range(real, batch_size):
-            batches.slots[k] = batches.slots[k % real]
+            batches.repeat(k, k % real)
             labels.append(labels[k % real])
         yield batches.finish(batch_size), torch.tensor(labels), skipped
 
@@ -237,8 +299,8 @@ def eval_batches(role: Role, transform: PilTransform, batches: BatchWriter) -> I
     for group in role.eval_batches:
         labels: list[int] = []
         skipped: list[str] = []
-        for sample in read_segments(group):
-            label = decode_sample(sample, transform, 0, batches.slots[len(labels)])
+        for sample in read_segments(group, components(batches.mask_ring is not None)):
+            label = decode_sample(sample, transform, 0, batches.slots[len(labels)], batches.mask_slot(len(labels)))
             if label is None:
                 skipped.append(str(sample.get("__key__")))
                 continue
@@ -254,14 +316,16 @@ class PilEpoch(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, roles: list[Role], mode: str, img_size: int, ring: torch.Tensor,
-                 free_slots: Sequence | None) -> None:
+                 free_slots: Sequence | None, mask_ring: torch.Tensor | None = None, lut: np.ndarray | None = None) -> None:
         self.roles, self.mode, self.img_size, self.ring, self.free_slots = roles, mode, img_size, ring, free_slots
+        self.mask_ring, self.lut = mask_ring, lut
 
     def __iter__(self) -> Iterator[tuple[tuple[int, int, int], torch.Tensor, list[str]]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        transform = PilTransform(self.mode, self.img_size)
-        batches = BatchWriter(worker, self.ring[worker], self.free_slots[worker] if self.free_slots else None)
+        transform = PilTransform(self.mode, self.img_size, self.lut)
+        batches = BatchWriter(worker, self.ring[worker], self.free_slots[worker] if self.free_slots else None,
+                              self.mask_ring[worker] if self.mask_ring is not None else None)
         make = train_batches if RECIPES[self.mode].training else eval_batches
         yield from make(self.roles[worker], transform, batches)
 
@@ -357,15 +421,17 @@ class PilBackend:
     name = "pil"
 
     def __init__(self, plan: Plan, mode: str, img_size: int, device: torch.device, workers: int,
-                 labels_to_device: bool) -> None:
+                 labels_to_device: bool, lut: np.ndarray | None = None) -> None:
         self.plan, self.mode, self.img_size, self.device = plan, mode, img_size, device
         self.workers, self.labels_to_device = workers, labels_to_device
+        self.lut = lut  # stored label value -> label: the loader reads label maps
         self._ring: Ring | None = None
         self._pool = BatchPool()
         self._staging = PinnedStaging(device) if device.type == "cuda" else None
 
-    def epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """(normalised images on the device, labels, skipped keys) of `epoch` from `start_step` on."""
+    def epoch(self, epoch: int, start_step: int) -> Iterator[tuple]:
+        """(normalised images on the device, labels, skipped keys[, int64 masks on the device]) of `epoch`
+        from `start_step` on."""
         roles = self.plan.roles(epoch, start_step, self.workers)
         # Workers are forked each epoch: import the transforms' modules here, once per process, rather
         # than in every worker of every epoch (timm's import alone costs a worker about a CPU second).
@@ -374,9 +440,10 @@ class PilBackend:
         # A worker holds at most PIL_PREFETCH batches in the queue plus the one it writes: depth = PIL_PREFETCH + 1.
         workers = len(roles) if self.workers > 0 else 0
         depth = PIL_PREFETCH + 1 if workers else 1
-        ring = self._take_ring((max(1, self.workers), depth, self.plan.batch_size, self.img_size, workers > 0))
+        masks = self.lut is not None
+        ring = self._take_ring((max(1, self.workers), depth, self.plan.batch_size, self.img_size, workers > 0, masks))
         free_slots = [multiprocessing.Semaphore(depth) for _ in range(workers)] if workers else None
-        dataset = PilEpoch(roles, self.mode, self.img_size, ring.slots, free_slots)
+        dataset = PilEpoch(roles, self.mode, self.img_size, ring.slots, free_slots, ring.mask_slots, self.lut)
         if workers == 0:
             batches: Iterator = iter(dataset)
         else:
@@ -389,17 +456,22 @@ class PilBackend:
         try:
             for (worker, slot, count), labels, skipped in batches:
                 images, labels = self._to_device(ring.slots[worker, slot, :count], labels)
+                extra = () if ring.mask_slots is None else (self._masks_to_device(ring.mask_slots[worker, slot, :count]),)
                 if free_slots:
                     free_slots[worker].release()
                 produced += 1
-                yield images, labels, skipped
+                yield images, labels, skipped, *extra
         finally:
             del batches  # the last reference: DataLoader's iterator stops its workers before the ring is free
             ring.busy = False
         if produced != self.plan.steps_per_epoch - start_step:
             raise RuntimeError(f"pil loader produced {produced} batches, expected {self.plan.steps_per_epoch - start_step}")
 
-    def _take_ring(self, shape: tuple[int, int, int, int, bool]) -> Ring:
+    def _masks_to_device(self, masks: torch.Tensor) -> torch.Tensor:
+        """A ring slot's int16 labels -> int64 [B, H, W] on the device (a copy: the slot is free after)."""
+        return masks.to(torch.int64).to(self.device, non_blocking=self.device.type == "cuda")
+
+    def _take_ring(self, shape: tuple[int, int, int, int, bool, bool]) -> Ring:
         ring = self._ring
         if ring is None or ring.busy or not ring.fits(*shape):
             ring = Ring(*shape)

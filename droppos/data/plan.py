@@ -23,8 +23,9 @@ The guarantees of `droppos.data`, in one place (tests/test_data.py checks each, 
   `pil` skips the first samples of each role undecoded (it replays only the shuffle), `dali`
   decodes and drops the first s batches (it cannot seek).
 - Components. A sample is read as the components named in `COMPONENTS`: the JPEG and its int32
-  label. A second per-sample image (a segmentation mask) joins here as one more component, read
-  and split exactly like the JPEG, and takes the same crop in the backends.
+  label; a loader of label maps (`components(masks=True)`) reads `seg.png` too, split exactly like
+  the JPEG, and its pil backend gives the mask the image's crop, flip and resize (`droppos.data.pil`).
+  Masks come out as int64 [B, H, W] with IGNORE (-1) for unlabelled pixels and in eval padding.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from droppos.labelmaps import MASK_COMPONENT
 
 PAD_LABEL = -1
 COMPONENTS = ("jpg", "lbl")  # what each sample is read as; `droppos shard` writes both
@@ -73,6 +76,11 @@ class Role:
     seed: int = 0
     segments: tuple[Segment, ...] = ()
     eval_batches: tuple[tuple[Segment, ...], ...] = ()
+
+
+def components(masks: bool) -> tuple[str, ...]:
+    """The components a loader reads: `COMPONENTS`, and the label map when it reads masks."""
+    return (*COMPONENTS, MASK_COMPONENT) if masks else COMPONENTS
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -222,7 +230,7 @@ def read_segment(segment: Segment, components: Sequence[str] = COMPONENTS) -> It
                 return
 
 
-def read_segments(parts: Sequence[Segment]) -> Iterator[dict]:
+def read_segments(parts: Sequence[Segment], components: Sequence[str] = COMPONENTS) -> Iterator[dict]:
     """The samples of several segments, in order."""
     for segment in parts:
-        yield from read_segment(segment)
+        yield from read_segment(segment, components)

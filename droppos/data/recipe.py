@@ -5,6 +5,7 @@
 | pretrain | RandomResizedCrop scale (0.2, 1) | yes | no | pre-training (MAE/DropPos `main_pretrain`) |
 | finetune | RandomResizedCrop scale (0.08, 1) | yes | rand-m9-mstd0.5-inc1 | fine-tuning (MAE `main_finetune`) |
 | probe | RandomResizedCrop scale (0.08, 1) | yes | no | linear-probe training (MAE `main_linprobe`) |
+| segment | RandomResizedCrop scale (0.2, 1) | yes | no | segmentation-probe training (image and mask alike) |
 | eval | resize the shorter side to size/0.875, centre crop | no | no | every evaluation |
 
 Crops take aspect ratios in (3/4, 4/3) (log-uniform, 10 attempts, then the centre crop) and every
@@ -12,6 +13,11 @@ resize is bicubic, as in the published recipes (`interpolation=3`); RandAugment'
 operations are bicubic too (timm's `interpolation` hparam, as `timm.data.create_transform(...,
 interpolation='bicubic')` sets it: without it timm picks bilinear or bicubic at random per call).
 Random erasing, mixup and cutmix act on whole batches on the device (`batch_augment`).
+
+`segment`'s crop areas span what MMSegmentation's ADE20K pipeline gives (resize by 0.5-2 of 512 px,
+then a 512 px random crop: 0.19 to the whole image): its crop box and flip are drawn once and applied
+to the label map too (nearest). Label maps are read in any mode without RandAugment (whose
+geometric operations are not paired).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ RECIPES = {
     "pretrain": Recipe(crop_scale=(0.2, 1.0), flip=True, rand_augment=False),
     "finetune": Recipe(crop_scale=(0.08, 1.0), flip=True, rand_augment=True),
     "probe": Recipe(crop_scale=(0.08, 1.0), flip=True, rand_augment=False),
+    "segment": Recipe(crop_scale=(0.2, 1.0), flip=True, rand_augment=False),
     "eval": Recipe(crop_scale=None, flip=False, rand_augment=False),
 }
 MODES = tuple(RECIPES)
