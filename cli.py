@@ -186,6 +186,7 @@ def shard(config: ShardConfig) -> None:
         shard_size=config.shard_size or (200 if config.sample else 1000),
         sample_options=dict(num_classes=config.sample_classes, train_per_class=config.sample_train,
                             val_per_class=config.sample_val),
+        layout=config.layout, ignore_index=config.ignore_index, reduce_zero_label=config.reduce_zero_label,
     )
 
 
