@@ -69,6 +69,8 @@ demo: setup
 	$(VENV)/bin/droppos pretrain --preset cpu-demo --data $(DEMO)/data --out $(DEMO)/run
 	$(VENV)/bin/droppos probe --preset cpu-demo --data $(DEMO)/data --run $(DEMO)/run --out $(DEMO)/probe-pretrained
 	$(VENV)/bin/droppos probe --preset cpu-demo --data $(DEMO)/data --run $(DEMO)/run --random-init --out $(DEMO)/probe-random
+	$(VENV)/bin/droppos probe --preset cpu-demo-seg --data $(DEMO)/data --run $(DEMO)/run --out $(DEMO)/seg-pretrained
+	$(VENV)/bin/droppos probe --preset cpu-demo-seg --data $(DEMO)/data --run $(DEMO)/run --random-init --out $(DEMO)/seg-random
 	$(VENV)/bin/droppos eval-pos $(DEMO)/run --random-baseline --data $(DEMO)/data --out $(DEMO)/eval-pos --label "DropPos demo" --label "random init"
 	$(VENV)/bin/droppos export $(DEMO)/run --format timm --out $(DEMO)/timm
 	@$(PY) tools/demo_summary.py $(DEMO)

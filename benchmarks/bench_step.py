@@ -14,7 +14,7 @@ FLOPs are counted from the configuration by DropPosViT.flops_per_image (matmuls 
               + 2 x patch embedding over all L patches (forward and weight gradient; images need no gradient)
   attentive = patch embedding + encoder over all 1 + L tokens (no-grad forward)
 with a block over n tokens of width d costing 2 n (4 + 2 mlp_ratio) d^2 + 4 n^2 d. For ViT-B/16 at 224
-(V = 49, decoder 512 x 2) that is 28.3 + 35.1 GFLOPs per image, the figures in METHOD.md.
+(V = 49, decoder 512 x 2) that is 28.3 + 35.1 GFLOPs per image, the figures in docs/METHOD.md.
 The optimizer, norms, softmax and GELU are not counted (they are memory-bound and small).
 
 With --interleave every configuration is built (and compiled) first and their timed steps then taken in turn,

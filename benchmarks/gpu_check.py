@@ -13,7 +13,7 @@ the others:
   bench     benchmarks/bench_step.py on the paper recipe: ViT-B/16 at 224, attentive pass on, bf16, compiled,
             batch 64 and 256 per GPU with the attentive pass as its own CUDA graph (compile_step), then batch 64
             with it inline for comparison: img/s, the fraction of the 989 TFLOP/s dense bf16 peak counting
-            63.4 GFLOPs per image (28.3 step + 35.1 attentive, METHOD.md) and of the bf16 matmul peak measured
+            63.4 GFLOPs per image (28.3 step + 35.1 attentive, docs/METHOD.md) and of the bf16 matmul peak measured
             in the same run, peak memory, recompiles and graph breaks;
   loader    benchmarks/bench_loader.py --device cuda --backends pil[,dali] --images 4096 (DALI 'mixed' only
             where DALI imports);
@@ -85,7 +85,7 @@ BUDGETS = {"wheels": 40.0, "tests": 90.0, "bench": 170.0, "loader": 70.0, "pretr
 SMOKE_BUDGETS = {"wheels": 20.0, "tests": 60.0, "bench": 90.0, "loader": 45.0, "pretrain": 120.0}
 MIN_PART_S = 15.0  # a part (or one bench run) with less time left is skipped
 WHEEL_DIRS = (".gpu-wheels", "/tmp/droppos-wheels")
-STEP_GFLOPS_PER_IMG = 63.4  # ViT-B/16 at 224: 28.3 step + 35.1 attentive (METHOD.md)
+STEP_GFLOPS_PER_IMG = 63.4  # ViT-B/16 at 224: 28.3 step + 35.1 attentive (docs/METHOD.md)
 DENSE_BF16_PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 # (saliency graph, batch) of the paper recipe's step benchmark, in order of importance.
 BENCH_RUNS = (("separate", 64), ("separate", 256), ("inline", 64))

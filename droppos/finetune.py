@@ -1,6 +1,6 @@
 """`droppos finetune`: end-to-end fine-tuning with the MAE protocol, from a DropPos encoder or any timm ViT.
 
-The recipe (METHOD.md): timm ViT with global average pooling (fc_norm), drop path 0.1, layer-wise
+The recipe (docs/METHOD.md): timm ViT with global average pooling (fc_norm), drop path 0.1, layer-wise
 lr decay 0.75 (timm's `param_groups_layer_decay`: each group's `lr_scale` multiplies the shared
 schedule), AdamW, RandAugment in the input pipeline, random erasing + mixup/cutmix + label
 smoothing on the device (`data.batch_augment`), optional EMA (timm's `ModelEmaV3`).

@@ -1,6 +1,6 @@
 """DropPos Vision Transformer: encoder on timm's ViT blocks, position decoder and the DropPos losses.
 
-Implements ../shared/METHOD.md (Wang et al., "DropPos", NeurIPS 2023):
+Implements docs/METHOD.md (Wang et al., "DropPos", NeurIPS 2023):
 
 * patch masking: of the L patches, a random subset of V = floor(L * (1 - mask_ratio)) stays visible;
 * position dropping: of those V, K = floor(V * (1 - pos_mask_ratio)) keep their fixed 2-D sin-cos PE,
@@ -18,7 +18,7 @@ Implements ../shared/METHOD.md (Wang et al., "DropPos", NeurIPS 2023):
 
 The attentive pass is its own API (`saliency`) because it is the costlier half of a step: a full forward
 over 1 + L tokens costs more FLOPs than the whole masked training step (ViT-B/16: 35.1 vs 28.3 GFLOPs per
-image, METHOD.md). `forward(imgs, sigma, saliency=model.saliency(imgs))` gives the same loss and gradients
+image, docs/METHOD.md). `forward(imgs, sigma, saliency=model.saliency(imgs))` gives the same loss and gradients
 as `forward(imgs, sigma)`, which computes it inline; `compile_step` builds the two as separate compiled
 graphs, the no-grad one with CUDA graphs (static shapes, no backward, launch-bound at small batches).
 Both run in the caller's precision: under the caller's autocast, or fp32 without one, on CPU and CUDA alike.
@@ -361,7 +361,7 @@ class DropPosViT(nn.Module):
     def decode_positions(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, V, L] position logits (fp32) for the visible tokens of `latent` [B, 1 + V, D].
 
-        The decoder also sees the [CLS] token (as MAE's and the published decoder do; METHOD.md's 28.3 GFLOPs
+        The decoder also sees the [CLS] token (as MAE's and the published decoder do; docs/METHOD.md's 28.3 GFLOPs
         count it) but predicts positions for the V patch tokens only.
         """
         x = self.pos_decoder_blocks(self.pos_decoder_embed(latent))
@@ -492,7 +492,7 @@ class DropPosViT(nn.Module):
         'step': forward + backward of the masked training step = 3 x forward of the encoder over 1 + V tokens
         and of the decoders, plus 2 x the patch embedding over all L patches (its forward and weight gradient:
         the image needs no gradient). 'attentive': the no-grad forward over all 1 + L tokens.
-        ViT-B/16 at 224 (V = 49, decoder 512 x 2): 28.3 and 35.1 GFLOPs, METHOD.md's figures.
+        ViT-B/16 at 224 (V = 49, decoder 512 x 2): 28.3 and 35.1 GFLOPs, docs/METHOD.md's figures.
         """
         L, V, D, r = self.num_patches, self.num_visible, self.embed_dim, self.mlp_ratio
         patch_embed = 2.0 * L * self.in_chans * self.patch_size ** 2 * D

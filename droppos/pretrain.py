@@ -1,4 +1,4 @@
-"""`droppos pretrain`: DropPos pre-training (METHOD.md), distributed, compiled and resumable.
+"""`droppos pretrain`: DropPos pre-training (docs/METHOD.md), distributed, compiled and resumable.
 
 The step: masks and dropped PEs from `torch.rand` + `argsort` seeded by (seed, rank, step), the
 smoothing sigma of the step as a 0-dim tensor on the device, AdamW with the recipe's weight-decay

@@ -185,7 +185,7 @@ def _preset(presets: dict[str, dict[str, Any]]) -> Any:
 
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # METHOD.md "Published recipe": ViT-B/16, batch 64 per GPU, blr 1.5e-4, warm-up 10.
+    # docs/METHOD.md "Published recipe": ViT-B/16, batch 64 per GPU, blr 1.5e-4, warm-up 10.
     "vit_b16_800ep": dict(model="vit_base_patch16", epochs=800, warmup_epochs=10, batch_size=64),
     "vit_b16_200ep": dict(model="vit_base_patch16", epochs=200, warmup_epochs=10, batch_size=64),
     # ViT-L/16: batch 128 per GPU, warm-up 40 epochs.
@@ -204,7 +204,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class PretrainConfig(LaunchOptions):
-    """`droppos pretrain`; defaults = METHOD.md's ViT-B/16 800-epoch recipe."""
+    """`droppos pretrain`; defaults = docs/METHOD.md's ViT-B/16 800-epoch recipe."""
 
     preset: Optional[str] = _preset(PRETRAIN_PRESETS)
     model: str = option("vit_base_patch16", "Encoder size.", MODEL, choices=tuple(MODELS), resume="arch")
@@ -283,9 +283,9 @@ class EncoderOptions(LaunchOptions):
 
 
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
-    # METHOD.md: 100 epochs for ViT-B, warm-up 5, effective batch 1024 (8 x 128).
+    # docs/METHOD.md: 100 epochs for ViT-B, warm-up 5, effective batch 1024 (8 x 128).
     "vit_b16": dict(epochs=100, warmup_epochs=5, batch_size=128, drop_path=0.1),
-    # METHOD.md: 50 epochs for ViT-L; drop path 0.1 as in the published DropPos ViT-L fine-tuning script
+    # docs/METHOD.md: 50 epochs for ViT-L; drop path 0.1 as in the published DropPos ViT-L fine-tuning script
     # (MAE's own ViT-L command uses 0.2).
     "vit_l16": dict(epochs=50, warmup_epochs=5, batch_size=128, drop_path=0.1),
     # The sample data on a 2-core CPU: the encoder's own (small) resolution, a few epochs.
@@ -296,7 +296,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class FinetuneConfig(EncoderOptions):
-    """`droppos finetune`; defaults = METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
+    """`droppos finetune`; defaults = docs/METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
 
     preset: Optional[str] = _preset(FINETUNE_PRESETS)
     pool: str = option("avg", "Feature: avg (patch tokens, fc_norm) or token ([CLS]).", MODEL, choices=POOLS,
@@ -347,7 +347,7 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ProbeConfig(EncoderOptions):
-    """`droppos probe`; defaults = MAE's linear probe (METHOD.md)."""
+    """`droppos probe`; defaults = MAE's linear probe (docs/METHOD.md)."""
 
     preset: Optional[str] = _preset(PROBE_PRESETS)
     pool: str = option("token", "Feature: token ([CLS]) or avg (mean of the patch tokens).", MODEL, choices=POOLS,

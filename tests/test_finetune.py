@@ -121,7 +121,8 @@ def test_defaults_are_the_mae_fine_tuning_recipe():
     c = FinetuneConfig()
     assert (c.epochs, c.warmup_epochs, c.blr, c.layer_decay, c.weight_decay, c.drop_path) == (100, 5, 1e-3, 0.75, 0.05, 0.1)
     assert (c.mixup, c.cutmix, c.smoothing, c.reprob, c.pool) == (0.8, 1.0, 0.1, 0.25, "avg")
-    assert make_config(FinetuneConfig, {"preset": "vit_l16"}).epochs == 50
+    large = make_config(FinetuneConfig, {"preset": "vit_l16"})
+    assert (large.epochs, large.drop_path) == (50, 0.1)  # the published DropPos ViT-L script (MAE's uses 0.2)
     assert make_config(FinetuneConfig, {"preset": "cpu-demo", "epochs": 2}).epochs == 2
 
 

@@ -137,7 +137,7 @@ def test_masks_differ_between_images_and_calls():
 
 
 def _loop_loss(model: DropPosViT, imgs, noise, sigma: float, attentive: bool):
-    """The loss and accuracies written out per image and per patch, from METHOD.md's formulas."""
+    """The loss and accuracies written out per image and per patch, from docs/METHOD.md's formulas."""
     with torch.no_grad():
         out = model.forward_position(imgs, model.mask_ratio, model.pos_mask_ratio, noise=noise)
         feats = model.forward_features(imgs)
