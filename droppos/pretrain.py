@@ -35,9 +35,10 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float, mo
     tensor's gradient scaled to norm <= max_norm on its own, max_norm / (norm + 1e-6) as the published
     code does. max_norm 0: no clipping. No host sync either way (the coefficients stay on the device).
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None]
     if mode == "global" or max_norm <= 0:
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))  # type: ignore[arg-type]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    grads = [p.grad for p in params]
     norms = torch._foreach_norm(grads)
     torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
     return torch.linalg.vector_norm(torch.stack(norms))

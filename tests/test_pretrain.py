@@ -76,6 +76,15 @@ def test_paper_recipe_clips_per_parameter_and_decays_the_tokens():
     assert float(clip_gradients(params, 5.0, "per-param")) == pytest.approx(total, rel=1e-6)
     for p, want in zip(params, expected):
         torch.testing.assert_close(p.grad, want)
+    # 'global': all gradients scaled together to norm 5 (and 0: none clipped, the norm still measured).
+    for p in params:
+        p.grad = torch.ones(7, 3)
+    norm = float(torch.cat([p.grad.flatten() for p in params]).norm())
+    assert float(clip_gradients(params, 5.0, "global")) == pytest.approx(norm, rel=1e-6)
+    assert float(torch.cat([p.grad.flatten() for p in params]).norm()) == pytest.approx(5.0, rel=1e-5)
+    assert float(clip_gradients(params, 0.0, "global")) == pytest.approx(5.0, rel=1e-5)
+    params[0].grad[0, 0] = float("nan")
+    assert not torch.isfinite(clip_gradients(params, 5.0, "global"))  # the non-finite check sees it
     model = create_from_config(make_config(PretrainConfig, {"preset": "cpu-demo", "depth": 1}))
     for decay_tokens, token_decay in ((True, 0.05), (False, 0.0)):
         groups = optimizer_groups(model, 0.05, decay_tokens)
