@@ -32,7 +32,7 @@ from droppos import UserError
 
 __all__ = ["POOLS", "check_encoder_source", "load_encoder", "encoder_file", "evaluate_topk"]
 
-POOLS = ("avg", "token")  # timm's names: average of patch tokens (+ fc_norm), or the [CLS] token
+from droppos.recipes import POOLS  # noqa: E402 - the one list (timm's names: avg of patch tokens, or [CLS])
 RANDOM_INIT = "random-init"  # what a model without loaded weights is called, wherever it is named
 
 

@@ -79,7 +79,8 @@ from droppos.files import atomic_write, write_bytes_atomic, write_text_atomic
 __all__ = ["FORMATS", "Encoder", "detectron2_state", "downstream_command", "encoder_meta", "export_encoder",
            "mmseg_state", "read_source", "run", "safetensors_bytes", "write_timm_folder"]
 
-from droppos.recipes import EXPORT_FORMATS as FORMATS  # the one list of formats
+from droppos.recipes import EXPORT_FORMATS as FORMATS  # noqa: E402 - the one list of formats
+
 _DETECTRON2_CONFIG = "projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"
 _MMSEG_CONFIG = "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
 _BASE_ARCH = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}  # both configs'
@@ -99,16 +100,6 @@ def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and a final newline: the same object, the same bytes."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _droppos_core(model: nn.Module) -> nn.Module:
-    from droppos.model import DropPosViT
-    from droppos.runtime import unwrap
-
-    core = unwrap(model)
-    if not isinstance(core, DropPosViT):
-        raise TypeError(f"expected a DropPosViT (possibly wrapped), got {type(core).__name__}")
-    return core
 
 
 def pretrained_cfg_for(model_args: dict) -> dict[str, Any]:
@@ -132,7 +123,9 @@ def pretrained_cfg_for(model_args: dict) -> dict[str, Any]:
 
 def encoder_meta(model: nn.Module) -> dict[str, Any]:
     """The sidecar of a DropPos encoder: timm model name, model_args, pretrained_cfg and the pretext options."""
-    core = _droppos_core(model)
+    from droppos.model import droppos_core
+
+    core = droppos_core(model)
     model_args = core.timm_model_args()
     if core.in_chans != 3:
         model_args["in_chans"] = core.in_chans
@@ -158,12 +151,12 @@ def export_encoder(model: nn.Module, path: Union[str, Path]) -> Path:
         timm.create_model(meta["model"], pretrained=True, num_classes=0, **meta["model_args"],
                           pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file=path, custom_load=False))
     """
-    from droppos.model import encoder_state_dict
+    from droppos.model import droppos_core, encoder_state_dict
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"encoder path {path} must end in .safetensors")
-    core = _droppos_core(model)
+    core = droppos_core(model)
     write_bytes_atomic(path, safetensors_bytes(encoder_state_dict(core)))
     write_text_atomic(path.with_suffix(".json"), canonical_json(encoder_meta(core)))
     return path

@@ -150,6 +150,9 @@ class FinetuneTask(loop.Task):
 
     # -- training ---------------------------------------------------------------------
 
+    def loaders(self) -> list[Any]:
+        return [self.loader, self.val_loader]
+
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.loader.epoch(epoch, start_step=start_batch)
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from droppos import UserError, runtime
-from droppos.files import write_text_atomic
+from droppos.files import output_error, write_text_atomic
 
 CHECKPOINT_FORMAT = "droppos-checkpoint/2"
 EVAL_LINES = 10  # evaluation lines per run on the progress: a 90-epoch probe shows ~10, metrics.jsonl has all
@@ -173,6 +173,10 @@ class Task:
         """What runs, for the start-up line (model, parameters, data)."""
         return self.stage
 
+    def loaders(self) -> list[Any]:
+        """The task's data loaders, whose skipped corrupt samples the loop reports."""
+        return []
+
 
 # ---------------------------------------------------------------------------------------------
 # The loop's own pieces
@@ -181,8 +185,13 @@ class Task:
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
 
+    # The elastic launcher forwards a terminal's Ctrl-C to workers that got it from the terminal already:
+    # a second SIGINT this soon after the first is that copy, not the user's second Ctrl-C.
+    REPEAT_S = 2.0
+
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -195,22 +204,27 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        if self.signal_name is not None:
+            if signum == signal.SIGINT and time.monotonic() - self._first_at > self.REPEAT_S:
+                raise KeyboardInterrupt  # the user's second Ctrl-C stops at once
+            return
         self.signal_name = signal.Signals(signum).name
+        self._first_at = time.monotonic()
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def agreed(self, info: runtime.DistInfo, at_log: bool) -> bool:
-        """Every rank must stop at the same step: alone, at once; together, at log steps."""
+    def agreed(self, info: runtime.DistInfo, at_log: bool, checkpoint_due: bool) -> tuple[bool, bool]:
+        """(stop now, save a timed checkpoint now), the same on every rank: alone, at once; together, at
+        log steps (one small all-reduce there, with the log's)."""
         if not info.distributed:
-            return self.requested
+            return self.requested, checkpoint_due
         if not at_log:
-            return False
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=info.device)
-        return bool(runtime.all_reduce_max(flag, info).item() > 0)
+            return False, False
+        flags = torch.tensor([float(self.requested), float(checkpoint_due)], device=info.device)
+        stop, due = (runtime.all_reduce_max(flags, info) > 0).tolist()
+        return stop, due
 
 
 class MetricsLog:
@@ -223,7 +237,11 @@ class MetricsLog:
         path = Path(run_dir) / "metrics.jsonl"
         if path.exists():
             _truncate_after(path, resume_step)
-        self._file = open(path, "a", encoding="utf-8")
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as err:
+            raise output_error(err, path) from None
+        self.path = path
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -234,8 +252,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:  # a full disk: one line, like every other write
+            raise output_error(err, self.path) from None
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
@@ -289,7 +310,7 @@ def checkpoint(task: Task, step: int, epoch: int, evaluated_step: int, reason: s
     """The checkpoint dict: the task's parts and state, the step, and what the run was started with."""
     return runtime.checkpoint_state(
         task.parts(), format=CHECKPOINT_FORMAT, stage=task.stage, step=step, epoch=epoch,
-        evaluated_step=evaluated_step, reason=reason, rng=runtime.rng_state(), **run, **task.extra_state())
+        evaluated_step=evaluated_step, reason=reason, **run, **task.extra_state())
 
 
 def resume(task: Task, out: Path, info: runtime.DistInfo) -> tuple[int, int, bool]:
@@ -324,23 +345,25 @@ class Run:
     out: Path
     resolved: dict[str, Any] = field(default_factory=dict)  # what 'auto' became: loader, precision, device, compile
     accum: int = 1
+    world_size: Optional[int] = None  # the run's, when `info` is one rank's own view (a cached probe's head)
 
 
 def train(task: Task, run: Run) -> None:
     """Train `task` from its checkpoint in run.out (or from scratch) to the stop step."""
     config, schedule, info, out = run.config, run.schedule, run.info, run.out
     step, evaluated_step, resumed = resume(task, out, info)
-    record = runtime.config_record(config, run.resolved, schedule, info.world_size)
+    world_size = run.world_size or info.world_size
+    record = runtime.config_record(config, run.resolved, schedule, world_size)
     if info.is_main:
         runtime.write_config(out, record)
     meta = {"config": runtime.plain(config), "resolved": run.resolved, "schedule": schedule.record(),
-            "world_size": info.world_size, "data_sha256": record["run_card"].get("data_manifest_sha256")}
+            "world_size": world_size, "data_sha256": record["run_card"].get("data_manifest_sha256")}
     stop_step = schedule.stop_step
     if info.is_main:
         where = f"; resumed from step {step}" if resumed else ""
         print(f"{task.stage}: {task.describe()}; {stop_step} steps of {schedule.images_per_step} images "
               f"({schedule.epochs} epochs of {schedule.steps_per_epoch}), {_resolved_text(run.resolved)}, "
-              f"world size {info.world_size}{where}", file=sys.stderr, flush=True)
+              f"world size {world_size}{where}", file=sys.stderr, flush=True)
     metrics_names = [m.name for m in task.metrics]
     pending = evaluation_due(step, schedule, task.eval_every) and evaluated_step < step
     if step >= stop_step and not pending:
@@ -359,9 +382,11 @@ def train(task: Task, run: Run) -> None:
     stopped_by: Optional[str] = None
 
     def save(reason: str) -> None:
+        """Every rank calls it at the same step: all stop together if any rank's step or weights went non-finite."""
+        bad = torch.tensor([float(float(sums[-1]) > 0 or not _finite_weights(task))], device=info.device)
+        if float(runtime.all_reduce_max(bad, info)[0]) > 0:
+            raise _non_finite(step, out)
         if info.is_main:
-            if float(sums[-1]) > 0 or not _finite_weights(task):
-                raise _non_finite(step, out)
             state = checkpoint(task, step, step // schedule.steps_per_epoch, evaluated_step, reason, meta)
             runtime.save_checkpoint(runtime.checkpoint_path(out), state)
             if config.keep_every and step % config.keep_every == 0:
@@ -403,12 +428,14 @@ def train(task: Task, run: Run) -> None:
                             window = 0
                             timer.reset()
                         progress.update(step, last_log.get("status", ""))
-                        if stop.agreed(info, at_log):
+                        minutes = (time.monotonic() - last_ckpt) / 60
+                        stopping, timed = stop.agreed(info, at_log, minutes >= config.ckpt_minutes)
+                        if stopping:
                             stopped_by = stop.signal_name or "signal"
                             break
                         at_boundary = step % schedule.steps_per_epoch == 0 or step == stop_step
-                        minutes = (time.monotonic() - last_ckpt) / 60
-                        if not at_boundary and (step % config.ckpt_every == 0 or minutes >= config.ckpt_minutes):
+                        kept = config.keep_every and step % config.keep_every == 0
+                        if not at_boundary and (step % config.ckpt_every == 0 or timed or kept):
                             save("periodic")
                             last_ckpt = time.monotonic()
                 finally:
@@ -425,6 +452,7 @@ def train(task: Task, run: Run) -> None:
     finally:
         progress.close()
         log.close()
+        _write_skipped(task, out, info)
     if stopped_by is not None:
         if info.is_main:
             print(f"stopped by {stopped_by} at step {step}: checkpoint saved to {runtime.checkpoint_path(out)}; "
@@ -447,6 +475,9 @@ def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, e
     record.update(task.log_fields(step - 1))
     record["img_per_s"] = window * schedule.images_per_step / elapsed
     record["data_wait"] = 100.0 * timer.data_wait / elapsed
+    skipped = sum(loader.skipped for loader in task.loaders())
+    if skipped:
+        record["skipped_samples"] = skipped  # this rank's, so far: the keys go to OUT/skipped.rank<R>.jsonl
     log.write(record)
     shown = " ".join(f"{m.name} {_shown(m, record[m.name])}" for m in task.metrics)
     extra = " ".join(f"{k} {v:.3g}" for k, v in task.log_fields(step - 1).items())
@@ -459,6 +490,19 @@ def _non_finite(step: int, out: Path) -> NonFiniteError:
     return NonFiniteError(f"non-finite loss or gradient before step {step}; the last good checkpoint "
                           f"({runtime.checkpoint_path(out)}) was kept. "
                           "Lower the lr (--blr) or check the data, then re-run to resume")
+
+
+def _write_skipped(task: Task, out: Path, info: runtime.DistInfo) -> None:
+    """OUT/skipped.rank<R>.jsonl: each corrupt sample this rank's loaders skipped, once, with how often."""
+    counts: dict[tuple[str, str], int] = {}
+    for loader in task.loaders():
+        for key in loader.skipped_keys:
+            counts[(loader.split, key)] = counts.get((loader.split, key), 0) + 1
+    if counts:
+        write_text_atomic(out / f"skipped.rank{info.rank}.jsonl", "".join(
+            json.dumps({"split": split, "key": key, "times": times, "reason": "undecodable sample, skipped by the "
+                        "pil loader (run `droppos shard --verify --decode`)"}) + "\n"
+            for (split, key), times in sorted(counts.items())))
 
 
 def _finite_weights(task: Task) -> bool:

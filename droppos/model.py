@@ -61,24 +61,13 @@ __all__ = [
     "position_targets",
 ]
 
-from droppos.recipes import MASK_TOKENS as MASK_TOKEN_TYPES  # noqa: E402 - the one list (recipes is torch-free)
+from droppos.recipes import MASK_TOKENS as MASK_TOKEN_TYPES, MODELS  # noqa: E402 - the one list (recipes is torch-free)
 
 # sigma**2 is clamped here so that sigma = 0 gives exp(-d^2 / eps) = exactly 0 off the diagonal and 1 on it.
 _SIGMA_SQ_EPS = 1e-12
 
-# (embed_dim, depth, num_heads) of the encoder sizes; the timm ViT of the same name has the same layout.
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
-# timm names whose architecture we export into (all registered by timm 1.0).
-_TIMM_VITS = {
-    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
-    "vit_huge_patch14_224", "vit_base_patch32_224",
-}
+# The encoder sizes are recipes.MODELS (name -> embed_dim, depth, num_heads, patch); `<name>_224` is the stock
+# timm ViT of the same layout, which a DropPos encoder exports to.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,10 +265,9 @@ class DropPosViT(nn.Module):
         return torch.cat([torch.zeros(1, dim), pe], dim=0).unsqueeze(0)
 
     def _default_timm_name(self) -> str:
-        for size, dims in VIT_SIZES.items():
-            name = f"vit_{size}_patch{self.patch_size}_224"
-            if dims == (self.embed_dim, self.depth, self.num_heads) and name in _TIMM_VITS:
-                return name
+        for name, dims in MODELS.items():
+            if dims == (self.embed_dim, self.depth, self.num_heads, self.patch_size):
+                return f"{name}_224"
         return "vit_base_patch16_224"  # custom dims: the exported model_args carry the whole architecture
 
     def _init_weights(self) -> None:
@@ -542,11 +530,7 @@ def compile_step(
     KB) so that the next replay cannot overwrite weights the step still uses. saliency_fn is None for a model
     without attentive reconstruction.
     """
-    from droppos.runtime import unwrap
-
-    core = unwrap(model)
-    if not isinstance(core, DropPosViT):
-        raise TypeError(f"expected a DropPosViT (possibly wrapped), got {type(core).__name__}")
+    core = droppos_core(model)
     forward_fn = torch.compile(model, mode=mode)
     if not core.attentive:
         return None, forward_fn
@@ -570,7 +554,7 @@ def compile_step(
 _ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def droppos_core(model: nn.Module) -> nn.Module:
     """The DropPosViT inside torch.compile and DDP wrappers."""
     from droppos.runtime import unwrap
 
@@ -581,12 +565,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder's weights in timm's `vit_*` key layout (prefixes `_orig_mod.`/`module.` stripped)."""
-    core = _unwrap(model)
+    """The encoder's weights in timm's `vit_*` key layout (of the DropPosViT inside any DDP/compile wrapper)."""
+    core = droppos_core(model)
     state = {}
     for key, value in core.state_dict().items():
-        for prefix in ("_orig_mod.", "module."):
-            key = key.removeprefix(prefix)
         if key == "cls_token" or key.startswith(_ENCODER_PREFIXES):
             state[key] = value.detach().float().cpu().contiguous().clone()
     state["pos_embed"] = core.pos_embed.detach().float().cpu().contiguous().clone()
@@ -612,50 +594,51 @@ def create_from_config(config: Any) -> "DropPosViT":
 # timm registry
 
 
-def _create(size: str, default_patch: int, pretrained: bool = False, /, **kwargs: Any) -> DropPosViT:
-    """Build a registered size; any constructor argument (img_size, patch_size, dims, pretext) may override."""
+def _create(name: str, pretrained: bool = False, /, **kwargs: Any) -> DropPosViT:
+    """Build a registered size (recipes.MODELS); any constructor argument (img_size, patch_size, dims,
+    pretext) may override."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     if pretrained:
         raise UserError("droppos models have no published weights: create them with pretrained=False")
-    embed_dim, depth, num_heads = VIT_SIZES[size]
-    arch = dict(patch_size=default_patch, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    embed_dim, depth, num_heads, patch = MODELS[name]
+    arch = dict(patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     arch.update(kwargs)
-    arch.setdefault("timm_name", f"vit_{size}_patch{default_patch}_224")
+    arch.setdefault("timm_name", f"{name}_224")
     return DropPosViT(**arch)
 
 
 @register_model
 def droppos_vit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> DropPosViT:
     """DropPos ViT-Ti/16 (192 wide, 12 blocks, 3 heads)."""
-    return _create("tiny", 16, pretrained, **kwargs)
+    return _create("vit_tiny_patch16", pretrained, **kwargs)
 
 
 @register_model
 def droppos_vit_small_patch16(pretrained: bool = False, **kwargs: Any) -> DropPosViT:
     """DropPos ViT-S/16 (384, 12, 6)."""
-    return _create("small", 16, pretrained, **kwargs)
+    return _create("vit_small_patch16", pretrained, **kwargs)
 
 
 @register_model
 def droppos_vit_base_patch16(pretrained: bool = False, **kwargs: Any) -> DropPosViT:
     """DropPos ViT-B/16 (768, 12, 12): the paper's main model."""
-    return _create("base", 16, pretrained, **kwargs)
+    return _create("vit_base_patch16", pretrained, **kwargs)
 
 
 @register_model
 def droppos_vit_base_patch32(pretrained: bool = False, **kwargs: Any) -> DropPosViT:
     """DropPos ViT-B/32 (768, 12, 12)."""
-    return _create("base", 32, pretrained, **kwargs)
+    return _create("vit_base_patch32", pretrained, **kwargs)
 
 
 @register_model
 def droppos_vit_large_patch16(pretrained: bool = False, **kwargs: Any) -> DropPosViT:
     """DropPos ViT-L/16 (1024, 24, 16)."""
-    return _create("large", 16, pretrained, **kwargs)
+    return _create("vit_large_patch16", pretrained, **kwargs)
 
 
 @register_model
 def droppos_vit_huge_patch14(pretrained: bool = False, **kwargs: Any) -> DropPosViT:
     """DropPos ViT-H/14 (1280, 32, 16)."""
-    return _create("huge", 14, pretrained, **kwargs)
+    return _create("vit_huge_patch14", pretrained, **kwargs)

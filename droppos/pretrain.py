@@ -18,7 +18,7 @@ import torch
 
 from droppos import UserError, loop, runtime
 from droppos.loop import Metric
-from droppos.recipes import MODELS, PretrainConfig, from_dict
+from droppos.recipes import MODELS, PretrainConfig
 
 
 def sigma_at_step(step: int, total_steps: int, sigma0: float, decay: bool) -> float:
@@ -76,16 +76,16 @@ def run(config: PretrainConfig, export_only: bool = False) -> None:
 
 
 def export_from_checkpoint(out: Path) -> Path:
+    """RUN/encoder.safetensors from RUN's last checkpoint (validated like any checkpoint; RUN locked meanwhile)."""
+    from droppos.files import OutputLock
+    from droppos.weights import read_droppos_checkpoint
+
     path = runtime.checkpoint_path(out)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: nothing to export (run `droppos pretrain --out {out} ...` first)")
-    saved = runtime.load_checkpoint(path)
-    if saved.get("stage", "pretrain") != "pretrain":
-        raise UserError(f"{path} is a `droppos {saved['stage']}` checkpoint: only pre-training exports an encoder")
-    model = build_model(from_dict(PretrainConfig, saved["config"]))
-    model.load_state_dict(saved["model"])
-    target = _export(model, out)
-    print(f"exported the encoder of step {saved['step']} to {target}", file=sys.stderr)
+    with OutputLock(out, "pretrain --export-only"):
+        target = _export(read_droppos_checkpoint(path), out)
+    print(f"exported the encoder of {path} to {target}", file=sys.stderr)
     return target
 
 
@@ -154,6 +154,9 @@ class PretrainTask(loop.Task):
         counts = _sample_counts(self.config.data)
         return (f"droppos_{self.config.model} ({params / 1e6:.1f}M parameters, {self.config.img_size} px) on "
                 f"{self.config.data} ({counts})")
+
+    def loaders(self) -> list[Any]:
+        return [self.loader]
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.loader.epoch(epoch, start_step=start_batch)

@@ -185,7 +185,7 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
                 "loader": resolve_backend(config.loader, info.device, train_mode, masks=segmentation)}
     # Batch x world size per step, also when rank 0 alone trains the head on the gathered cached features.
     schedule = loop.make_schedule(config, source.steps_per_epoch, info.world_size)
-    loop.train(task, loop.Run(config, schedule, head_info, Path(config.out), resolved))
+    loop.train(task, loop.Run(config, schedule, head_info, Path(config.out), resolved, world_size=info.world_size))
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,12 +245,13 @@ def _targets(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.long() if tensor.dtype == torch.int16 else tensor
 
 
-def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int) -> dict:
-    """What the features depend on: the encoder (file identity), its input, the data (and the task's feature)."""
+def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int, precision: str) -> dict:
+    """What the features depend on: the encoder (its weights' content), its input and numerics, the data (and
+    the task's feature)."""
     from droppos.manifest import load_manifest
 
     key: dict[str, Any] = {k: getattr(config, k) for k in ("timm_model", "depth", "random_init", "pool", "seed")}
-    key["img_size"] = img_size
+    key["img_size"], key["precision"] = img_size, precision
     key["weights"] = encoder_info["weights"].get("sha256")  # the weights' content, wherever they came from
     key["architecture"] = [encoder_info["model"], encoder_info["model_args"]]
     manifest = load_manifest(Path(config.data))
@@ -269,7 +270,7 @@ def _cached_features(config: ProbeConfig, info: runtime.DistInfo, frozen: nn.Mod
     """(train, val) tensors on the CPU, each (features, labels[, int16 masks]): from OUT/features.pt, or
     extracted across ranks once (eval transforms; masks at the loader's full resolution)."""
     path = Path(config.out) / "features.pt"
-    key = _cache_key(config, encoder_info, encoder_info["img_size"][0])
+    key = _cache_key(config, encoder_info, encoder_info["img_size"][0], precision)
     parts = CACHED if config.task == "segmentation" else CACHED[:2]
     if path.exists():
         saved = runtime.load_checkpoint(path)
@@ -303,9 +304,10 @@ def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: 
     tensors = [torch.cat(column) for column in columns]
     if info.distributed:  # every rank holds the same number of (padded) slots: plain all_gather
         for i, tensor in enumerate(tensors):
-            gathered = [torch.empty_like(tensor) for _ in range(info.world_size)]
-            torch.distributed.all_gather(gathered, tensor)
-            tensors[i] = torch.cat(gathered)
+            wire = tensor.to(torch.int32) if tensor.dtype == torch.int16 else tensor  # gloo and NCCL have no int16
+            gathered = [torch.empty_like(wire) for _ in range(info.world_size)]
+            torch.distributed.all_gather(gathered, wire)
+            tensors[i] = torch.cat(gathered).to(tensor.dtype)
     real = tensors[1] >= 0  # drop the eval loader's padding
     return tuple(t[real].cpu() for t in tensors)
 
@@ -350,7 +352,7 @@ class HeadTask(loop.Task):
         self.head = head.to(self.device)
         self.optimizer = head_optimizer(self.head, config)
         self.best: dict[str, Any] = {self.best_key: None, "epoch": None}
-        self.train_head = runtime.wrap_ddp(self.head, info)
+        self.train_head = runtime.wrap_ddp(self.head, info, sync_buffers=True)  # one BatchNorm across ranks
 
     def parts(self) -> dict[str, Any]:
         return {"head": self.head, "optimizer": self.optimizer}
@@ -360,6 +362,10 @@ class HeadTask(loop.Task):
 
     def load_extra_state(self, saved: dict[str, Any]) -> None:
         self.best = dict(saved.get("best") or self.best)
+
+    def loaders(self) -> list[Any]:
+        """The streaming source's loaders (cached features were read once, before the loop)."""
+        return [getattr(self.source, name) for name in ("train_loader", "val_loader") if hasattr(self.source, name)]
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.source.train_epoch(epoch, start_batch)

@@ -141,7 +141,8 @@ class LaunchOptions:
     out: str = option("", "Run directory: created, or resumed when it holds a checkpoint.", OUTPUT,
                       default_text="required")
     ckpt_every: int = option(1000, "Checkpoint every N steps (also at every epoch end).", OUTPUT, low=1)
-    ckpt_minutes: float = option(30.0, "...and at least every M minutes.", OUTPUT, low=0)
+    ckpt_minutes: float = option(30.0, "...and at least every M minutes (with several ranks: at the first log step "
+                                 "after M minutes; 0: every step).", OUTPUT, low=0)
     keep_every: int = option(0, "Also keep checkpoints/step-N.pt every N steps (0: only last.pt).", OUTPUT, low=0)
     log_every: int = option(20, "Log (metrics.jsonl, progress) every N steps: the one host sync.", OUTPUT, low=1)
     force_resume: bool = option(False, "Resume a checkpoint written with another schedule or data "

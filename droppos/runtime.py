@@ -16,10 +16,12 @@ import hashlib
 import importlib
 import inspect
 import json
+import signal
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -30,10 +32,13 @@ import torch
 import torch.distributed as dist
 
 from droppos import UserError
+from droppos.recipes import DEVICES, PRECISIONS
 
 
 # ---------------------------------------------------------------------------------------
 # Processes
+
+WORKER_ERRORS = "DROPPOS_WORKER_ERRORS"  # the folder where launched workers leave a user mistake's message
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,8 @@ def resolve_device(device: str, gpus: int) -> str:
     has_cuda = torch.cuda.is_available()
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
-    if device not in ("cuda", "cpu"):
-        raise UserError(f"--device {device!r}: choose auto, cuda or cpu")
+    if device not in DEVICES or device == "auto":
+        raise UserError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "cuda" and not has_cuda:
         raise UserError("--device cuda (or --gpus) but CUDA is not available here; use --device cpu [--nproc N]")
     if gpus:
@@ -201,12 +206,15 @@ def launch(
     if launched_externally() or (nproc_per_node <= 1 and nnodes <= 1):
         entry(payload)
         return
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nnodes > 1 and not rdzv_endpoint:
         raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     share_cpus(nproc_per_node)
+    errors = tempfile.mkdtemp(prefix="droppos-errors-")
+    os.environ[WORKER_ERRORS] = errors  # the workers inherit it (run_worker)
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -221,11 +229,23 @@ def launch(
     )
     try:
         elastic_launch(config, _elastic_entry)(entry.__module__, entry.__qualname__, payload)
+    except SignalException as err:
+        # SIGTERM/SIGINT reached the launcher: it forwarded the signal to the workers, which stopped at their next
+        # agreed (log) step with a checkpoint and said so; exit as they did.
+        raise SystemExit(130 if err.sigval == signal.SIGINT else 143) from None
     except ChildFailedError as err:
+        reported = sorted(Path(errors).glob("rank-*.txt"))
+        if reported:  # a user mistake a worker found: its message, once
+            raise UserError(reported[0].read_text(encoding="utf-8")) from None
         failures = err.failures
         first = failures[min(failures)] if failures else None
+        if first is not None and first.exitcode in (130, 143):
+            raise SystemExit(first.exitcode) from None  # stopped by a signal: rank 0 said where it saved
         detail = f" (rank {first.local_rank}: exit code {first.exitcode})" if first is not None else ""
         raise SystemExit(f"droppos: error: a worker process failed{detail}; its output is above") from None
+    finally:
+        os.environ.pop(WORKER_ERRORS, None)
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def share_cpus(processes: int) -> None:
@@ -265,8 +285,10 @@ def init_distributed(device: str) -> DistInfo:
 def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
     """A worker's life: join the group, run `body`, leave the group.
 
-    In a process the elastic launcher started, a UserError becomes one line from rank 0
-    and exit status 2 (the launcher would otherwise print every rank's traceback).
+    In a process our launcher started, a UserError is handed to the launcher (a file in
+    $DROPPOS_WORKER_ERRORS) and the process exits 2: the launcher prints the lowest failing rank's
+    message once (a mistake seen by one rank only is not lost; one seen by all is not printed N times).
+    Under torchrun (no such folder), rank 0 prints it.
     """
     if device == "cpu":
         from droppos import fastpaths
@@ -278,7 +300,10 @@ def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
     except UserError as err:
         if "TORCHELASTIC_RUN_ID" not in os.environ:
             raise
-        if info.is_main:
+        errors = os.environ.get(WORKER_ERRORS)
+        if errors:
+            Path(errors, f"rank-{info.rank:06d}.txt").write_text(str(err), encoding="utf-8")
+        elif info.is_main:
             print(f"droppos: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -313,8 +338,8 @@ def setup_precision(device: torch.device, precision: str) -> str:
     """Resolve 'auto' (bf16 on CUDA, fp32 on a CPU) and allow TF32 on CUDA (matmul and cuDNN)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise UserError(f"--precision {precision!r}: choose auto, bf16 or fp32")
+    if precision not in PRECISIONS or precision == "auto":
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -343,32 +368,41 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo, accum: int = 1) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, accum: int = 1,
+             sync_buffers: bool = False) -> torch.nn.Module:
     """The model as the training step calls it: DDP-wrapped when there are several processes.
 
-    No broadcast of buffers (ours are constants, or BatchNorm statistics of a frozen or cached
-    probe), gradients as views of the all-reduce buckets (no copy), and a static graph (the same
-    parameters take part in every step, which lets DDP plan its buckets once) where it is valid:
-    not with gradient accumulation, whose no_sync micro-steps a static graph does not support
-    (torch 2.14: "expect_autograd_hooks_ INTERNAL ASSERT FAILED").
+    Gradients as views of the all-reduce buckets (no copy), and a static graph (the same parameters take
+    part in every step, which lets DDP plan its buckets once) where it is valid: not with gradient
+    accumulation, whose no_sync micro-steps a static graph does not support (torch 2.14: "expect_autograd_
+    hooks_ INTERNAL ASSERT FAILED"). Buffers are not broadcast from rank 0 before each forward (ours are
+    constants) unless `sync_buffers`: a probe head's BatchNorm statistics, which every rank must share so
+    that the ranks evaluate one head and the checkpoint (rank 0's) resumes them all exactly.
     """
-    static_graph = accum == 1
     if not info.distributed:
         return model
     ddp = torch.nn.parallel.DistributedDataParallel
     # torch >= 2.14 names it forward_sync_buffers (it still syncs once at init: our buffers agree then anyway).
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-               else {"broadcast_buffers": False})
+    sync = ({"forward_sync_buffers": sync_buffers} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": sync_buffers})
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return ddp(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=static_graph, **no_sync)
+    return ddp(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=accum == 1, **sync)
 
 
-def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip `module.` and `_orig_mod.` prefixes that DDP and compile add to keys."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # what DDP and torch.compile put before a wrapped module's keys
+
+
+def strip_prefixes(state: dict[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, Any]:
+    """`state` with leading `prefixes` removed from its keys (each may repeat: DDP around torch.compile, ...)."""
     out = {}
     for key, value in state.items():
-        parts = [p for p in key.split(".") if p not in ("module", "_orig_mod")]
-        out[".".join(parts)] = value
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
     return out
 
 
@@ -461,7 +495,7 @@ def _without_card(record: dict[str, Any]) -> dict[str, Any]:
 def checkpoint_state(parts: dict[str, Any], **extra: Any) -> dict:
     """A training stage's checkpoint: each part's state (modules without DDP/compile prefixes,
     optimizers as they are) by key, plus the stage's own `extra` entries."""
-    state = {key: clean_state_dict(part.state_dict()) if isinstance(part, torch.nn.Module) else part.state_dict()
+    state = {key: strip_prefixes(part.state_dict()) if isinstance(part, torch.nn.Module) else part.state_dict()
              for key, part in parts.items()}
     return {**state, **extra}
 
@@ -493,20 +527,6 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------

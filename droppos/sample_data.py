@@ -208,8 +208,10 @@ def _write_class(job: tuple) -> int:
 
 
 def _write_complete(path: Path, data: bytes) -> None:
-    """Write through a temporary name: a file that exists is complete."""
-    tmp = path.with_suffix(".tmp")
+    """Write through a hidden temporary name: a file that exists is complete, and a killed run leaves only a
+    hidden temporary, which `droppos shard` counts and skips as a hidden file. No fsync: the sample data is
+    generated again from its seed, and 3,100 fsyncs would cost more than the generation."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

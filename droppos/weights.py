@@ -42,7 +42,6 @@ No sidecar value reaches timm other than as the six architecture numbers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import pickle
@@ -57,11 +56,13 @@ import torch
 import torch.nn as nn
 
 from droppos import UserError
+from droppos.files import file_sha256
+from droppos.runtime import WRAPPER_PREFIXES, strip_prefixes
 
 __all__ = [
     "BOUNDS", "LAYOUTS", "Weights", "architecture_of", "check_img_size", "file_kind", "hub_weights_file", "load_into",
     "load_safetensors",
-    "read_droppos_checkpoint", "read_sidecar", "read_weights", "sha256_file", "suggest_timm_name",
+    "read_droppos_checkpoint", "read_sidecar", "read_weights", "suggest_timm_name",
 ]
 
 LAYOUTS = ("timm", "mae-deit", "moco-v3", "dino", "droppos-export", "droppos-checkpoint")
@@ -96,7 +97,6 @@ _DROPPED = (
     ("mae_decoder_", "DropPos auxiliary MAE decoder"),
     ("mae_mask_token", "DropPos auxiliary MAE mask token"),
 )
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,14 +124,6 @@ class Weights:
             record["branch"] = self.branch
         record.update(extra)
         return record
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,20 +193,6 @@ def _is_state_dict(obj: Any) -> bool:
         and any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip(state: dict, prefixes: tuple[str, ...]) -> dict:
-    """Remove wrapper prefixes (each may repeat: DDP around torch.compile, ...)."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
 def _select(raw: Any, path: Path) -> tuple[dict, str, Optional[str], Counter]:
     """(state, layout, branch, dropped) for the layouts above, from the keys alone."""
     dropped: Counter = Counter()
@@ -222,10 +200,10 @@ def _select(raw: Any, path: Path) -> tuple[dict, str, Optional[str], Counter]:
         raise UserError(f"{path} holds a {type(raw).__name__}, not a state dict")
     for branch in ("teacher", "student"):  # DINO: the teacher is what DINO evaluates
         if _is_state_dict(raw.get(branch)):
-            return _strip(raw[branch], _WRAPPER_PREFIXES + ("backbone.",)), "dino", branch, dropped
+            return strip_prefixes(raw[branch], WRAPPER_PREFIXES + ("backbone.",)), "dino", branch, dropped
     nested = raw.get("state_dict")
     if _is_state_dict(nested):
-        flat = _strip(nested, _WRAPPER_PREFIXES)
+        flat = strip_prefixes(nested, WRAPPER_PREFIXES)
         if any(k.startswith("base_encoder.") for k in flat):  # MoCo v3
             state = {k[len("base_encoder."):]: v for k, v in flat.items() if k.startswith("base_encoder.")}
             others = len(flat) - len(state)
@@ -234,12 +212,12 @@ def _select(raw: Any, path: Path) -> tuple[dict, str, Optional[str], Counter]:
             return state, "moco-v3", None, dropped
         return flat, "timm", None, dropped
     if _is_state_dict(raw.get("model")):
-        flat = _strip(raw["model"], _WRAPPER_PREFIXES)
+        flat = strip_prefixes(raw["model"], WRAPPER_PREFIXES)
         if isinstance(raw.get("config"), dict) and "pos_decoder_head.weight" in flat:
             return flat, "droppos-checkpoint", None, dropped
         return flat, "mae-deit", None, dropped
     if _is_state_dict(raw):
-        return _strip(raw, _WRAPPER_PREFIXES), "timm", None, dropped
+        return strip_prefixes(raw, WRAPPER_PREFIXES), "timm", None, dropped
     keys = ", ".join(sorted(map(str, raw))[:6]) or "none"
     raise UserError(f"{path} matches no known checkpoint layout (timm state dict, MAE/DeiT {{'model'}}, MoCo v3 "
                     f"{{'state_dict': module.base_encoder.*}}, DINO {{'teacher'}}, droppos); its top-level keys: {keys}")
@@ -286,14 +264,14 @@ def read_weights(path: Union[str, Path]) -> Weights:
         from droppos.model import encoder_state_dict
 
         state = encoder_state_dict(model)
-        pretext = [k for k in _strip(raw["model"], _WRAPPER_PREFIXES) if k not in state]
+        pretext = [k for k in strip_prefixes(raw["model"], WRAPPER_PREFIXES) if k not in state]
         dropped["DropPos position decoder, [MASK] token and auxiliary decoder"] += len(pretext)
         arch = {"model": model.timm_name, "model_args": model.timm_model_args()}
     elif arch is not None:
         layout = "droppos-export"
     state = _drop_non_encoder(state, dropped)
     _require_encoder(state, path, layout)
-    return Weights(state, layout, path, sha256_file(path), dropped, branch, arch)
+    return Weights(state, layout, path, file_sha256(path), dropped, branch, arch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +287,11 @@ def read_droppos_checkpoint(path: Union[str, Path]) -> nn.Module:
     return droppos_model_from(raw, path)
 
 
+# A DropPos model holds an [L, L] grid-distance buffer (and its smoothing map): 4096 patches (a 64 x 64 grid,
+# 1024 px at patch 16) is 64 MiB each; the sidecar bound of 65,536 would be 16 GiB.
+DROPPOS_MAX_TOKENS = 4096
+
+
 # Architecture numbers of a pretrain config, with the bound each obeys (checked before anything is built).
 _CONFIG_BOUNDS = {"img_size": "img_size", "patch_size": "patch_size", "embed_dim": "embed_dim", "depth": "depth",
                   "num_heads": "num_heads", "decoder_width": "embed_dim", "decoder_depth": "depth",
@@ -320,10 +303,22 @@ def droppos_model_from(raw: dict, path: Path) -> nn.Module:
     from droppos.model import create_from_config
 
     config = raw["config"]
+    stage = raw.get("stage", "pretrain")  # checkpoints before format 2 did not record it
+    if stage != "pretrain":
+        raise UserError(f"{path} is a `droppos {stage}` checkpoint: only pre-training checkpoints hold the DropPos model")
     for key, bound in _CONFIG_BOUNDS.items():
         if config.get(key) is not None:
             _int(config[key], key, f"{path}: config", bound)
-    state = _strip(raw["model"], _WRAPPER_PREFIXES)
+    from droppos.recipes import MODELS
+
+    if config.get("model") not in MODELS:
+        raise UserError(f"{path}: config names model {str(config.get('model'))[:40]!r}, not one of {', '.join(MODELS)}")
+    patch = config.get("patch_size") or MODELS[config["model"]][3]
+    sides = check_img_size(config.get("img_size", 224), patch, f"{path}: config")
+    if (sides[0] // patch) * (sides[1] // patch) > DROPPOS_MAX_TOKENS:
+        raise UserError(f"{path}: config describes {(sides[0] // patch) * (sides[1] // patch)} patches, above the "
+                        f"{DROPPOS_MAX_TOKENS} a DropPos model may have; refused")
+    state = strip_prefixes(raw["model"], WRAPPER_PREFIXES)
     try:
         with torch.device("meta"):
             shell = create_from_config(config)
@@ -433,6 +428,22 @@ def _check_model_args(args: Any, where: str) -> dict:
     if "in_chans" in args:
         clean["in_chans"] = _int(args["in_chans"], "in_chans", where, "in_chans")
     return clean
+
+
+def check_architecture(name: Any, args: Any, where: str) -> tuple[str, dict]:
+    """A recorded (timm ViT name, model_args override) pair, e.g. a fine-tuning checkpoint's, validated like a
+    sidecar's before anything is built: a known ViT name, known keys only, every number bounded."""
+    name = _check_model_name(name, where)
+    _known_keys(args, _MODEL_ARGS, "model_args", where)
+    clean: dict[str, Any] = {}
+    for key in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+        if args.get(key) is not None:
+            clean[key] = _int(args[key], key, where, key)
+    if args.get("mlp_ratio") is not None:
+        clean["mlp_ratio"] = _number(args["mlp_ratio"], "mlp_ratio", where, "mlp_ratio")
+    if args.get("img_size") is not None:
+        clean["img_size"] = check_img_size(args["img_size"], clean.get("patch_size", 1), where)
+    return name, clean
 
 
 def _numbers(value: Any, low: float, high: float) -> bool:
@@ -566,14 +577,14 @@ def architecture_of(state: dict) -> dict[str, Any]:
 
 def suggest_timm_name(state: dict) -> Optional[str]:
     """The standard timm ViT with these widths (num_heads is not in the weights: it is the size's usual one)."""
-    from droppos.model import VIT_SIZES
+    from droppos.recipes import MODELS
 
     arch = architecture_of(state)
     patch = arch["patch_size"]
     if not patch or patch[0] != patch[1]:
         return None
-    for size, (dim, depth, _heads) in VIT_SIZES.items():
-        name = f"vit_{size}_patch{patch[0]}_224"
+    for size, (dim, depth, _heads, _patch) in MODELS.items():
+        name = f"{size.rsplit('_patch', 1)[0]}_patch{patch[0]}_224"
         if (dim, depth) == (arch["embed_dim"], arch["depth"]) and name in _timm_vits():
             return name
     return None

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,8 @@ from droppos import UserError, dense, labelmaps, runtime, sample_data
 from droppos.data import IMAGENET_MEAN, IMAGENET_STD, build_loader, resolve_backend
 from droppos.labelmaps import ADE20K_CLASSES, IGNORE, MASK_COMPONENT
 from droppos.manifest import load_manifest, split_shards
-from test_loop import droppos, metrics, wait_for_step  # the loop tests' subprocess helpers
+from inprocess import droppos, process
+from test_loop import metrics, wait_for_step
 from tools import shard_imagenet
 
 CPU = ["--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0"]
@@ -560,10 +559,13 @@ def test_sigterm_and_divergence_stop_the_segmentation_probe_cleanly(seg_shards: 
         assert all(torch.isfinite(v).all() for v in head.values() if v.is_floating_point())
 
 
-def test_two_ranks_score_every_val_pixel_exactly_once(seg_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True])
+def test_two_ranks_score_every_val_pixel_exactly_once(seg_shards: Path, tmp_path: Path, cached: bool) -> None:
+    """Streaming: the confusion matrix summed across ranks. Cached: feature and label maps gathered from
+    both ranks (label maps are int16, which neither gloo nor NCCL gathers: sent as int32)."""
     out = tmp_path / "ddp"
-    result = droppos("probe", "--data", str(seg_shards), "--out", str(out), *STREAMING, *CPU, "--nproc", "2",
-                     "--epochs", "1", "--batch-size", "4", "--max-steps", "2")
+    result = process("probe", "--data", str(seg_shards), "--out", str(out), *STREAMING, *CPU, "--nproc", "2",
+                     "--epochs", "1", "--batch-size", "4", "--max-steps", "2", *(["--cached"] if cached else []))
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert (results["num_eval_images"], results["num_eval_pixels"]) == (16, 16 * 32 * 32)

@@ -13,13 +13,12 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from inprocess import droppos
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from droppos import UserError
@@ -32,10 +31,6 @@ TINY = [
     "--warmup-epochs", "1", "--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0",
 ]
 FAST = ["--loader", "pil", "--workers", "0", "--batch-size", "16", "--permutations", "2", "--probe-steps", "30"]
-
-
-def droppos(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import tarfile
 from pathlib import Path
 
 import faultlib
+import inprocess
 import numpy as np
 import pytest
 import torch
@@ -99,7 +100,9 @@ def _edit_manifest(data_dir: Path, edit) -> None:
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
+    """With faults (`env`): a process of its own, which faultlib's sitecustomize patches; without: in this one."""
+    if env is None:
+        return inprocess.droppos(*args)
     return subprocess.run([sys.executable, "-m", "droppos", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from inprocess import droppos, process
 
 from droppos import UserError, runtime
 from droppos.encoders import evaluate_topk, load_encoder
@@ -22,10 +23,6 @@ TINY = [
     "--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "16",
     "--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0", "--log-every", "2",
 ]
-
-
-def droppos(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -183,7 +180,7 @@ def test_a_few_steps_lower_the_training_loss(sample_shards, tmp_path):
 def test_eval_counts_every_val_sample_once_across_two_ranks(sample_shards, tmp_path):
     out = tmp_path / "ft2"
     # 40 val images over 2 ranks, batch 16: 2 batches per rank, 12 padded slots per rank.
-    result = droppos("finetune", "--data", str(sample_shards), "--out", str(out), *TINY, "--nproc", "2",
+    result = process("finetune", "--data", str(sample_shards), "--out", str(out), *TINY, "--nproc", "2",
                      "--epochs", "1", "--warmup-epochs", "0")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from inprocess import droppos, process
 
 from droppos.loop import Metric, Run, Schedule, Task, evaluation_due, lr_at, train
 from droppos.recipes import LaunchOptions
@@ -35,10 +36,6 @@ STAGES = {
               "--epochs", "4", "--warmup-epochs", "1"],
 }
 STEPS = {"pretrain": 60, "finetune": 56, "probe": 60}
-
-
-def droppos(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -269,9 +266,33 @@ def test_bf16_autocast_runs_every_stage(stage, sample_shards, tmp_path):
     extra = ["--precision", "bf16", "--max-steps", "2", "--log-every", "1"]
     if stage == "pretrain":
         extra += ["--nproc", "2", "--compile"]
-    result = droppos(*command(stage, sample_shards, run, *extra), timeout=900)
+    run_it = process if stage == "pretrain" else droppos  # two ranks need processes of their own
+    result = run_it(*command(stage, sample_shards, run, *extra), timeout=900)
     assert result.returncode == 0, result.stderr
     records = [r for r in metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     config = json.loads((run / "config.json").read_text())
     assert config["precision"] == "bf16" and config["compile"] is (stage == "pretrain")
+
+
+# --- several ranks: the launcher's own exits ----------------------------------------------------
+
+
+def test_with_two_ranks_a_workers_mistake_is_one_line_and_a_signal_stops_both(sample_shards, tmp_path):
+    """A mistake the workers find (divergence) is printed once, exit 2, not once per rank plus the launcher's
+    'a worker failed'. SIGTERM to the launcher reaches both workers, which save at an agreed step; exit 143."""
+    two = ["--nproc", "2", "--log-every", "1"]
+    result = process(*command("pretrain", sample_shards, tmp_path / "diverged", *two, "--lr", "1e30",
+                              "--warmup-epochs", "0", "--max-steps", "6"))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("droppos: error:")]
+    assert len(errors) == 1 and "non-finite" in errors[0] and "worker process failed" not in result.stderr
+    run = tmp_path / "stopped"
+    proc = start(*command("pretrain", sample_shards, run, *two, "--ckpt-every", "1000"))
+    wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "worker process failed" not in err
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["reason"] == "stopped by SIGTERM" and saved["world_size"] == 2

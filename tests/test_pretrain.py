@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from inprocess import droppos, process
 
 from droppos.pretrain import sigma_at_step
 from droppos.recipes import PretrainConfig, make_config
@@ -21,12 +20,6 @@ TINY = [
     "--decoder-width", "64", "--decoder-depth", "1", "--batch-size", "8", "--epochs", "4",
     "--warmup-epochs", "1", "--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0",
 ]
-
-
-def droppos(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "droppos", *args], capture_output=True, text=True, timeout=timeout, **kwargs
-    )
 
 
 def metrics(run: Path) -> list[dict]:
@@ -134,7 +127,7 @@ def test_short_run_writes_every_output(sample_shards, tmp_path):
 def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
     run = tmp_path / "run"
     # Accumulation too: DDP's no_sync micro-steps with a static graph.
-    result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--nproc", "2",
+    result = process("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--nproc", "2",
                      "--batch-size", "4", "--accum", "2", "--max-steps", "4", "--log-every", "2", timeout=400)
     assert result.returncode == 0, result.stderr
     assert json.loads((run / "config.json").read_text())["world_size"] == 2

@@ -41,10 +41,18 @@ def demo_folder(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A working directory whose `demo/` is the demo (data/ and run/), exported as the README says."""
     folder = tmp_path_factory.mktemp("readme")
     (folder / "demo").symlink_to(demo_run.parent, target_is_directory=True)
-    for command in export_commands():
-        result = subprocess.run([sys.executable, "-m", "droppos", *command.split()[1:]], cwd=folder,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, (command, result.stderr)
+    import os
+
+    from inprocess import droppos
+
+    here = os.getcwd()
+    os.chdir(folder)  # the README's commands use paths relative to the folder that holds demo/
+    try:
+        for command in export_commands():
+            result = droppos(*command.split()[1:])
+            assert result.returncode == 0, (command, result.stderr)
+    finally:
+        os.chdir(here)
     return folder
 
 

@@ -55,6 +55,8 @@ def test_ddp_without_buffer_broadcast_with_bucket_views_and_a_static_graph(tmp_p
             ddp(torch.randn(8, 4)).sum().backward()
         accumulating = runtime.wrap_ddp(model, runtime.DistInfo(0, 2, 0, torch.device("cpu")), accum=2)
         assert accumulating.static_graph is False  # no_sync micro-steps and a static graph do not mix
+        head = runtime.wrap_ddp(model, runtime.DistInfo(0, 2, 0, torch.device("cpu")), sync_buffers=True)
+        assert getattr(head, "forward_sync_buffers", getattr(head, "broadcast_buffers", None)) is True  # a probe's BN
     finally:
         dist.destroy_process_group()
     assert runtime.wrap_ddp(model, runtime.DistInfo(0, 1, 0, torch.device("cpu"))) is model

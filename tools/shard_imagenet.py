@@ -83,7 +83,8 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
 from droppos import UserError
 from droppos.files import (
-    OutputLock, fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_json_atomic, write_text_atomic,
+    OutputLock, fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_bytes_atomic, write_json_atomic,
+    write_text_atomic,
 )
 from droppos.labelmaps import (
     ADE20K_CLASSES, DEFAULT_IGNORE_INDEX, MASK_COMPONENT, MAX_CLASSES, NO_IMAGE_CLASS, TASK, BadManifest, SegSpec,
@@ -910,12 +911,7 @@ class _ShardWriter:
             self.file.close()
         index_bytes = (f"{INDEX_VERSION} {len(self.index_lines)}\n"
                        + "".join(line + "\n" for line in self.index_lines)).encode("ascii")
-        with _writing(self.index_path):
-            with open(self.tmp_index, "wb") as f:
-                f.write(index_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(self.tmp_index, self.index_path)
+        write_bytes_atomic(self.index_path, index_bytes)  # the index first: a tar never stands without it
         with _writing(self.tar_path):
             os.replace(self.tmp_tar, self.tar_path)
         fsync_dir(self.out)

@@ -121,7 +121,7 @@ def batch_augment(
     random erasing (per sample, probability `reprob`, pixel mode) then mixup/cutmix with label
     smoothing (or smoothing alone when both alphas are 0). B must be even when mixing.
     Both draw from the main process's global RNGs (erasing: python's `random` and torch; mixup:
-    numpy's): a stage that resumes exactly saves and restores those streams.
+    numpy's): a stage that resumes exactly seeds those streams from its step (finetune's seed_step).
     """
     from timm.data import Mixup
     from timm.data.mixup import mixup_target

@@ -25,7 +25,7 @@ from droppos import UserError, runtime
 
 __all__ = ["IMAGE_CROP_PCT", "INITS", "ImageSource", "Subject", "list_images", "load_subject", "load_subjects", "random_like"]
 
-IMAGE_CROP_PCT = 0.875  # the eval transform of --images: resize to img/0.875, centre crop (as data.py's eval)
+from droppos.data.recipe import EVAL_CROP_PCT as IMAGE_CROP_PCT  # noqa: E402 - --images: the shards' eval crop
 # Each random initialisation: key -> (short name, what it is). See `random_like` and the report's baseline text.
 INITS = {
     "droppos": ("DropPos (MAE) init, fixed sin-cos PE",
@@ -200,23 +200,26 @@ def _from_checkpoint(path: Path, source: str, name: str, kind: str) -> Subject:
 
 
 def _from_finetune(path: Path, saved: dict, source: str, name: str) -> Subject:
-    """A `droppos finetune` checkpoint: the classifier it trained (architecture from its config, weights from it)."""
-    from droppos.encoders import load_encoder
+    """A `droppos finetune` checkpoint: the classifier it trained, built from the architecture the checkpoint
+    records (its `encoder` entry: the timm name and model_args, validated and bounded like a sidecar), its
+    weights its own. Nothing is read from the paths the fine-tuning took its encoder from."""
+    import timm
 
-    config, state = saved["config"], saved["model"]
-    if "head.weight" not in state or not any(config.get(k) for k in ("encoder", "run", "timm_model", "weights")):
+    from droppos.weights import check_architecture
+
+    encoder, state = saved.get("encoder"), saved["model"]
+    if not isinstance(encoder, dict) or "head.weight" not in state:
         raise UserError(f"{path} is neither a pretrain nor a finetune checkpoint of droppos")
-    # The classifier's architecture from the encoder source it was fine-tuned from; the weights are its own.
-    model, info = load_encoder(config.get("encoder") or None, config.get("run") or None, config.get("timm_model") or None,
-                               num_classes=int(state["head.weight"].shape[0]), global_pool=config.get("pool", "avg"),
-                               img_size=config.get("img_size"), depth=config.get("depth"), random_init=True,
-                               weights=config.get("weights") or None)
+    model_name, model_args = check_architecture(encoder.get("model"), encoder.get("model_args") or {}, str(path))
+    pool = saved["config"].get("pool", "avg")
     try:
+        model = timm.create_model(model_name, pretrained=False, num_classes=int(state["head.weight"].shape[0]),
+                                  global_pool=pool, **model_args)
         model.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"{path}: weights do not match the classifier its config describes: {str(err).splitlines()[0][:160]}") from None
-    info = dict(info, checkpoint=str(path), step=saved.get("step"), pretrained=True,
-                weights=_weights_record(path, "finetune-checkpoint"), label=f"fine-tuned {info['model']} ({path})")
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: weights do not match the classifier it records: {str(err).splitlines()[0][:160]}") from None
+    info = dict(encoder, checkpoint=str(path), step=saved.get("step"), pretrained=True,
+                weights=_weights_record(path, "finetune-checkpoint"), label=f"fine-tuned {model_name} ({path})")
     return _subject_from_timm(model, name, source, "finetune", None, info)
 
 
@@ -374,7 +377,8 @@ class ImageSource:
         skipped: list[dict] = []
         batch: list[torch.Tensor] = []
         for path in files:
-            img, reason = _open_rgb(path)
+            hidden = any(part.startswith(".") for part in path.relative_to(self.images).parts)
+            img, reason = (None, "hidden file") if hidden else _open_rgb(path)
             if img is None:
                 skipped.append({"path": str(path.relative_to(self.images)), "reason": reason})
                 continue
@@ -397,10 +401,10 @@ def _to_device(batch: list[torch.Tensor], device: torch.device) -> tuple[torch.T
 
 
 def list_images(root: Path) -> list[Path]:
-    """Every non-hidden file under `root`, sorted (what is not an image is skipped when opened)."""
+    """Every file under `root`, sorted (hidden ones and what is not an image are skipped, counted, listed)."""
     if not root.is_dir():
         raise UserError(f"--images {root} is not a directory: give a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise UserError(f"--images {root} holds no files")
     return files
