@@ -395,8 +395,7 @@ def train(task: Task, run: Run) -> None:
     def evaluate() -> None:
         nonlocal evaluated_step, last_eval
         _check_finite(sums, info, step, out)
-        epoch = step / schedule.steps_per_epoch
-        epoch = int(epoch) if epoch == int(epoch) else round(epoch, 3)
+        epoch = epochs_done(step, schedule)
         shown = step >= stop_step or step % max(1, schedule.total_steps // EVAL_LINES) < schedule.steps_per_epoch
         fields = task.evaluate(step, epoch, progress.log if shown else lambda line: None)
         evaluated_step = step
@@ -468,7 +467,7 @@ def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, e
     if values[-1] > 0:
         raise _non_finite(step, run.out)
     elapsed = timer.elapsed()
-    record: dict[str, Any] = {"step": step, "epoch": epoch}
+    record: dict[str, Any] = {"step": step, "epoch": epochs_done(step, schedule)}
     for metric, total in zip(task.metrics, values):
         record[metric.name] = total / window * (100.0 if metric.percent else 1.0)
     record["lr"] = schedule.lr(step - 1)
@@ -481,9 +480,17 @@ def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, e
     log.write(record)
     shown = " ".join(f"{m.name} {_shown(m, record[m.name])}" for m in task.metrics)
     extra = " ".join(f"{k} {v:.3g}" for k, v in task.log_fields(step - 1).items())
-    progress.log(f"step {step}/{schedule.stop_step} epoch {epoch} {shown} lr {record['lr']:.3g} "
+    progress.log(f"step {step}/{schedule.stop_step} epoch {epoch + 1}/{schedule.epochs} {shown} lr {record['lr']:.3g} "
                  f"{extra + ' ' if extra else ''}{record['img_per_s']:.1f} img/s data-wait {record['data_wait']:.0f}%")
     return dict(record, status=f"{shown} {record['img_per_s']:.0f} img/s")
+
+
+def epochs_done(step: int, schedule: Schedule) -> float:
+    """The `epoch` of every record (metrics.jsonl, results.json): epochs completed at `step`, so that an
+    evaluation after the first epoch and the first epoch's last step both say 1 (the terminal counts the
+    running epoch from 1 too: "epoch 1/8" for its steps)."""
+    epoch = step / schedule.steps_per_epoch
+    return int(epoch) if epoch == int(epoch) else round(epoch, 3)
 
 
 def _non_finite(step: int, out: Path) -> NonFiniteError:

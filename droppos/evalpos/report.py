@@ -587,6 +587,9 @@ def _flatten(prefix: str, value: Any) -> list[tuple[str, str]]:
 SETTINGS_TEXT = {  # report.json settings key -> (option, what it is)
     "sources": ("SOURCE", "pretrain runs, checkpoints, finetune checkpoints or encoder files, in report order"),
     "timm_models": ("--timm-model", "timm ViTs by name, after the SOURCEs"),
+    "pretrained": ("--pretrained", "the --timm-model ViT with timm's pretrained weights (from its hub cache)"),
+    "weights": ("--weights", "a local checkpoint for the one --timm-model (its layout recognised from its keys)"),
+    "compare": ("--compare", "every model given, side by side in one report"),
     "random_baseline": ("--random-baseline", "the first model's architecture with fresh weights, last"),
     "labels": ("--label", "the models' names in this report, in order"),
     "data": ("--data", "dataset directory (shards)"),
