@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     print(f"  {'measure'.ljust(width)}  {'demo':>10}  {'random':>10}  where")
     for measure, trained, random, where in table:
         print(f"  {measure.ljust(width)}  {trained:>10}  {random:>10}  {where}")
-    print("Figures vary a little with the CPU (README: 'The demo's figures'); the report: "
+    print("Figures vary with the seed and the CPU (README: 'The demo's figures', three seeds); the report: "
           f"{demo / 'eval-pos' / 'report.html'}")
     return 0
 
