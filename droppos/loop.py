@@ -215,16 +215,18 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def agreed(self, info: runtime.DistInfo, at_log: bool, checkpoint_due: bool) -> tuple[bool, bool]:
-        """(stop now, save a timed checkpoint now), the same on every rank: alone, at once; together, at
-        log steps (one small all-reduce there, with the log's)."""
+    def agreed(self, info: runtime.DistInfo, at_log: bool, checkpoint_due: bool) -> tuple[Optional[str], bool]:
+        """(the signal to stop by now, or None; save a timed checkpoint now), the same on every rank: alone, at
+        once; together, at log steps (one small all-reduce there). When ranks got different signals, SIGTERM
+        (15) outranks SIGINT (2): every rank then stops, and exits, by the same one."""
         if not info.distributed:
-            return self.requested, checkpoint_due
+            return self.signal_name, checkpoint_due
         if not at_log:
-            return False, False
-        flags = torch.tensor([float(self.requested), float(checkpoint_due)], device=info.device)
-        stop, due = (runtime.all_reduce_max(flags, info) > 0).tolist()
-        return stop, due
+            return None, False
+        number = float(signal.Signals[self.signal_name]) if self.signal_name else 0.0
+        flags = runtime.all_reduce_max(torch.tensor([number, float(checkpoint_due)], device=info.device), info)
+        number, due = flags.tolist()
+        return (signal.Signals(int(number)).name if number else None), due > 0
 
 
 class MetricsLog:
@@ -391,6 +393,8 @@ def train(task: Task, run: Run) -> None:
             runtime.save_checkpoint(runtime.checkpoint_path(out), state)
             if config.keep_every and step % config.keep_every == 0:
                 runtime.save_checkpoint(out / "checkpoints" / f"step-{step:08d}.pt", state)
+        if info.distributed:  # no rank leaves (a stop, the end) while rank 0 still writes: the launcher would kill it
+            torch.distributed.barrier()
 
     def evaluate() -> None:
         nonlocal evaluated_step, last_eval
@@ -430,7 +434,7 @@ def train(task: Task, run: Run) -> None:
                         minutes = (time.monotonic() - last_ckpt) / 60
                         stopping, timed = stop.agreed(info, at_log, minutes >= config.ckpt_minutes)
                         if stopping:
-                            stopped_by = stop.signal_name or "signal"
+                            stopped_by = stopping
                             break
                         at_boundary = step % schedule.steps_per_epoch == 0 or step == stop_step
                         kept = config.keep_every and step % config.keep_every == 0
@@ -463,7 +467,10 @@ def train(task: Task, run: Run) -> None:
 def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, epoch: int, run: Run,
          log: MetricsLog, progress: runtime.Progress) -> dict[str, Any]:
     schedule = run.schedule
-    values = runtime.all_reduce_mean(sums, run.info).tolist()  # the one host sync per log step
+    # The one host sync per log step, which also sums the corrupt samples every rank's loaders skipped so far.
+    skipped = torch.tensor([float(sum(loader.skipped for loader in task.loaders()))], device=sums.device)
+    values = runtime.all_reduce_mean(torch.cat([sums, skipped]), run.info).tolist()
+    skipped_all = round(values.pop() * run.info.world_size)
     if values[-1] > 0:
         raise _non_finite(step, run.out)
     elapsed = timer.elapsed()
@@ -474,9 +481,8 @@ def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, e
     record.update(task.log_fields(step - 1))
     record["img_per_s"] = window * schedule.images_per_step / elapsed
     record["data_wait"] = 100.0 * timer.data_wait / elapsed
-    skipped = sum(loader.skipped for loader in task.loaders())
-    if skipped:
-        record["skipped_samples"] = skipped  # this rank's, so far: the keys go to OUT/skipped.rank<R>.jsonl
+    if skipped_all:
+        record["skipped_samples"] = skipped_all  # all ranks', this session: the keys are in OUT/skipped.rank<R>.jsonl
     log.write(record)
     shown = " ".join(f"{m.name} {_shown(m, record[m.name])}" for m in task.metrics)
     extra = " ".join(f"{k} {v:.3g}" for k, v in task.log_fields(step - 1).items())
@@ -500,13 +506,22 @@ def _non_finite(step: int, out: Path) -> NonFiniteError:
 
 
 def _write_skipped(task: Task, out: Path, info: runtime.DistInfo) -> None:
-    """OUT/skipped.rank<R>.jsonl: each corrupt sample this rank's loaders skipped, once, with how often."""
+    """OUT/skipped.rank<R>.jsonl: each corrupt sample this rank's loaders skipped, once, with how often, over
+    every session of the run (a resumed session adds its counts to the file's)."""
+    path = out / f"skipped.rank{info.rank}.jsonl"
     counts: dict[tuple[str, str], int] = {}
     for loader in task.loaders():
         for key in loader.skipped_keys:
             counts[(loader.split, key)] = counts.get((loader.split, key), 0) + 1
+    if not counts:
+        return
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # an earlier session's record (ours; unreadable: started anew)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            where = (str(entry["split"]), str(entry["key"]))
+            counts[where] = counts.get(where, 0) + int(entry["times"])
     if counts:
-        write_text_atomic(out / f"skipped.rank{info.rank}.jsonl", "".join(
+        write_text_atomic(path, "".join(
             json.dumps({"split": split, "key": key, "times": times, "reason": "undecodable sample, skipped by the "
                         "pil loader (run `droppos shard --verify --decode`)"}) + "\n"
             for (split, key), times in sorted(counts.items())))

@@ -370,6 +370,14 @@ class HeadTask(loop.Task):
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.source.train_epoch(epoch, start_batch)
 
+    def share_statistics(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank, before an evaluation: DDP sends them before each forward,
+        but each rank's forward then moves its own copy, so without this each rank would score its share of val
+        with another head (and a resumed run, which loads rank 0's, would score differently)."""
+        if self.info.distributed:
+            for buffer in self.head.buffers():
+                torch.distributed.broadcast(buffer, 0)
+
     def keep_best(self, score: float, epoch: float) -> None:
         if self.best[self.best_key] is None or score > self.best[self.best_key]:
             self.best = {self.best_key: score, "epoch": epoch}
@@ -415,6 +423,7 @@ class ProbeTask(HeadTask):
         from droppos.encoders import evaluate_topk
         from droppos.files import write_json_atomic
 
+        self.share_statistics()
         self.head.eval()
         scores = evaluate_topk(self.head, self.source.val_batches(), self.device, self.info.distributed)
         self.keep_best(scores["top1"], epoch)
@@ -474,6 +483,7 @@ class SegProbeTask(HeadTask):
         from droppos import dense
         from droppos.files import write_json_atomic
 
+        self.share_statistics()
         self.head.eval()
         matrix = dense.ConfusionMatrix(self.seg.num_classes, self.device)
         for feats, labels, masks in self.source.val_batches():

@@ -16,9 +16,9 @@ import hashlib
 import importlib
 import inspect
 import json
-import signal
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from droppos import UserError
+from droppos.files import write_text_atomic
 from droppos.recipes import DEVICES, PRECISIONS
 
 
@@ -39,6 +40,7 @@ from droppos.recipes import DEVICES, PRECISIONS
 # Processes
 
 WORKER_ERRORS = "DROPPOS_WORKER_ERRORS"  # the folder where launched workers leave a user mistake's message
+SHUTDOWN_TIMEOUT_S = 600  # how long the launcher lets workers finish (save) after a signal or a failed rank
 
 
 @dataclass(frozen=True)
@@ -226,17 +228,27 @@ def launch(
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
+        # After forwarding a signal (or after one worker's exit) the agent kills what still runs this much later:
+        # long enough for rank 0 to write a large checkpoint (its default, 30 s, is not).
+        **({"shutdown_timeout": SHUTDOWN_TIMEOUT_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}),
     )
     try:
         elastic_launch(config, _elastic_entry)(entry.__module__, entry.__qualname__, payload)
     except SignalException as err:
         # SIGTERM/SIGINT reached the launcher: it forwarded the signal to the workers, which stopped at their next
-        # agreed (log) step with a checkpoint and said so; exit as they did.
-        raise SystemExit(130 if err.sigval == signal.SIGINT else 143) from None
+        # agreed (log) step with a checkpoint and said so; exit as they did. Other signals it forwards (SIGHUP,
+        # SIGQUIT) end the workers without one.
+        if err.sigval in (signal.SIGTERM, signal.SIGINT):
+            raise SystemExit(130 if err.sigval == signal.SIGINT else 143) from None
+        name = signal.Signals(err.sigval).name
+        print(f"droppos: error: stopped by {name}: the workers ended without a new checkpoint (SIGTERM or Ctrl-C "
+              "saves one); re-run the same command to resume from the last one", file=sys.stderr)
+        raise SystemExit(128 + int(err.sigval)) from None
     except ChildFailedError as err:
-        reported = sorted(Path(errors).glob("rank-*.txt"))
-        if reported:  # a user mistake a worker found: its message, once
-            raise UserError(reported[0].read_text(encoding="utf-8")) from None
+        reported = [text for path in sorted(Path(errors).glob("rank-*.txt"))
+                    if (text := path.read_text(encoding="utf-8", errors="replace").strip())]
+        if reported:  # a user mistake a worker found: the lowest rank's message, once
+            raise UserError(reported[0]) from None
         failures = err.failures
         first = failures[min(failures)] if failures else None
         if first is not None and first.exitcode in (130, 143):
@@ -302,7 +314,7 @@ def run_worker(device: str, body: Callable[[DistInfo], None]) -> None:
             raise
         errors = os.environ.get(WORKER_ERRORS)
         if errors:
-            Path(errors, f"rank-{info.rank:06d}.txt").write_text(str(err), encoding="utf-8")
+            write_text_atomic(Path(errors, f"rank-{info.rank:06d}.txt"), str(err))  # never read half-written
         elif info.is_main:
             print(f"droppos: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -385,12 +385,15 @@ def _known_keys(obj: Any, known: set, name: str, where: str) -> dict:
     return obj
 
 
-def check_img_size(img_size: Any, patch: int, where: str) -> list[int]:
-    """[H, W] from an int or a pair, bounded, divisible by the patch, and at most BOUNDS['tokens'] patches."""
+def check_img_size(img_size: Any, patch: Optional[int], where: str) -> list[int]:
+    """[H, W] from an int or a pair, bounded, divisible by the patch, and at most BOUNDS['tokens'] patches
+    (without a patch size, only the sides are checked: the caller bounds the patches of what it builds)."""
     sides = [img_size, img_size] if type(img_size) is int else img_size
     if not isinstance(sides, (list, tuple)) or len(sides) != 2:
         raise UserError(f"{where}: img_size must be an integer or [height, width], got {img_size!r}")
     sides = [_int(s, "img_size", where, "img_size") for s in sides]
+    if patch is None:
+        return sides
     if any(s % patch for s in sides):
         raise UserError(f"{where}: img_size {sides} is not divisible by the patch size {patch}")
     tokens = (sides[0] // patch) * (sides[1] // patch)
@@ -441,9 +444,16 @@ def check_architecture(name: Any, args: Any, where: str) -> tuple[str, dict]:
             clean[key] = _int(args[key], key, where, key)
     if args.get("mlp_ratio") is not None:
         clean["mlp_ratio"] = _number(args["mlp_ratio"], "mlp_ratio", where, "mlp_ratio")
+    if "embed_dim" in clean and "num_heads" in clean and clean["embed_dim"] % clean["num_heads"]:
+        raise UserError(f"{where}: embed_dim {clean['embed_dim']} is not divisible by num_heads {clean['num_heads']}")
     if args.get("img_size") is not None:
-        clean["img_size"] = check_img_size(args["img_size"], clean.get("patch_size", 1), where)
+        named = _PATCH_IN_NAME.search(name)  # the named model's patch, unless overridden (timm names all carry it)
+        patch = clean.get("patch_size") or (int(named.group(1)) if named else None)
+        clean["img_size"] = check_img_size(args["img_size"], patch, where)
     return name, clean
+
+
+_PATCH_IN_NAME = re.compile(r"_patch(\d+)")
 
 
 def _numbers(value: Any, low: float, high: float) -> bool:

@@ -1,8 +1,11 @@
-"""Shared fixtures: a small generated ImageNet-style folder and its shards (built once per session)."""
+"""Shared fixtures: a small generated ImageNet-style folder and its shards (built once per session), and a
+copy of them with one corrupt JPEG."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -62,3 +65,24 @@ def demo_run(demo_data: Path) -> Path:
     )
     assert result.returncode == 0, result.stderr
     return run
+
+
+@pytest.fixture
+def corrupt_jpeg(sample_shards: Path, tmp_path: Path) -> Callable[..., tuple[Path, str]]:
+    """corrupt_jpeg(split, shard, sample) -> (a copy of `sample_shards` whose shard `shard` of `split` has JPEG
+    `sample` overwritten with garbage, sizes kept so the tar and its index stay valid; that tar's name)."""
+    from droppos.manifest import split_shards
+
+    def corrupt(split: str = "train", shard: int = 1, sample: int = 1) -> tuple[Path, str]:
+        copy = tmp_path / "corrupt"
+        shutil.copytree(sample_shards, copy)
+        entry = split_shards(copy, split)[shard]
+        fields = entry.index.read_text().splitlines()[1 + sample].split()
+        at = fields.index("jpg")
+        offset, size = int(fields[at + 1]), int(fields[at + 2])
+        with open(entry.tar, "r+b") as f:
+            f.seek(offset + 16)
+            f.write(b"\x00\xffgarbage" * ((size - 32) // 9))
+        return copy, entry.tar.name
+
+    return corrupt

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -214,23 +213,8 @@ def test_partial_jpeg_decode_is_exact_and_falls_back(sample_shards: Path) -> Non
     assert _decode_rows(Image.open(io.BytesIO(cut)), rows) is None
 
 
-def _corrupt_one_jpeg(data_dir: Path, tmp_path: Path, split: str = "train", shard: int = 1,
-                      sample: int = 1) -> tuple[Path, str]:
-    """A copy of `data_dir` whose shard `shard` of `split` has JPEG `sample` overwritten with garbage (sizes kept)."""
-    copy = tmp_path / "corrupt"
-    shutil.copytree(data_dir, copy)
-    shard = split_shards(copy, split)[shard]
-    fields = shard.index.read_text().splitlines()[1 + sample].split()
-    at = fields.index("jpg")
-    offset, size = int(fields[at + 1]), int(fields[at + 2])
-    with open(shard.tar, "r+b") as f:
-        f.seek(offset + 16)
-        f.write(b"\x00\xffgarbage" * ((size - 32) // 9))
-    return copy, shard.tar.name
-
-
-def test_corrupt_sample_pil_skips_and_counts_dali_names_the_shard(sample_shards: Path, tmp_path: Path) -> None:
-    data_dir, tar_name = _corrupt_one_jpeg(sample_shards, tmp_path)
+def test_corrupt_sample_pil_skips_and_counts_dali_names_the_shard(corrupt_jpeg) -> None:
+    data_dir, tar_name = corrupt_jpeg()
     loader = build_loader(data_dir, "train", "pretrain", batch_size=8, img_size=SIZE, backend="pil", workers=1)
     batches = _epoch(loader)
     assert len(batches) == loader.steps_per_epoch and loader.skipped == 1 and len(loader.skipped_keys) == 1
@@ -567,9 +551,9 @@ def test_labels_stay_on_the_host_when_not_needed(sample_shards: Path, backend: s
         assert labels.device.type == expected and labels.dtype == torch.int64
 
 
-def test_dali_corrupt_first_batch_is_one_user_error(sample_shards: Path, tmp_path: Path) -> None:
+def test_dali_corrupt_first_batch_is_one_user_error(corrupt_jpeg) -> None:
     """DALIGenericIterator decodes the first batch in its constructor: the same one-line error there."""
-    data_dir, tar_name = _corrupt_one_jpeg(sample_shards, tmp_path, split="val", shard=0, sample=0)
+    data_dir, tar_name = corrupt_jpeg(split="val", shard=0, sample=0)
     loader = build_loader(data_dir, "val", "eval", batch_size=8, img_size=SIZE, backend="dali", workers=1)
     with pytest.raises(UserError, match=rf"{tar_name}.*droppos shard --verify"):
         next(iter(loader.epoch(0)))

@@ -464,6 +464,47 @@ def test_a_downloaded_checkpoint_is_compared_by_its_own_name_and_sha256(sample_s
     assert result.returncode == 2 and "pick the --timm-model of its architecture" in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_finetune_checkpoint_is_built_from_what_it_records_and_bounded_first(tmp_path):
+    """eval-pos on a `droppos finetune` checkpoint: the classifier from the timm name and model_args it records (a
+    384-px fine-tune of a patch-16 ViT, which names no patch size of its own), with its own weights. A tampered
+    record (an unknown pool, heads that do not divide the width, an architecture other than its weights', a huge
+    one) is one line, and the huge one is refused without allocating it."""
+    import resource
+
+    import timm
+
+    from droppos.evalpos.load import load_subject
+
+    torch.manual_seed(0)
+    args = {"img_size": 384, "depth": 1}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, global_pool="avg", **args)
+
+    def checkpoint(name: str, model_args: dict, pool: object = "avg") -> str:
+        path = tmp_path / f"{name}.pt"
+        torch.save({"format": "droppos-checkpoint/2", "stage": "finetune", "step": 7, "config": {"pool": pool},
+                    "model": vit.state_dict(), "encoder": {"model": "vit_tiny_patch16_224", "model_args": model_args}},
+                   path)
+        return str(path)
+
+    subject = load_subject(checkpoint("good", args))
+    assert subject.kind == "finetune" and subject.img_size == 384
+    images = torch.randn(2, 3, 384, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(subject.vit(images), vit.eval()(images))
+    tampered = {
+        "pool": (checkpoint("pool", args, pool="bogus"), "pool"),
+        "heads": (checkpoint("heads", {**args, "embed_dim": 190, "num_heads": 3}), "not divisible"),
+        "deeper": (checkpoint("deeper", {**args, "depth": 2}), "do not match"),
+    }
+    for name, (path, message) in tampered.items():
+        with pytest.raises(UserError, match=message):
+            load_subject(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match="do not match"):  # ~200 billion parameters, if it were built
+        load_subject(checkpoint("huge", {**args, "embed_dim": 8192, "depth": 256, "num_heads": 256}))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: less than 1 GiB more
+
+
 def test_timm_model_on_scikit_image_photos(tmp_path):
     from PIL import Image
     from skimage import data

@@ -278,6 +278,29 @@ def test_bf16_autocast_runs_every_stage(stage, sample_shards, tmp_path):
 # --- several ranks: the launcher's own exits ----------------------------------------------------
 
 
+def test_skipped_corrupt_samples_are_counted_across_ranks_and_listed(corrupt_jpeg, tmp_path):
+    """A sample the Pillow loader cannot decode, on whichever of two ranks reads it: metrics.jsonl counts it for
+    both ranks together (once per epoch it is met in) and the ranks' skipped files list it with how often;
+    a resumed session adds to the file's counts."""
+    data, _ = corrupt_jpeg(split="train", shard=1, sample=1)
+    run = tmp_path / "run"
+    result = process(*command("pretrain", data, run, "--nproc", "2", "--log-every", "5", "--max-steps", "15"))
+    assert result.returncode == 0, result.stderr
+
+    def skipped() -> tuple[int, list[dict]]:
+        logged = [r for r in metrics(run) if "loss" in r][-1].get("skipped_samples", 0)
+        return logged, [json.loads(line) for path in sorted(run.glob("skipped.rank*.jsonl"))
+                        for line in path.read_text().splitlines()]
+
+    logged, listed = skipped()  # 2 epochs and a step: met once or twice, by whichever rank reads it
+    assert logged >= 1 and len(listed) == 1 and listed[0]["split"] == "train" and listed[0]["times"] == logged
+    result = process(*command("pretrain", data, run, "--nproc", "2", "--log-every", "5", "--max-steps", "28"))
+    assert result.returncode == 0, result.stderr
+    again, now = skipped()  # the epochs' shard orders differ: the other rank may have met it too (its own file)
+    assert again >= 1 and {e["key"] for e in now} == {listed[0]["key"]} and sum(e["times"] for e in now) == logged + again
+
+
+
 def test_with_two_ranks_a_workers_mistake_is_one_line_and_a_signal_stops_both(sample_shards, tmp_path):
     """A mistake the workers find (divergence) is printed once, exit 2, not once per rank plus the launcher's
     'a worker failed'. SIGTERM to the launcher reaches both workers, which save at an agreed step; exit 143."""

@@ -26,6 +26,7 @@ from droppos import UserError, runtime
 __all__ = ["IMAGE_CROP_PCT", "INITS", "ImageSource", "Subject", "list_images", "load_subject", "load_subjects", "random_like"]
 
 from droppos.data.recipe import EVAL_CROP_PCT as IMAGE_CROP_PCT  # noqa: E402 - --images: the shards' eval crop
+from droppos.recipes import POOLS  # noqa: E402 - the one list of pools
 # Each random initialisation: key -> (short name, what it is). See `random_like` and the report's baseline text.
 INITS = {
     "droppos": ("DropPos (MAE) init, fixed sin-cos PE",
@@ -211,12 +212,21 @@ def _from_finetune(path: Path, saved: dict, source: str, name: str) -> Subject:
     if not isinstance(encoder, dict) or "head.weight" not in state:
         raise UserError(f"{path} is neither a pretrain nor a finetune checkpoint of droppos")
     model_name, model_args = check_architecture(encoder.get("model"), encoder.get("model_args") or {}, str(path))
-    pool = saved["config"].get("pool", "avg")
+    pool = (saved.get("config") or {}).get("pool", "avg")
+    if pool not in POOLS:
+        raise UserError(f"{path}: config names pool {str(pool)[:20]!r}, not one of {', '.join(POOLS)}")
+    build = dict(pretrained=False, num_classes=int(state["head.weight"].shape[0]), global_pool=pool, **model_args)
     try:
-        model = timm.create_model(model_name, pretrained=False, num_classes=int(state["head.weight"].shape[0]),
-                                  global_pool=pool, **model_args)
+        with torch.device("meta"):  # the recorded architecture costs no memory until its shapes are the weights'
+            shell = timm.create_model(model_name, **build)
+        expected = {key: tuple(value.shape) for key, value in shell.state_dict().items()}
+        found = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+        if expected != found:
+            differ = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+            raise ValueError(f"{len(differ)} tensor(s) differ, first {differ[0]}")
+        model = timm.create_model(model_name, **build)
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as err:
+    except (AssertionError, RuntimeError, TypeError, ValueError) as err:
         raise UserError(f"{path}: weights do not match the classifier it records: {str(err).splitlines()[0][:160]}") from None
     info = dict(encoder, checkpoint=str(path), step=saved.get("step"), pretrained=True,
                 weights=_weights_record(path, "finetune-checkpoint"), label=f"fine-tuned {model_name} ({path})")
