@@ -40,7 +40,9 @@ from droppos.recipes import DEVICES, PRECISIONS
 # Processes
 
 WORKER_ERRORS = "DROPPOS_WORKER_ERRORS"  # the folder where launched workers leave a user mistake's message
-SHUTDOWN_TIMEOUT_S = 600  # how long the launcher lets workers finish (save) after a signal or a failed rank
+# How long the launcher lets workers finish after it forwarded a signal (rank 0 writing a multi-GB checkpoint)
+# or after a rank failed (the others, stuck in a collective with NCCL, are then killed this much later).
+SHUTDOWN_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
