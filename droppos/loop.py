@@ -570,7 +570,8 @@ def _finish(task: Task, run: Run, log: Optional[MetricsLog], start_step: int, st
     table.add_row("throughput", f"{images / max(elapsed, 1e-9):.1f} img/s")
     for metric in task.metrics:
         if metric.name in last_log:
-            table.add_row(metric.label or f"final train {metric.name}", _shown(metric, last_log[metric.name]))
+            name = metric.name if metric.name.startswith("train_") else f"train {metric.name}"
+            table.add_row(metric.label or f"final {name}", _shown(metric, last_log[metric.name]))
     for metric in task.eval_metrics:
         if metric.name in last_eval:
             table.add_row(metric.label or metric.name, _shown(metric, last_eval[metric.name]))

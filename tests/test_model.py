@@ -289,29 +289,14 @@ def test_non_square_pe_is_row_major():
 # ---- torch.compile --------------------------------------------------------------------------------------
 
 
-def test_compiled_step_no_graph_break_no_recompile_and_matches_eager():
+def test_the_step_traces_as_one_graph_without_breaks():
+    """Dynamo sees the whole DropPos forward (masks from torch.rand, the loss) as one graph. Compiling it, with no
+    recompile as sigma changes and numerics close to eager, is tested once, on the path pretrain compiles
+    (compile_step, bf16 autocast: test_compile_step_bf16_on_cpu_matches_eager); one inductor compile less here."""
     torch.compiler.reset()
     model = tiny_model(img_size=32, decoder_depth=2)
-    imgs = images(4, hw=(32, 32))
-    explanation = torch._dynamo.explain(model)(imgs, torch.tensor(1.0))  # the real path: masks from torch.rand
+    explanation = torch._dynamo.explain(model)(images(4, hw=(32, 32)), torch.tensor(1.0))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-
-    torch.compiler.reset()
-    compiled = torch.compile(model, fullgraph=True)
-    noise = torch.rand(4, model.num_patches, generator=torch.Generator().manual_seed(5))
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for sigma in (1.0, 0.6, 0.0):  # a new sigma every step must not recompile
-            sigma_t = torch.tensor(sigma)
-            model.zero_grad()
-            out_c = compiled(imgs, sigma_t, noise=noise)
-            out_c["loss"].backward()
-            grad_c = model.blocks[0].attn.qkv.weight.grad.clone()
-            model.zero_grad()
-            out_e = model(imgs, sigma_t, noise=noise)
-            out_e["loss"].backward()
-            for key in out_e:
-                torch.testing.assert_close(out_c[key], out_e[key], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(grad_c, model.blocks[0].attn.qkv.weight.grad, rtol=1e-3, atol=1e-5)
     torch.compiler.reset()
 
 
