@@ -211,22 +211,21 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         self._first_at = time.monotonic()
 
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
+    def flags(self, checkpoint_due: bool) -> list[float]:
+        """This rank's [SIGTERM, SIGINT, timed checkpoint due], reduced across ranks with a log step's metrics."""
+        return [float(self.signal_name == "SIGTERM"), float(self.signal_name == "SIGINT"), float(checkpoint_due)]
 
-    def agreed(self, info: runtime.DistInfo, at_log: bool, checkpoint_due: bool) -> tuple[Optional[str], bool]:
+    def agreed(self, info: runtime.DistInfo, at_log: bool, checkpoint_due: bool,
+               reduced: Optional[list[float]]) -> tuple[Optional[str], bool]:
         """(the signal to stop by now, or None; save a timed checkpoint now), the same on every rank: alone, at
-        once; together, at log steps (one small all-reduce there). When ranks got different signals, SIGTERM
-        (15) outranks SIGINT (2): every rank then stops, and exits, by the same one."""
+        once; together, at log steps, from `reduced` (`flags` averaged over the ranks in the log's all-reduce:
+        above 0 where any rank raised it). SIGTERM outranks SIGINT: every rank stops, and exits, by the same one."""
         if not info.distributed:
             return self.signal_name, checkpoint_due
-        if not at_log:
+        if not at_log or reduced is None:
             return None, False
-        number = float(signal.Signals[self.signal_name]) if self.signal_name else 0.0
-        flags = runtime.all_reduce_max(torch.tensor([number, float(checkpoint_due)], device=info.device), info)
-        number, due = flags.tolist()
-        return (signal.Signals(int(number)).name if number else None), due > 0
+        sigterm, sigint, due = reduced
+        return ("SIGTERM" if sigterm > 0 else "SIGINT" if sigint > 0 else None), due > 0
 
 
 class MetricsLog:
@@ -425,14 +424,16 @@ def train(task: Task, run: Run) -> None:
                         step += 1
                         window += 1
                         at_log = step % config.log_every == 0 or step == stop_step
+                        due = (time.monotonic() - last_ckpt) / 60 >= config.ckpt_minutes
+                        reduced = None
                         if at_log:
-                            last_log = _log(task, sums, window, timer, step, epoch, run, log, progress)
+                            last_log, reduced = _log(task, sums, window, timer, step, epoch, run, log, progress,
+                                                     stop.flags(due))
                             sums.zero_()
                             window = 0
                             timer.reset()
                         progress.update(step, last_log.get("status", ""))
-                        minutes = (time.monotonic() - last_ckpt) / 60
-                        stopping, timed = stop.agreed(info, at_log, minutes >= config.ckpt_minutes)
+                        stopping, timed = stop.agreed(info, at_log, due, reduced)
                         if stopping:
                             stopped_by = stopping
                             break
@@ -465,12 +466,15 @@ def train(task: Task, run: Run) -> None:
 
 
 def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, epoch: int, run: Run,
-         log: MetricsLog, progress: runtime.Progress) -> dict[str, Any]:
+         log: MetricsLog, progress: runtime.Progress, flags: list[float]) -> tuple[dict[str, Any], list[float]]:
+    """(the record, `flags` averaged over the ranks): one all-reduce and the one host sync of a log step carry
+    the metrics, the corrupt samples every rank's loaders skipped so far, and the stop flags."""
     schedule = run.schedule
-    # The one host sync per log step, which also sums the corrupt samples every rank's loaders skipped so far.
-    skipped = torch.tensor([float(sum(loader.skipped for loader in task.loaders()))], device=sums.device)
-    values = runtime.all_reduce_mean(torch.cat([sums, skipped]), run.info).tolist()
-    skipped_all = round(values.pop() * run.info.world_size)
+    skipped = float(sum(loader.skipped for loader in task.loaders()))
+    extra = torch.tensor([skipped, *flags], device=sums.device)
+    values = runtime.all_reduce_mean(torch.cat([sums, extra]), run.info).tolist()
+    values, skipped, reduced = values[:len(sums)], values[len(sums)], values[len(sums) + 1:]
+    skipped_all = round(skipped * run.info.world_size)
     if values[-1] > 0:
         raise _non_finite(step, run.out)
     elapsed = timer.elapsed()
@@ -488,7 +492,7 @@ def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, e
     extra = " ".join(f"{k} {v:.3g}" for k, v in task.log_fields(step - 1).items())
     progress.log(f"step {step}/{schedule.stop_step} epoch {epoch + 1}/{schedule.epochs} {shown} lr {record['lr']:.3g} "
                  f"{extra + ' ' if extra else ''}{record['img_per_s']:.1f} img/s data-wait {record['data_wait']:.0f}%")
-    return dict(record, status=f"{shown} {record['img_per_s']:.0f} img/s")
+    return dict(record, status=f"{shown} {record['img_per_s']:.0f} img/s"), reduced
 
 
 def epochs_done(step: int, schedule: Schedule) -> float:
@@ -520,11 +524,10 @@ def _write_skipped(task: Task, out: Path, info: runtime.DistInfo) -> None:
             entry = json.loads(line)
             where = (str(entry["split"]), str(entry["key"]))
             counts[where] = counts.get(where, 0) + int(entry["times"])
-    if counts:
-        write_text_atomic(path, "".join(
-            json.dumps({"split": split, "key": key, "times": times, "reason": "undecodable sample, skipped by the "
-                        "pil loader (run `droppos shard --verify --decode`)"}) + "\n"
-            for (split, key), times in sorted(counts.items())))
+    write_text_atomic(path, "".join(
+        json.dumps({"split": split, "key": key, "times": times, "reason": "undecodable sample, skipped by the "
+                    "pil loader (run `droppos shard --verify --decode`)"}) + "\n"
+        for (split, key), times in sorted(counts.items())))
 
 
 def _finite_weights(task: Task) -> bool:

@@ -298,7 +298,9 @@ def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: 
     progress = runtime.Progress(loader.steps_per_epoch, 0, info.is_main, f"features ({split})")
     for step, (images, *targets) in enumerate(loader.epoch(0), start=1):
         row = [_features(frozen, images, info.device, precision), targets[0], *(m.to(torch.int16) for m in targets[1:])]
-        columns = [[t] for t in row] if not columns else [held + [t] for held, t in zip(columns, row)]
+        columns = columns or [[] for _ in row]
+        for column, tensor in zip(columns, row):
+            column.append(tensor)
         progress.update(step)
     progress.close()
     tensors = [torch.cat(column) for column in columns]

@@ -411,32 +411,25 @@ _SIDECAR_KEYS = {"model", "model_args", "pretrained_cfg", "droppos"}
 
 
 def _check_model_args(args: Any, where: str) -> dict:
+    """A sidecar's model_args: the whole architecture, every number bounded."""
     _known_keys(args, _MODEL_ARGS, "model_args", where)
-    missing = sorted(_MODEL_ARGS - {"in_chans"} - set(args))
+    missing = sorted(key for key in _MODEL_ARGS - {"in_chans"} if args.get(key) is None)
     if missing:
         raise UserError(f"{where}: model_args lacks {', '.join(missing)}")
-    patch = _int(args["patch_size"], "patch_size", where, "patch_size")
-    dim = _int(args["embed_dim"], "embed_dim", where, "embed_dim")
-    heads = _int(args["num_heads"], "num_heads", where, "num_heads")
-    if dim % heads:
-        raise UserError(f"{where}: embed_dim {dim} is not divisible by num_heads {heads}")
-    clean = {
-        "img_size": check_img_size(args["img_size"], patch, where),
-        "patch_size": patch,
-        "embed_dim": dim,
-        "depth": _int(args["depth"], "depth", where, "depth"),
-        "num_heads": heads,
-        "mlp_ratio": _number(args["mlp_ratio"], "mlp_ratio", where, "mlp_ratio"),
-    }
-    if "in_chans" in args:
-        clean["in_chans"] = _int(args["in_chans"], "in_chans", where, "in_chans")
-    return clean
+    return _clean_model_args(args, where, None)
 
 
 def check_architecture(name: Any, args: Any, where: str) -> tuple[str, dict]:
     """A recorded (timm ViT name, model_args override) pair, e.g. a fine-tuning checkpoint's, validated like a
     sidecar's before anything is built: a known ViT name, known keys only, every number bounded."""
     name = _check_model_name(name, where)
+    named = _PATCH_IN_NAME.search(name)  # the named model's patch, unless overridden (timm names all carry it)
+    return name, _clean_model_args(args, where, int(named.group(1)) if named else None)
+
+
+def _clean_model_args(args: Any, where: str, default_patch: Optional[int]) -> dict:
+    """The model_args keys given, each bounded: known keys only, heads that divide the width, an img_size
+    checked against the patch (`default_patch` where the args name none)."""
     _known_keys(args, _MODEL_ARGS, "model_args", where)
     clean: dict[str, Any] = {}
     for key in ("patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
@@ -447,10 +440,8 @@ def check_architecture(name: Any, args: Any, where: str) -> tuple[str, dict]:
     if "embed_dim" in clean and "num_heads" in clean and clean["embed_dim"] % clean["num_heads"]:
         raise UserError(f"{where}: embed_dim {clean['embed_dim']} is not divisible by num_heads {clean['num_heads']}")
     if args.get("img_size") is not None:
-        named = _PATCH_IN_NAME.search(name)  # the named model's patch, unless overridden (timm names all carry it)
-        patch = clean.get("patch_size") or (int(named.group(1)) if named else None)
-        clean["img_size"] = check_img_size(args["img_size"], patch, where)
-    return name, clean
+        clean["img_size"] = check_img_size(args["img_size"], clean.get("patch_size", default_patch), where)
+    return clean
 
 
 _PATCH_IN_NAME = re.compile(r"_patch(\d+)")
