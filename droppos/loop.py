@@ -36,6 +36,7 @@ import torch
 
 from droppos import UserError, runtime
 from droppos.files import output_error, write_text_atomic
+from droppos.progress import Progress
 
 CHECKPOINT_FORMAT = "droppos-checkpoint/2"
 EVAL_LINES = 10  # evaluation lines per run on the progress: a 90-epoch probe shows ~10, metrics.jsonl has all
@@ -374,7 +375,7 @@ def train(task: Task, run: Run) -> None:
         return
 
     log = MetricsLog(out, info.is_main, step)  # a fresh run (step 0) keeps none of an earlier file's records
-    progress = runtime.Progress(stop_step, step, info.is_main, task.stage)
+    progress = Progress(task.stage, stop_step, start=step, enabled=info.is_main, plain_every_s=None)  # the loop logs
     sums = torch.zeros(len(metrics_names) + 1, device=info.device)  # the metrics, then the non-finite count
     window, start_step, timer, t_start = 0, step, Timer(), time.perf_counter()
     last_ckpt = time.monotonic()
@@ -466,7 +467,7 @@ def train(task: Task, run: Run) -> None:
 
 
 def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, epoch: int, run: Run,
-         log: MetricsLog, progress: runtime.Progress, flags: list[float]) -> tuple[dict[str, Any], list[float]]:
+         log: MetricsLog, progress: Progress, flags: list[float]) -> tuple[dict[str, Any], list[float]]:
     """(the record, `flags` averaged over the ranks): one all-reduce and the one host sync of a log step carry
     the metrics, the corrupt samples every rank's loaders skipped so far, and the stop flags."""
     schedule = run.schedule

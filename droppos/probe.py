@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from droppos import UserError, loop, runtime
 from droppos.loop import Metric
+from droppos.progress import Progress
 from droppos.recipes import ProbeConfig
 
 FEATURES_FORMAT = "droppos-features/1"
@@ -295,7 +296,7 @@ def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: 
              split: str) -> tuple[torch.Tensor, ...]:
     """(features, labels[, int16 masks]) of one split (eval transforms), every sample once, gathered on every rank."""
     columns: list[list[torch.Tensor]] = []
-    progress = runtime.Progress(loader.steps_per_epoch, 0, info.is_main, f"features ({split})")
+    progress = Progress(f"features ({split})", loader.steps_per_epoch, unit="batches", enabled=info.is_main)
     for step, (images, *targets) in enumerate(loader.epoch(0), start=1):
         row = [_features(frozen, images, info.device, precision), targets[0], *(m.to(torch.int16) for m in targets[1:])]
         columns = columns or [[] for _ in row]

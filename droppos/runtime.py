@@ -544,49 +544,6 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A rich bar on a terminal, plain periodic lines otherwise (SLURM and CI logs)."""
-
-    def __init__(self, total: int, start: int, enabled: bool, description: str) -> None:
-        self.enabled = enabled
-        self.interactive = enabled and sys.stderr.isatty()
-        self._bar = None
-        if self.interactive:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
-            self._bar = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"),
-                console=Console(stderr=True),
-            )
-            self._task = self._bar.add_task(description, total=total, completed=start, status="")
-            self._bar.start()
-
-    def update(self, step: int, status: str = "") -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, status=status)
-
-    def log(self, line: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.console.print(line, highlight=False)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-# ---------------------------------------------------------------------------------------
 # Run card: what produced a result
 
 

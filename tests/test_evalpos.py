@@ -230,22 +230,6 @@ def test_random_baselines_start_where_training_started(tiny_run):
                                random_like(run, 3).vit.blocks[0].attn.qkv.weight)  # seeded
 
 
-def test_progress_off_a_terminal_is_plain_periodic_lines(monkeypatch, capsys):
-    import droppos.evalpos as evalpos
-
-    monkeypatch.setattr(evalpos, "PROGRESS_EVERY_S", 0.0)
-    ticker = evalpos._Ticker(total=10)
-    assert not ticker.bar.interactive  # pytest's stderr is not a terminal
-    ticker.advance(4, "model A")
-    ticker.advance(6, "model A")
-    ticker.close()
-    monkeypatch.setattr(evalpos, "PROGRESS_EVERY_S", 3600.0)
-    quiet = evalpos._Ticker(total=10)
-    quiet.advance(10, "model B")
-    quiet.close()
-    assert capsys.readouterr().err.splitlines() == ["eval-pos: 4/10 images (model A)", "eval-pos: 10/10 images (model A)"]
-
-
 # --- the command ----------------------------------------------------------------------------
 
 LABELS = ["DropPos run (tiny, 3 steps)", "its exported encoder", "timm ViT-Ti, random", "timm DeiT-Ti, random",

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from droppos import UserError, files, runtime
+from droppos.progress import Progress
 from droppos.recipes import EvalPosConfig, check, parse_ratio
 from droppos.evalpos import report
 from droppos.evalpos.load import ImageSource, Subject, list_images, load_subject, load_subjects, random_like
@@ -135,30 +136,8 @@ def _describe_precision(precision: dict[str, Any], device: torch.device) -> str:
 # One model's pass over the images
 
 
-class _Ticker:
-    """Progress over every model's pass: a rich bar on a terminal, a plain line every PROGRESS_EVERY_S otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-        self.bar = runtime.Progress(total=total, start=0, enabled=True, description="eval-pos")
-        self.last_line = time.monotonic()
-
-    def advance(self, images: int, status: str) -> None:
-        self.done += images
-        self.bar.update(self.done, status)
-        if not self.bar.interactive and time.monotonic() - self.last_line >= PROGRESS_EVERY_S:
-            self.log(f"eval-pos: {self.done}/{self.total} images ({status})")
-
-    def log(self, line: str) -> None:
-        self.bar.log(line)
-        self.last_line = time.monotonic()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def evaluate(subject: Subject, images: ImageSource, config: EvalPosConfig, device: torch.device,
-             ticker: Optional[_Ticker] = None) -> dict[str, Any]:
+             ticker: Optional[Progress] = None) -> dict[str, Any]:
     """Every measurement for one model in one pass over the images (accumulated on the device)."""
     subject.vit.to(device)
     if subject.droppos is not None:
@@ -250,7 +229,7 @@ def run(config: EvalPosConfig) -> Path:
         planned = images.planned()
         precision["statement"] = _describe_precision(precision, device)
         print(_start_line(subjects, images, planned, config, device, precision["statement"]), file=sys.stderr, flush=True)
-        ticker = _Ticker(planned * len(subjects))
+        ticker = Progress("eval-pos", planned * len(subjects), unit="images", plain_every_s=PROGRESS_EVERY_S)
         try:
             results = []
             for index, subject in enumerate(subjects):
