@@ -73,24 +73,24 @@ def _help(spec: Any, default: Any) -> str:
     return escape(f"{spec.help} [{'; '.join(notes)}]")
 
 
-def _typer_parameter(field: Any, annotation: Any) -> inspect.Parameter:
-    """One declared option as the Typer parameter of a command (default None: 'not given')."""
-    from droppos.recipes import flag_name, spec_of
+def _typer_parameter(opt: Any) -> inspect.Parameter:
+    """One declared option (recipes.Option) as the Typer parameter of a command (default None: 'not given')."""
+    from droppos.recipes import flag_name
 
-    spec = spec_of(field)
+    spec, field, annotation, name = opt.spec, opt.field, opt.annotation, opt.name
     base = typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Union else annotation
     if typing.get_origin(base) is tuple:  # a repeatable option
         base = List[typing.get_args(base)[0]]
     if spec.positional:
-        default = typer.Argument(None, help=_help(spec, field.default), show_default=False, metavar=field.name.upper())
-        return inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[base],
+        default = typer.Argument(None, help=_help(spec, field.default), show_default=False, metavar=name.upper())
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[base],
                                  default=default)
-    decls = [spec.flag] if spec.flag else []
-    if base is bool and not decls:
-        decls = [f"{flag_name(field.name)}/--no-{field.name.replace('_', '-')}"]
+    decls = [spec.flag] if spec.flag else [flag_name(name)]
+    if base is bool and not spec.flag:
+        decls = [f"{flag_name(name)}/--no-{name.replace('_', '-')}"]
     default = typer.Option(None, *decls, help=_help(spec, field.default), show_default=False,
                            rich_help_panel=spec.panel, metavar=_metavar(base, spec))
-    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base], default=default)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base], default=default)
 
 
 def _metavar(base: Any, spec: Any) -> Optional[str]:
@@ -124,23 +124,22 @@ _PRINT_CONFIG = inspect.Parameter(
 def stage_command(name: str, config_cls: type, summary: str, actions: Sequence[inspect.Parameter] = ()) -> Callable:
     """Register a training stage: its options from `config_cls`'s declarations, its body the decorated
     `run(config, **actions)`, which gets the checked config (and the values of the `actions` flags)."""
-    from droppos.recipes import PRESETS, fields
+    from droppos.recipes import PRESETS, options
 
     presets = PRESETS.get(config_cls)
-    hints = typing.get_type_hints(config_cls)
-    declared = [_typer_parameter(f, hints[f.name]) for f in fields(config_cls) if f.metadata["spec"].cli]
+    declared = [_typer_parameter(opt) for opt in options(config_cls) if opt.spec.cli]
     actions = [_PRINT_CONFIG, *actions] if presets else list(actions)
     parameters = sorted([*actions, *declared], key=_panel_order)  # stable: declaration order within a panel
 
     def decorate(body: Callable[..., None]) -> Callable[..., None]:
         def command(**values: Any) -> None:
-            from droppos.recipes import make_config, to_dict
+            from droppos.recipes import make_config, to_record
 
             flags = {p.name: values.pop(p.name) for p in actions}
             values = {k: (tuple(v) or None) if isinstance(v, list) else v for k, v in values.items()}  # repeated
             config = make_config(config_cls, values)
             if flags.pop("print_config", False):
-                print(json.dumps(to_dict(config), indent=2))
+                print(json.dumps(to_record(config), indent=2))
                 return
             body(config, **flags)
 

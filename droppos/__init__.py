@@ -12,3 +12,10 @@ class UserError(Exception):
     The CLI prints its message as one line on stderr and exits with status 2;
     stages raise it instead of letting a traceback reach the user.
     """
+
+
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """Stop at the first failed (condition, message) check with its one-line message."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)

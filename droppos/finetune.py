@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from droppos import UserError, loop, runtime
+from droppos import UserError, check_all, checkpoint, distributed, environment, launch, loop
+from droppos.environment import Environment
 from droppos.loop import Metric
 from droppos.recipes import FinetuneConfig
 
@@ -40,7 +41,7 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, layer_decay: f
 
 def seed_step(seed: int, rank: int, step: int) -> None:
     """torch (drop path, erasing), numpy (timm's mixup) and random (erasing) from (seed, rank, step)."""
-    value = runtime.step_seed(seed, rank, step)
+    value = distributed.step_seed(seed, rank, step)
     torch.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
@@ -51,82 +52,75 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 
 def run(config: FinetuneConfig) -> None:
-    """Check what a user can get wrong, then launch the workers."""
+    """Check what a user can get wrong, resolve the environment, then launch the workers."""
     from droppos import encoders
 
-    out = runtime.check_out_dir(config.out)
-    mixing = config.mixup > 0 or config.cutmix > 0
-    runtime.check_all([(not mixing or config.batch_size % 2 == 0, f"--batch-size {config.batch_size} must be even "
-                        "with mixup/cutmix (or pass --mixup 0 --cutmix 0)")])
-    encoders.check_encoder_source(config.encoder, config.run, config.timm_model, config.weights, config.pretrained,
-                                  config.random_init)
-    runtime.start("finetune", _worker, config, out, step_batch=config.batch_size * config.accum,
-                  need_val="fine-tuning evaluates on it after every epoch")
+    launch.check_out_dir(config.output.out)
+    augment, optim, source = config.augment, config.optim, config.encoder
+    mixing = augment.mixup > 0 or augment.cutmix > 0
+    check_all([(not mixing or optim.batch_size % 2 == 0, f"--batch-size {optim.batch_size} must be even "
+                "with mixup/cutmix (or pass --mixup 0 --cutmix 0)")])
+    encoders.check_encoder_source(source.encoder, source.run, source.timm_model, source.weights, source.pretrained,
+                                  source.random_init)
+    env = environment.resolve(config.launch, config.data, "finetune")
+    launch.start("finetune", _worker, config, env, accum=optim.accum,
+                 need_val="fine-tuning evaluates on it after every epoch")
 
 
-def _worker(payload: dict) -> None:
-    device = payload.pop("device")
-    runtime.run_worker(device, lambda info: _train(FinetuneConfig(**payload), info))
+def _worker(config: FinetuneConfig, env: Environment) -> None:
+    launch.run_worker(env, lambda info: loop.train(FinetuneStage(config, env, info), config, env, info))
 
 
-def _train(config: FinetuneConfig, info: runtime.DistInfo) -> None:
-    task = FinetuneTask(config, info)
-    schedule = loop.make_schedule(config, task.loader.steps_per_epoch, info.world_size, config.accum)
-    loop.train(task, loop.Run(config, schedule, info, Path(config.out), task.resolved, config.accum))
-
-
-class FinetuneTask(loop.Task):
-    stage = "finetune"
+class FinetuneStage(loop.Stage):
+    name = "finetune"
     metrics = (Metric("loss"),)
     eval_metrics = (Metric("val_top1", percent=True, label="val top-1"),
                     Metric("val_top5", percent=True, label="val top-5"),
                     Metric("val_top1_ema", percent=True, label="val top-1 (EMA)"))
 
-    def __init__(self, config: FinetuneConfig, info: runtime.DistInfo) -> None:
+    def __init__(self, config: FinetuneConfig, env: Environment, info: distributed.DistInfo) -> None:
         from timm.loss import SoftTargetCrossEntropy
 
-        from droppos.data import batch_augment, build_loader, resolve_backend
+        from droppos.data import batch_augment, build_loader
         from droppos.encoders import load_encoder
         from droppos.manifest import load_manifest
 
         self.config, self.info, self.device = config, info, info.device
-        self.out = Path(config.out)
-        self.precision = runtime.setup_precision(self.device, config.precision)
-        use_compile = config.compile if config.compile is not None else self.device.type == "cuda"
-        self.num_classes = len(load_manifest(Path(config.data))["classes"])
-        torch.manual_seed(config.seed)  # the same head (and random encoder) on every rank
+        self.out = Path(config.output.out)
+        self.precision, self.accum, self.seed = env.precision, config.optim.accum, config.launch.seed
+        source, augment, optim, data = config.encoder, config.augment, config.optim, config.data.path
+        self.num_classes = len(load_manifest(Path(data))["classes"])
+        torch.manual_seed(self.seed)  # the same head (and random encoder) on every rank
         model, self.encoder_info = load_encoder(
-            config.encoder, config.run, config.timm_model, num_classes=self.num_classes, global_pool=config.pool,
-            drop_path_rate=config.drop_path, img_size=config.img_size, depth=config.depth,
-            random_init=config.random_init, weights=config.weights, pretrained=config.pretrained)
+            source.encoder, source.run, source.timm_model, num_classes=self.num_classes, global_pool=source.pool,
+            drop_path_rate=augment.drop_path, img_size=source.img_size, depth=source.depth,
+            random_init=source.random_init, weights=source.weights, pretrained=source.pretrained)
         img_h, img_w = self.encoder_info["img_size"]
         if img_h != img_w:
             raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
         self.img_size = img_h
-        backend = resolve_backend(config.loader, self.device, "finetune")  # train and val alike
-        loader = dict(batch_size=config.batch_size, img_size=img_h, backend=backend, device=self.device,
-                      rank=info.rank, world_size=info.world_size, seed=config.seed, workers=config.workers)
-        self.loader = build_loader(config.data, "train", "finetune", **loader)
-        self.val_loader = build_loader(config.data, "val", "eval", **loader)
+        loader = dict(batch_size=optim.batch_size, img_size=img_h, backend=env.loader, device=self.device,
+                      rank=info.rank, world_size=info.world_size, seed=self.seed, workers=env.workers)
+        self.loader = build_loader(data, "train", "finetune", **loader)
+        self.val_loader = build_loader(data, "val", "eval", **loader)
+        self.schedule = loop.make_schedule(optim, self.loader.steps_per_epoch, info.world_size, self.accum)
         with torch.no_grad():  # MAE: a near-zero head so that the pre-trained features lead at first
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
             torch.nn.init.zeros_(model.head.bias)
         self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, config.weight_decay, config.layer_decay),
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, optim.weight_decay, optim.layer_decay),
                                            lr=0.0, fused=self.device.type == "cuda")
         self.ema = None
-        if config.ema:
+        if augment.ema:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.model, decay=config.ema_decay)
+            self.ema = ModelEmaV3(self.model, decay=augment.ema_decay)
         self.criterion = SoftTargetCrossEntropy()
-        self.augment = batch_augment(self.num_classes, mixup=config.mixup, cutmix=config.cutmix,
-                                     label_smoothing=config.smoothing, reprob=config.reprob, device=self.device)
+        self.augment = batch_augment(self.num_classes, mixup=augment.mixup, cutmix=augment.cutmix,
+                                     label_smoothing=augment.smoothing, reprob=augment.reprob, device=self.device)
         self.best: dict[str, Any] = {"top1": None, "epoch": None}
-        self.ddp = runtime.wrap_ddp(self.model, info, config.accum)
-        self.forward = torch.compile(self.ddp) if use_compile else self.ddp
-        self.resolved = {"device": self.device.type, "precision": self.precision, "compile": use_compile,
-                         "loader": self.loader.backend}
+        self.ddp = distributed.wrap_ddp(self.model, info, self.accum)
+        self.forward = torch.compile(self.ddp) if env.compile else self.ddp
 
     # -- state ------------------------------------------------------------------------
 
@@ -137,7 +131,7 @@ class FinetuneTask(loop.Task):
         return parts
 
     def extra_state(self) -> dict[str, Any]:
-        return {"best": self.best, "encoder": runtime.plain(self.encoder_info)}
+        return {"best": self.best, "encoder": checkpoint.plain(self.encoder_info)}
 
     def load_extra_state(self, saved: dict[str, Any]) -> None:
         self.best = dict(saved.get("best") or self.best)
@@ -145,7 +139,7 @@ class FinetuneTask(loop.Task):
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
         return (f"{self.encoder_info['label']} ({params / 1e6:.1f}M parameters, {self.img_size} px, "
-                f"{self.num_classes} classes) on {self.config.data} ({self.loader.num_samples} train / "
+                f"{self.num_classes} classes) on {self.config.data.path} ({self.loader.num_samples} train / "
                 f"{self.val_loader.num_samples} val)")
 
     # -- training ---------------------------------------------------------------------
@@ -156,21 +150,20 @@ class FinetuneTask(loop.Task):
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.loader.epoch(epoch, start_step=start_batch)
 
-    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
-        seed_step(self.config.seed, self.info.rank, step)
+    def step(self, step: int, micro: list[Any], window: loop.MetricWindow) -> None:
+        seed_step(self.seed, self.info.rank, step)
         self.model.train()
         for i, (images, labels) in enumerate(micro):
             images, targets = self.augment(images, labels)
             last = i == len(micro) - 1
             no_sync = self.ddp.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
-            with no_sync, runtime.autocast(self.device, self.precision):
+            with no_sync, environment.autocast(self.device, self.precision):
                 loss = self.criterion(self.forward(images).float(), targets)
             (loss / len(micro)).backward()
-            sums[0] += loss.detach() / len(micro)
-            sums[1] += (~torch.isfinite(loss.detach())).float()
-        if self.config.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
-            sums[1] += (~torch.isfinite(grad_norm)).float()
+            window.add("loss", loss.detach() / len(micro))
+            window.check_finite(loss)
+        if self.config.optim.clip_grad > 0:
+            window.check_finite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -192,7 +185,7 @@ class FinetuneTask(loop.Task):
             results = dict(record, step=step, epoch=epoch,
                            best_top1=self.best["top1"], best_epoch=self.best["epoch"], task="finetune",
                            num_classes=self.num_classes, img_size=self.img_size,
-                           encoder=runtime.plain(self.encoder_info), units="percent")
+                           encoder=checkpoint.plain(self.encoder_info), units="percent")
             write_json_atomic(self.out / "results.json", results)
             extra = f" (EMA {record['top1_ema']:.2f}%)" if self.ema is not None else ""
             say(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}%{extra} "
@@ -205,7 +198,7 @@ class FinetuneTask(loop.Task):
         self.model.eval()
         try:
             def logits(images: torch.Tensor) -> torch.Tensor:
-                with runtime.autocast(self.device, self.precision):
+                with environment.autocast(self.device, self.precision):
                     return predict(images)
             return evaluate_topk(logits, self.val_loader.epoch(0), self.device, self.info.distributed)
         finally:

@@ -1,20 +1,20 @@
 """The one training loop of pretrain, finetune and probe: step-based, resumable, quiet on the host.
 
-A stage describes its training as a `Task` (its parts, its step, its metrics, its evaluation);
-`train(task, ...)` does the rest, the same way for all three:
+A stage describes its training as a `Stage` (its parts, schedule, step, named metrics, evaluation);
+`train(stage, config, env, info)` does the rest, the same way for all three:
 
 - the schedule (`Schedule`): steps per epoch, total and stop step, warm-up and peak lr, and the lr
   of every step from one stateless function (MAE's warm-up + half-cycle cosine; each param group's
   `lr_scale`, e.g. layer-wise decay, multiplies it);
 - iteration across epochs from the exact resume position (the step alone fixes epoch and batch);
 - gradient accumulation: `accum` micro-batches per optimizer step;
-- the logging window: the step adds its metrics to a tensor on the device, read once per
+- the logging window (`MetricWindow`): the step adds each metric by name on the device; read once per
   `--log-every` steps (the one host synchronisation), written to metrics.jsonl and the progress;
 - SIGTERM/SIGINT: every rank stops at the same step, saves a checkpoint, exits 143/130;
 - checkpoints every `--ckpt-every` steps, every `--ckpt-minutes`, at every epoch end, atomically,
   never after a non-finite step (a non-finite loss or gradient stops the run with one line, exit 2,
   and the last checkpoint is the last good one);
-- evaluation at epoch ends (every `task.eval_every` epochs) and at the stop step, before the
+- evaluation at epoch ends (every `stage.eval_every` epochs) and at the stop step, before the
   checkpoint that records it: a kill during an evaluation makes the resumed run evaluate again;
 - metrics.jsonl holds each step once: on resume, records past the checkpoint are dropped;
 - the start-up line and the closing summary.
@@ -28,17 +28,19 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from droppos import UserError, runtime
+from droppos import UserError, checkpoint, rundir
+from droppos.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from droppos.environment import Environment
 from droppos.files import output_error, write_text_atomic
 from droppos.progress import Progress
+from droppos.recipes import ScheduleOptions, TrainingConfig
 
-CHECKPOINT_FORMAT = "droppos-checkpoint/2"
 EVAL_LINES = 10  # evaluation lines per run on the progress: a 90-epoch probe shows ~10, metrics.jsonl has all
 
 
@@ -93,17 +95,17 @@ class Schedule:
                     min_lr=self.min_lr, effective_batch=self.images_per_step)
 
 
-def make_schedule(config: Any, batches_per_epoch: int, world_size: int, accum: int = 1) -> Schedule:
-    """The schedule of a stage's config (epochs, warmup_epochs, batch_size, blr or lr, min_lr, max_steps)."""
+def make_schedule(optim: ScheduleOptions, batches_per_epoch: int, world_size: int, accum: int = 1) -> Schedule:
+    """The schedule of a stage's optimisation section and its data (`batches_per_epoch` per rank)."""
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
         raise UserError(f"an epoch has {batches_per_epoch} batches, fewer than --accum {accum}: "
                         "lower --batch-size or --accum")
-    effective = config.batch_size * accum * world_size
-    peak = config.lr if config.lr is not None else config.blr * effective / 256
-    return Schedule(steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                    warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)), peak_lr=peak,
-                    min_lr=config.min_lr, images_per_step=effective, max_steps=config.max_steps)
+    effective = optim.batch_size * accum * world_size
+    peak = optim.lr if optim.lr is not None else optim.blr * effective / 256
+    return Schedule(steps_per_epoch=steps_per_epoch, epochs=optim.epochs,
+                    warmup_steps=int(round(optim.warmup_epochs * steps_per_epoch)), peak_lr=peak,
+                    min_lr=optim.min_lr, images_per_step=effective, max_steps=optim.max_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -127,15 +129,46 @@ class Metric:
     label: str = ""
 
 
-class Task:
-    """One stage's training: override what differs. The loop calls, in order: `batches`, then per
-    optimizer step `step(step, micro, sums)`, `evaluate(epoch, ...)` at epoch ends, `finish()`."""
+class MetricWindow:
+    """The step's metrics, summed by name on the device over a logging window, and a non-finite count apart
+    (no stage can move it). `values()` is read once per log step, after the one all-reduce."""
 
-    stage: str = ""
-    metrics: Sequence[Metric] = ()  # the step's, in the order of `sums`
+    def __init__(self, metrics: Sequence[Metric], device: torch.device) -> None:
+        self.names = [m.name for m in metrics]
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self.sums = torch.zeros(len(self.names) + 1, device=device)  # the metrics, then the non-finite count
+        self.steps = 0
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        """Add a 0-dim tensor to metric `name` (no host sync)."""
+        self.sums[self._index[name]] += value
+
+    def check_finite(self, *values: torch.Tensor) -> None:
+        """Count the non-finite ones among these 0-dim tensors (a loss, a gradient norm) (no host sync)."""
+        for tensor in values:
+            self.sums[-1] += (~torch.isfinite(tensor.detach())).float()
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self.sums[-1:]
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps = 0
+
+
+class Stage:
+    """One stage's training: override what differs. The stage sets `optimizer`, `schedule` (`make_schedule`),
+    and, when they are not the defaults, `accum` and `eval_every`. The loop calls, in order: `batches`, then per
+    optimizer step `step(step, micro, window)`, `evaluate(...)` at epoch ends, `finish()`."""
+
+    name: str = ""  # pretrain, finetune, probe
+    metrics: Sequence[Metric] = ()  # the step's, added to the window by name
     eval_metrics: Sequence[Metric] = ()  # fields of `evaluate`'s result shown in the summary
     eval_every: int = 1  # evaluate after every N epochs (0: only at the stop step)
+    accum: int = 1  # micro-batches per optimizer step
     optimizer: torch.optim.Optimizer
+    schedule: Schedule
 
     def parts(self) -> dict[str, Any]:
         """Modules and optimizers saved in the checkpoint under these keys (and loaded on resume)."""
@@ -152,9 +185,9 @@ class Task:
         """The micro-batches of `epoch` from `start_batch` on."""
         raise NotImplementedError
 
-    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
-        """One optimizer step from `micro`; add each metric's value to `sums[i]` and a non-finite count
-        to `sums[-1]`, on the device (no host sync). The loop has set the lr."""
+    def step(self, step: int, micro: list[Any], window: MetricWindow) -> None:
+        """One optimizer step from `micro`; add each metric to `window` by name and pass the loss and gradient
+        norm to `window.check_finite`, on the device (no host sync). The loop has set the lr."""
         raise NotImplementedError
 
     def log_fields(self, step: int) -> dict[str, Any]:
@@ -172,10 +205,10 @@ class Task:
 
     def describe(self) -> str:
         """What runs, for the start-up line (model, parameters, data)."""
-        return self.stage
+        return self.name
 
     def loaders(self) -> list[Any]:
-        """The task's data loaders, whose skipped corrupt samples the loop reports."""
+        """The stage's data loaders, whose skipped corrupt samples the loop reports."""
         return []
 
 
@@ -216,7 +249,7 @@ class StopRequest:
         """This rank's [SIGTERM, SIGINT, timed checkpoint due], reduced across ranks with a log step's metrics."""
         return [float(self.signal_name == "SIGTERM"), float(self.signal_name == "SIGINT"), float(checkpoint_due)]
 
-    def agreed(self, info: runtime.DistInfo, at_log: bool, checkpoint_due: bool,
+    def agreed(self, info: DistInfo, at_log: bool, checkpoint_due: bool,
                reduced: Optional[list[float]]) -> tuple[Optional[str], bool]:
         """(the signal to stop by now, or None; save a timed checkpoint now), the same on every rank: alone, at
         once; together, at log steps, from `reduced` (`flags` averaged over the ranks in the log's all-reduce:
@@ -308,19 +341,18 @@ class Timer:
 # Checkpoints
 
 
-def checkpoint(task: Task, step: int, epoch: int, evaluated_step: int, reason: str, run: dict[str, Any]) -> dict:
-    """The checkpoint dict: the task's parts and state, the step, and what the run was started with."""
-    return runtime.checkpoint_state(
-        task.parts(), format=CHECKPOINT_FORMAT, stage=task.stage, step=step, epoch=epoch,
-        evaluated_step=evaluated_step, reason=reason, **run, **task.extra_state())
+def _checkpoint(stage: Stage, step: int, evaluated_step: int, reason: str, run: dict[str, Any]) -> dict:
+    """The checkpoint dict: the stage's parts and state, the step, and what the run was started with."""
+    return checkpoint.state(stage.parts(), stage=stage.name, step=step, epoch=step // stage.schedule.steps_per_epoch,
+                            evaluated_step=evaluated_step, reason=reason, **run, **stage.extra_state())
 
 
-def resume(task: Task, out: Path, info: runtime.DistInfo) -> tuple[int, int, bool]:
-    """Load OUT's checkpoint into the task: (step, the step of its last evaluation, resumed?)."""
-    saved = runtime.resume(out, info.device, task.parts(), info.is_main)
+def _resume(stage: Stage, out: Path, info: DistInfo) -> tuple[int, int, bool]:
+    """Load OUT's checkpoint into the stage: (step, the step of its last evaluation, resumed?)."""
+    saved = checkpoint.resume(out, info.device, stage.parts())
     if saved is None:
         return 0, 0, False
-    task.load_extra_state(saved)
+    stage.load_extra_state(saved)
     step = int(saved["step"])
     return step, int(saved.get("evaluated_step", step)), True
 
@@ -337,47 +369,37 @@ def evaluation_due(step: int, schedule: Schedule, eval_every: int) -> bool:
 # The loop
 
 
-@dataclass
-class Run:
-    """What `train` needs besides the task: the options, the schedule and where to write."""
+def train(stage: Stage, config: TrainingConfig, env: Environment, info: DistInfo) -> None:
+    """Train `stage` from its checkpoint in --out (or from scratch) to the stop step.
 
-    config: Any  # the stage's options (a recipes dataclass)
-    schedule: Schedule
-    info: runtime.DistInfo
-    out: Path
-    resolved: dict[str, Any] = field(default_factory=dict)  # what 'auto' became: loader, precision, device, compile
-    accum: int = 1
-    world_size: Optional[int] = None  # the run's, when `info` is one rank's own view (a cached probe's head)
-
-
-def train(task: Task, run: Run) -> None:
-    """Train `task` from its checkpoint in run.out (or from scratch) to the stop step."""
-    config, schedule, info, out = run.config, run.schedule, run.info, run.out
-    step, evaluated_step, resumed = resume(task, out, info)
-    world_size = run.world_size or info.world_size
-    record = runtime.config_record(config, run.resolved, schedule, world_size)
+    `env` is the run's (its world size is the run's); `info` the group this loop communicates in (rank 0 alone
+    for a probe head on cached features).
+    """
+    schedule, out, output = stage.schedule, Path(config.output.out), config.output
+    step, evaluated_step, resumed = _resume(stage, out, info)
+    record = rundir.config_record(config, env, schedule)
     if info.is_main:
-        runtime.write_config(out, record)
-    meta = {"config": runtime.plain(config), "resolved": run.resolved, "schedule": schedule.record(),
-            "world_size": world_size, "data_sha256": record["run_card"].get("data_manifest_sha256")}
+        rundir.write_config(out, record)
+    meta = {"config": {k: v for k, v in record.items() if k not in ("environment", "schedule", "run_card")},
+            "environment": record["environment"], "schedule": record["schedule"], "world_size": env.world_size,
+            "data_sha256": record["run_card"].get("data_manifest_sha256")}
     stop_step = schedule.stop_step
     if info.is_main:
         where = f"; resumed from step {step}" if resumed else ""
-        print(f"{task.stage}: {task.describe()}; {stop_step} steps of {schedule.images_per_step} images "
-              f"({schedule.epochs} epochs of {schedule.steps_per_epoch}), {_resolved_text(run.resolved)}, "
-              f"world size {world_size}{where}", file=sys.stderr, flush=True)
-    metrics_names = [m.name for m in task.metrics]
-    pending = evaluation_due(step, schedule, task.eval_every) and evaluated_step < step
+        print(f"{stage.name}: {stage.describe()}; {stop_step} steps of {schedule.images_per_step} images "
+              f"({schedule.epochs} epochs of {schedule.steps_per_epoch}), {env.describe()}{where}",
+              file=sys.stderr, flush=True)
+    pending = evaluation_due(step, schedule, stage.eval_every) and evaluated_step < step
     if step >= stop_step and not pending:
         if info.is_main:
             print(f"{out}: already at step {step} of {stop_step}; nothing to train", file=sys.stderr)
-        _finish(task, run, None, step, step, 0.0, {}, {})
+        _finish(stage, out, info, None, step, step, 0.0, {}, {})
         return
 
     log = MetricsLog(out, info.is_main, step)  # a fresh run (step 0) keeps none of an earlier file's records
-    progress = Progress(task.stage, stop_step, start=step, enabled=info.is_main, plain_every_s=None)  # the loop logs
-    sums = torch.zeros(len(metrics_names) + 1, device=info.device)  # the metrics, then the non-finite count
-    window, start_step, timer, t_start = 0, step, Timer(), time.perf_counter()
+    progress = Progress(stage.name, stop_step, start=step, enabled=info.is_main, plain_every_s=None)  # the loop logs
+    window = MetricWindow(stage.metrics, info.device)
+    start_step, timer, t_start = step, Timer(), time.perf_counter()
     last_ckpt = time.monotonic()
     last_log: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
@@ -385,23 +407,24 @@ def train(task: Task, run: Run) -> None:
 
     def save(reason: str) -> None:
         """Every rank calls it at the same step: all stop together if any rank's step or weights went non-finite."""
-        bad = torch.tensor([float(float(sums[-1]) > 0 or not _finite_weights(task))], device=info.device)
-        if float(runtime.all_reduce_max(bad, info)[0]) > 0:
+        bad = torch.tensor([float(float(window.nonfinite) > 0 or not _finite_weights(stage))], device=info.device)
+        if float(all_reduce_max(bad, info)[0]) > 0:
             raise _non_finite(step, out)
         if info.is_main:
-            state = checkpoint(task, step, step // schedule.steps_per_epoch, evaluated_step, reason, meta)
-            runtime.save_checkpoint(runtime.checkpoint_path(out), state)
-            if config.keep_every and step % config.keep_every == 0:
-                runtime.save_checkpoint(out / "checkpoints" / f"step-{step:08d}.pt", state)
+            state = _checkpoint(stage, step, evaluated_step, reason, meta)
+            checkpoint.save(checkpoint.path(out), state)
+            if output.keep_every and step % output.keep_every == 0:
+                checkpoint.save(out / "checkpoints" / f"step-{step:08d}.pt", state)
         if info.distributed:  # no rank leaves (a stop, the end) while rank 0 still writes: the launcher would kill it
             torch.distributed.barrier()
 
     def evaluate() -> None:
         nonlocal evaluated_step, last_eval
-        _check_finite(sums, info, step, out)
+        if float(all_reduce_max(window.nonfinite.clone(), info)[0]) > 0:
+            raise _non_finite(step, out)
         epoch = epochs_done(step, schedule)
         shown = step >= stop_step or step % max(1, schedule.total_steps // EVAL_LINES) < schedule.steps_per_epoch
-        fields = task.evaluate(step, epoch, progress.log if shown else lambda line: None)
+        fields = stage.evaluate(step, epoch, progress.log if shown else lambda line: None)
         evaluated_step = step
         if fields:
             last_eval = fields
@@ -414,24 +437,23 @@ def train(task: Task, run: Run) -> None:
                 save("epoch" if step % schedule.steps_per_epoch == 0 else "end")
             while step < stop_step and stopped_by is None:
                 epoch, within = schedule.position(step)
-                batches = task.batches(epoch, within * run.accum)
+                batches = stage.batches(epoch, within * stage.accum)
                 epoch_end = min((epoch + 1) * schedule.steps_per_epoch, stop_step)
                 try:
                     while step < epoch_end:
                         with timer.waiting():
-                            micro = [next(batches) for _ in range(run.accum)]
-                        set_lr(task.optimizer, schedule.lr(step))
-                        task.step(step, micro, sums)
+                            micro = [next(batches) for _ in range(stage.accum)]
+                        set_lr(stage.optimizer, schedule.lr(step))
+                        stage.step(step, micro, window)
                         step += 1
-                        window += 1
-                        at_log = step % config.log_every == 0 or step == stop_step
-                        due = (time.monotonic() - last_ckpt) / 60 >= config.ckpt_minutes
+                        window.steps += 1
+                        at_log = step % config.logging.log_every == 0 or step == stop_step
+                        due = (time.monotonic() - last_ckpt) / 60 >= output.ckpt_minutes
                         reduced = None
                         if at_log:
-                            last_log, reduced = _log(task, sums, window, timer, step, epoch, run, log, progress,
+                            last_log, reduced = _log(stage, window, timer, step, epoch, info, out, log, progress,
                                                      stop.flags(due))
-                            sums.zero_()
-                            window = 0
+                            window.reset()
                             timer.reset()
                         progress.update(step, last_log.get("status", ""))
                         stopping, timed = stop.agreed(info, at_log, due, reduced)
@@ -439,8 +461,8 @@ def train(task: Task, run: Run) -> None:
                             stopped_by = stopping
                             break
                         at_boundary = step % schedule.steps_per_epoch == 0 or step == stop_step
-                        kept = config.keep_every and step % config.keep_every == 0
-                        if not at_boundary and (step % config.ckpt_every == 0 or timed or kept):
+                        kept = output.keep_every and step % output.keep_every == 0
+                        if not at_boundary and (step % output.ckpt_every == 0 or timed or kept):
                             save("periodic")
                             last_ckpt = time.monotonic()
                 finally:
@@ -448,7 +470,7 @@ def train(task: Task, run: Run) -> None:
                         batches.close()
                 if stopped_by is not None:
                     break
-                if evaluation_due(step, schedule, task.eval_every):
+                if evaluation_due(step, schedule, stage.eval_every):
                     evaluate()
                 save("epoch" if step % schedule.steps_per_epoch == 0 else "end")
                 last_ckpt = time.monotonic()
@@ -457,42 +479,45 @@ def train(task: Task, run: Run) -> None:
     finally:
         progress.close()
         log.close()
-        _write_skipped(task, out, info)
+        _write_skipped(stage, out, info)
     if stopped_by is not None:
         if info.is_main:
-            print(f"stopped by {stopped_by} at step {step}: checkpoint saved to {runtime.checkpoint_path(out)}; "
+            print(f"stopped by {stopped_by} at step {step}: checkpoint saved to {checkpoint.path(out)}; "
                   "re-run the same command to resume", file=sys.stderr)
         raise SystemExit(143 if stopped_by == "SIGTERM" else 130)
-    _finish(task, run, log, start_step, step, time.perf_counter() - t_start, last_log, last_eval)
+    _finish(stage, out, info, log, start_step, step, time.perf_counter() - t_start, last_log, last_eval)
 
 
-def _log(task: Task, sums: torch.Tensor, window: int, timer: Timer, step: int, epoch: int, run: Run,
+def _log(stage: Stage, window: MetricWindow, timer: Timer, step: int, epoch: int, info: DistInfo, out: Path,
          log: MetricsLog, progress: Progress, flags: list[float]) -> tuple[dict[str, Any], list[float]]:
     """(the record, `flags` averaged over the ranks): one all-reduce and the one host sync of a log step carry
-    the metrics, the corrupt samples every rank's loaders skipped so far, and the stop flags."""
-    schedule = run.schedule
-    skipped = float(sum(loader.skipped for loader in task.loaders()))
-    extra = torch.tensor([skipped, *flags], device=sums.device)
-    values = runtime.all_reduce_mean(torch.cat([sums, extra]), run.info).tolist()
-    values, skipped, reduced = values[:len(sums)], values[len(sums)], values[len(sums) + 1:]
-    skipped_all = round(skipped * run.info.world_size)
-    if values[-1] > 0:
-        raise _non_finite(step, run.out)
+    the metrics, the non-finite count, the corrupt samples every rank's loaders skipped so far, and the stop
+    flags."""
+    schedule = stage.schedule
+    skipped = float(sum(loader.skipped for loader in stage.loaders()))
+    extra = torch.tensor([skipped, *flags], device=window.sums.device)
+    values = all_reduce_mean(torch.cat([window.sums, extra]), info).tolist()
+    named = dict(zip(window.names, values))
+    nonfinite, skipped, reduced = values[len(window.names)], values[len(window.names) + 1], values[len(window.names) + 2:]
+    skipped_all = round(skipped * info.world_size)
+    if nonfinite > 0:
+        raise _non_finite(step, out)
     elapsed = timer.elapsed()
     record: dict[str, Any] = {"step": step, "epoch": epochs_done(step, schedule)}
-    for metric, total in zip(task.metrics, values):
-        record[metric.name] = total / window * (100.0 if metric.percent else 1.0)
+    for metric in stage.metrics:
+        record[metric.name] = named[metric.name] / window.steps * (100.0 if metric.percent else 1.0)
     record["lr"] = schedule.lr(step - 1)
-    record.update(task.log_fields(step - 1))
-    record["img_per_s"] = window * schedule.images_per_step / elapsed
+    record.update(stage.log_fields(step - 1))
+    record["img_per_s"] = window.steps * schedule.images_per_step / elapsed
     record["data_wait"] = 100.0 * timer.data_wait / elapsed
     if skipped_all:
         record["skipped_samples"] = skipped_all  # all ranks', this session: the keys are in OUT/skipped.rank<R>.jsonl
     log.write(record)
-    shown = " ".join(f"{m.name} {_shown(m, record[m.name])}" for m in task.metrics)
-    extra = " ".join(f"{k} {v:.3g}" for k, v in task.log_fields(step - 1).items())
+    shown = " ".join(f"{m.name} {_shown(m, record[m.name])}" for m in stage.metrics)
+    extra_text = " ".join(f"{k} {v:.3g}" for k, v in stage.log_fields(step - 1).items())
     progress.log(f"step {step}/{schedule.stop_step} epoch {epoch + 1}/{schedule.epochs} {shown} lr {record['lr']:.3g} "
-                 f"{extra + ' ' if extra else ''}{record['img_per_s']:.1f} img/s data-wait {record['data_wait']:.0f}%")
+                 f"{extra_text + ' ' if extra_text else ''}{record['img_per_s']:.1f} img/s data-wait "
+                 f"{record['data_wait']:.0f}%")
     return dict(record, status=f"{shown} {record['img_per_s']:.0f} img/s"), reduced
 
 
@@ -506,16 +531,16 @@ def epochs_done(step: int, schedule: Schedule) -> float:
 
 def _non_finite(step: int, out: Path) -> NonFiniteError:
     return NonFiniteError(f"non-finite loss or gradient before step {step}; the last good checkpoint "
-                          f"({runtime.checkpoint_path(out)}) was kept. "
+                          f"({checkpoint.path(out)}) was kept. "
                           "Lower the lr (--blr) or check the data, then re-run to resume")
 
 
-def _write_skipped(task: Task, out: Path, info: runtime.DistInfo) -> None:
+def _write_skipped(stage: Stage, out: Path, info: DistInfo) -> None:
     """OUT/skipped.rank<R>.jsonl: each corrupt sample this rank's loaders skipped, once, with how often, over
     every session of the run (a resumed session adds its counts to the file's)."""
     path = out / f"skipped.rank{info.rank}.jsonl"
     counts: dict[tuple[str, str], int] = {}
-    for loader in task.loaders():
+    for loader in stage.loaders():
         for key in loader.skipped_keys:
             counts[(loader.split, key)] = counts.get((loader.split, key), 0) + 1
     if not counts:
@@ -531,52 +556,38 @@ def _write_skipped(task: Task, out: Path, info: runtime.DistInfo) -> None:
         for (split, key), times in sorted(counts.items())))
 
 
-def _finite_weights(task: Task) -> bool:
-    """Whether every floating tensor of the task's modules is finite (one host sync, at checkpoints only):
+def _finite_weights(stage: Stage) -> bool:
+    """Whether every floating tensor of the stage's modules is finite (one host sync, at checkpoints only):
     a finite loss can still be followed by an update that overflows the weights."""
-    tensors = [t for part in task.parts().values() if isinstance(part, torch.nn.Module)
+    tensors = [t for part in stage.parts().values() if isinstance(part, torch.nn.Module)
                for t in (*part.parameters(), *part.buffers()) if t.is_floating_point() and t.numel()]
     if not tensors:
         return True
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
-def _check_finite(sums: torch.Tensor, info: runtime.DistInfo, step: int, out: Path) -> None:
-    if float(runtime.all_reduce_max(sums[-1:].clone(), info)[0]) > 0:
-        raise _non_finite(step, out)
-
-
-def _resolved_text(resolved: dict[str, Any]) -> str:
-    parts = [str(resolved.get("device", "?")), str(resolved.get("precision", "?"))]
-    if "compile" in resolved:
-        parts.append("compiled" if resolved["compile"] else "eager")
-    if "loader" in resolved:
-        parts.append(f"loader {resolved['loader']}")
-    return " ".join(parts)
-
-
-def _finish(task: Task, run: Run, log: Optional[MetricsLog], start_step: int, step: int, elapsed: float,
+def _finish(stage: Stage, out: Path, info: DistInfo, log: Optional[MetricsLog], start_step: int, step: int, elapsed: float,
             last_log: dict[str, Any], last_eval: dict[str, Any]) -> None:
-    if not run.info.is_main:
+    if not info.is_main:
         return
-    rows = task.finish()
+    rows = stage.finish()
     if log is None:
         return
     from rich.console import Console
     from rich.table import Table
 
-    schedule = run.schedule
+    schedule = stage.schedule
     images = (step - start_step) * schedule.images_per_step
-    table = Table(title=f"droppos {task.stage}: {run.out}", show_header=False)
+    table = Table(title=f"droppos {stage.name}: {out}", show_header=False)
     table.add_row("steps", f"{start_step} -> {step} of {schedule.total_steps}")
     table.add_row("images (this run)", f"{images:,}")
     table.add_row("time", f"{elapsed:.1f} s")
     table.add_row("throughput", f"{images / max(elapsed, 1e-9):.1f} img/s")
-    for metric in task.metrics:
+    for metric in stage.metrics:
         if metric.name in last_log:
             name = metric.name if metric.name.startswith("train_") else f"train {metric.name}"
             table.add_row(metric.label or f"final {name}", _shown(metric, last_log[metric.name]))
-    for metric in task.eval_metrics:
+    for metric in stage.eval_metrics:
         if metric.name in last_eval:
             table.add_row(metric.label or metric.name, _shown(metric, last_eval[metric.name]))
     for name, value in rows:

@@ -61,7 +61,7 @@ __all__ = [
     "position_targets",
 ]
 
-from droppos.recipes import MASK_TOKENS as MASK_TOKEN_TYPES, MODELS  # noqa: E402 - the one list (recipes is torch-free)
+from droppos.recipes import MASK_TOKENS as MASK_TOKEN_TYPES, MODELS, PretrainConfig  # noqa: E402 - the one list (recipes is torch-free)
 
 # sigma**2 is clamped here so that sigma = 0 gives exp(-d^2 / eps) = exactly 0 off the diagonal and 1 on it.
 _SIGMA_SQ_EPS = 1e-12
@@ -556,7 +556,7 @@ _ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")
 
 def droppos_core(model: nn.Module) -> nn.Module:
     """The DropPosViT inside torch.compile and DDP wrappers."""
-    from droppos.runtime import unwrap
+    from droppos.distributed import unwrap
 
     core = unwrap(model)
     if not isinstance(core, DropPosViT):
@@ -575,19 +575,15 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def create_from_config(config: Any) -> "DropPosViT":
-    """The DropPos model a pretrain config describes (a PretrainConfig, or its dict from config.json or a
-    checkpoint): the options declared `model_arg` in droppos/recipes.py are its constructor arguments.
-
-    One place for pretrain (which builds it) and eval-pos (which rebuilds it from a run).
-    """
+def create_from_config(config: PretrainConfig) -> "DropPosViT":
+    """The DropPos model a pretrain config describes: the options declared `model_arg` in droppos/recipes.py
+    are its constructor arguments. One place for pretrain (which builds it) and the readers of its checkpoints
+    (which rebuild it from the recorded config: `recipes.from_record`)."""
     import timm
 
-    from droppos.recipes import PretrainConfig, from_dict, model_args
+    from droppos.recipes import model_args
 
-    if isinstance(config, dict):
-        config = from_dict(PretrainConfig, config)
-    return timm.create_model(f"droppos_{config.model}", img_size=config.img_size, **model_args(config))
+    return timm.create_model(f"droppos_{config.model.arch}", img_size=config.model.img_size, **model_args(config))
 
 
 # ----------------------------------------------------------------------------------------------------------

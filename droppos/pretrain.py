@@ -16,9 +16,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from droppos import UserError, loop, runtime
+from droppos import UserError, check_all, checkpoint, distributed, environment, launch, loop
+from droppos.environment import Environment
 from droppos.loop import Metric
-from droppos.recipes import MODELS, PretrainConfig
+from droppos.recipes import PretrainConfig
 
 
 def sigma_at_step(step: int, total_steps: int, sigma0: float, decay: bool) -> float:
@@ -64,15 +65,16 @@ def build_model(config: PretrainConfig) -> torch.nn.Module:
 
 
 def run(config: PretrainConfig, export_only: bool = False) -> None:
-    """Check what a user can get wrong, then launch the workers."""
-    out = runtime.check_out_dir(config.out)
+    """Check what a user can get wrong, resolve the environment, then launch the workers."""
+    out = launch.check_out_dir(config.output.out)
     if export_only:
         export_from_checkpoint(out)
         return
-    patch = config.patch_size or MODELS[config.model][3]
-    runtime.check_all([(config.img_size % patch == 0,
-                        f"--img-size {config.img_size} is not divisible by the patch size {patch}")])
-    runtime.start("pretrain", _worker, config, out, step_batch=config.batch_size * config.accum)
+    model = config.model
+    check_all([(model.img_size % model.patch == 0,
+                f"--img-size {model.img_size} is not divisible by the patch size {model.patch}")])
+    env = environment.resolve(config.launch, config.data, "pretrain")
+    launch.start("pretrain", _worker, config, env, accum=config.optim.accum)
 
 
 def export_from_checkpoint(out: Path) -> Path:
@@ -80,7 +82,7 @@ def export_from_checkpoint(out: Path) -> Path:
     from droppos.files import OutputLock
     from droppos.weights import read_droppos_checkpoint
 
-    path = runtime.checkpoint_path(out)
+    path = checkpoint.path(out)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: nothing to export (run `droppos pretrain --out {out} ...` first)")
     with OutputLock(out, "pretrain --export-only"):
@@ -93,7 +95,7 @@ def _export(model: torch.nn.Module, out: Path) -> Path:
     from droppos.export import export_encoder
 
     target = Path(out) / "encoder.safetensors"
-    export_encoder(runtime.unwrap(model), target)
+    export_encoder(distributed.unwrap(model), target)
     return target
 
 
@@ -101,59 +103,49 @@ def _export(model: torch.nn.Module, out: Path) -> Path:
 # Worker
 
 
-def _worker(payload: dict) -> None:
-    """One training process (rank): build the task and hand it to the shared loop."""
-    device = payload.pop("device")
-    runtime.run_worker(device, lambda info: _train(PretrainConfig(**payload), info))
+def _worker(config: PretrainConfig, env: Environment) -> None:
+    """One training process (rank): build the stage and hand it to the shared loop."""
+    launch.run_worker(env, lambda info: loop.train(PretrainStage(config, env, info), config, env, info))
 
 
-def _train(config: PretrainConfig, info: runtime.DistInfo) -> None:
-    task = PretrainTask(config, info)
-    schedule = loop.make_schedule(config, task.loader.steps_per_epoch, info.world_size, config.accum)
-    task.total_steps = schedule.total_steps
-    loop.train(task, loop.Run(config, schedule, info, Path(config.out), task.resolved, config.accum))
-
-
-class PretrainTask(loop.Task):
-    stage = "pretrain"
+class PretrainStage(loop.Stage):
+    name = "pretrain"
     metrics = (Metric("loss"), Metric("pos_acc", percent=True), Metric("pos_acc_weighted", percent=True))
     eval_metrics = (Metric("val_pos_acc", percent=True, label="held-out pos_acc (val)"),)
 
-    def __init__(self, config: PretrainConfig, info: runtime.DistInfo) -> None:
+    def __init__(self, config: PretrainConfig, env: Environment, info: distributed.DistInfo) -> None:
         from droppos.data import build_loader
         from droppos.model import compile_step
 
-        self.config, self.info, self.device = config, info, info.device
-        self.out = Path(config.out)
-        self.eval_every = config.eval_every
-        self.precision = runtime.setup_precision(self.device, config.precision)
-        use_compile = config.compile if config.compile is not None else self.device.type == "cuda"
-        torch.manual_seed(config.seed)
+        self.config, self.pretext, self.info, self.device = config, config.pretext, info, info.device
+        self.out = Path(config.output.out)
+        self.eval_every, self.accum, self.precision = config.logging.eval_every, config.optim.accum, env.precision
+        self.loader_options = dict(img_size=config.model.img_size, backend=env.loader, device=self.device,
+                                   rank=info.rank, world_size=info.world_size, seed=config.launch.seed,
+                                   workers=env.workers)
+        torch.manual_seed(config.launch.seed)
         self.model = build_model(config).to(self.device)
-        self.loader = build_loader(
-            config.data, "train", "pretrain", config.batch_size, img_size=config.img_size, backend=config.loader,
-            device=self.device, rank=info.rank, world_size=info.world_size, seed=config.seed, workers=config.workers,
-            labels_to_device=False)  # the pretext needs no labels: no copy to the device every step
-        self.resolved = {"device": self.device.type, "precision": self.precision, "compile": use_compile,
-                         "loader": self.loader.backend}
-        groups = optimizer_groups(self.model, config.weight_decay, config.decay_tokens)
+        self.loader = build_loader(config.data.path, "train", "pretrain", config.optim.batch_size,
+                                   labels_to_device=False,  # the pretext needs no labels: no copy every step
+                                   **self.loader_options)
+        self.schedule = loop.make_schedule(config.optim, self.loader.steps_per_epoch, info.world_size, self.accum)
+        groups = optimizer_groups(self.model, config.optim.weight_decay, config.optim.decay_tokens)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=self.device.type == "cuda")
         # DDP first, then compile the wrapped module: DDPOptimizer splits the graph at bucket
         # boundaries so that gradient all-reduce overlaps the backward pass (PyTorch's advice). Compiled,
         # the attentive pass is its own inference graph (a CUDA graph on CUDA): model.compile_step.
-        self.ddp = runtime.wrap_ddp(self.model, info, config.accum)
-        self.saliency, self.forward = compile_step(self.ddp, self.device) if use_compile else (None, self.ddp)
+        self.ddp = distributed.wrap_ddp(self.model, info, self.accum)
+        self.saliency, self.forward = compile_step(self.ddp, self.device) if env.compile else (None, self.ddp)
         self.sigma = torch.zeros((), device=self.device)
-        self.total_steps = 1  # set from the schedule before training
 
     def parts(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer}
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
-        counts = _sample_counts(self.config.data)
-        return (f"droppos_{self.config.model} ({params / 1e6:.1f}M parameters, {self.config.img_size} px) on "
-                f"{self.config.data} ({counts})")
+        data = self.config.data.path
+        return (f"droppos_{self.config.model.arch} ({params / 1e6:.1f}M parameters, {self.config.model.img_size} px) "
+                f"on {data} ({_sample_counts(data)})")
 
     def loaders(self) -> list[Any]:
         return [self.loader]
@@ -161,26 +153,26 @@ class PretrainTask(loop.Task):
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
         return self.loader.epoch(epoch, start_step=start_batch)
 
-    def log_fields(self, step: int) -> dict[str, Any]:
-        config = self.config
-        return {"sigma": sigma_at_step(step, self.total_steps, config.sigma, config.sigma_decay)}
+    def sigma_at(self, step: int) -> float:
+        return sigma_at_step(step, self.schedule.total_steps, self.pretext.sigma, self.pretext.sigma_decay)
 
-    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
-        config = self.config
-        self.sigma.fill_(sigma_at_step(step, self.total_steps, config.sigma, config.sigma_decay))
-        torch.manual_seed(runtime.step_seed(config.seed, self.info.rank, step))
+    def log_fields(self, step: int) -> dict[str, Any]:
+        return {"sigma": self.sigma_at(step)}
+
+    def step(self, step: int, micro: list[Any], window: loop.MetricWindow) -> None:
+        self.sigma.fill_(self.sigma_at(step))
+        torch.manual_seed(distributed.step_seed(self.config.launch.seed, self.info.rank, step))
         for i, (images, _) in enumerate(micro):
             last = i == len(micro) - 1
             no_sync = self.ddp.no_sync() if self.info.distributed and not last else contextlib.nullcontext()
-            with no_sync, runtime.autocast(self.device, self.precision):
+            with no_sync, environment.autocast(self.device, self.precision):
                 weights = self.saliency(images) if self.saliency is not None else None  # else inside forward
                 out = self.forward(images, self.sigma, saliency=weights)
             (out["loss"] / len(micro)).backward()
-            sums[0] += out["loss"].detach().float() / len(micro)
-            sums[1] += out["pos_acc"].detach().float() / len(micro)
-            sums[2] += out["pos_acc_weighted"].detach().float() / len(micro)
-        grad_norm = clip_gradients(self.model.parameters(), config.clip_grad, config.clip_mode)
-        sums[3] += (~torch.isfinite(grad_norm)).float() + (~torch.isfinite(out["loss"].detach())).float()
+            for metric in self.metrics:
+                window.add(metric.name, out[metric.name].detach().float() / len(micro))
+        grad_norm = clip_gradients(self.model.parameters(), self.config.optim.clip_grad, self.config.optim.clip_mode)
+        window.check_finite(grad_norm, out["loss"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -197,23 +189,21 @@ class PretrainTask(loop.Task):
         from droppos import manifest
         from droppos.data import build_loader
 
-        data_manifest = manifest.load_manifest(Path(self.config.data))
+        data_manifest = manifest.load_manifest(Path(self.config.data.path))
         if "val" not in data_manifest["splits"] or data_manifest["splits"]["val"]["num_samples"] == 0:
             return None
-        config = self.config
-        loader = build_loader(config.data, "val", "eval", config.batch_size, img_size=config.img_size,
-                              backend=config.loader, device=self.device, rank=self.info.rank,
-                              world_size=self.info.world_size, seed=config.seed, workers=config.workers)
+        loader = build_loader(self.config.data.path, "val", "eval", self.config.optim.batch_size,
+                              **self.loader_options)
         model = self.model
         was_training = model.training
         model.eval()
         generator_state = torch.get_rng_state()
-        torch.manual_seed(config.seed + 1)  # the same masks at every evaluation
+        torch.manual_seed(self.config.launch.seed + 1)  # the same masks at every evaluation
         totals = torch.zeros(2, device=self.device)
         try:
             for images, labels in loader.epoch(0):
-                with runtime.autocast(self.device, self.precision):
-                    out = model.forward_position(images, config.mask_ratio, config.pos_mask_ratio)
+                with environment.autocast(self.device, self.precision):
+                    out = model.forward_position(images, self.pretext.mask_ratio, self.pretext.pos_mask_ratio)
                 real = (labels >= 0).float()[:, None]
                 hit = (out["logits"].argmax(-1) == out["positions"]).float() * out["dropped"].float() * real
                 totals[0] += hit.sum()

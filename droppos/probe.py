@@ -35,10 +35,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from droppos import UserError, loop, runtime
+from droppos import UserError, checkpoint, distributed, environment, launch, loop
+from droppos.distributed import DistInfo
+from droppos.environment import Environment
 from droppos.loop import Metric
 from droppos.progress import Progress
-from droppos.recipes import ProbeConfig
+from droppos.recipes import ProbeConfig, ProbeOptim
 
 FEATURES_FORMAT = "droppos-features/1"
 
@@ -60,15 +62,15 @@ def lars_groups(head: nn.Module, weight_decay: float) -> list[dict]:
             dict(params=others, weight_decay=0.0, always_adapt=False)]
 
 
-def head_optimizer(head: nn.Module, config: ProbeConfig) -> torch.optim.Optimizer:
+def head_optimizer(head: nn.Module, optim: ProbeOptim) -> torch.optim.Optimizer:
     """`--optimizer`: LARS (MAE's linear probe) or AdamW (DINOv2's linear segmentation head); the loop sets the lr.
     Either way biases and norms get no weight decay."""
-    if config.optimizer == "adamw":
-        groups = [{k: v for k, v in group.items() if k != "always_adapt"} for group in lars_groups(head, config.weight_decay)]
+    if optim.optimizer == "adamw":
+        groups = [{k: v for k, v in group.items() if k != "always_adapt"} for group in lars_groups(head, optim.weight_decay)]
         return torch.optim.AdamW(groups, lr=0.0)
     from timm.optim import Lars
 
-    return Lars(lars_groups(head, config.weight_decay), lr=0.0, momentum=0.9)
+    return Lars(lars_groups(head, optim.weight_decay), lr=0.0, momentum=0.9)
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,117 +78,114 @@ def head_optimizer(head: nn.Module, config: ProbeConfig) -> torch.optim.Optimize
 
 
 def run(config: ProbeConfig) -> None:
-    """Check everything a user can get wrong, then launch the workers."""
+    """Check everything a user can get wrong, resolve the environment, then launch the workers."""
     from droppos import encoders
 
-    out = runtime.check_out_dir(config.out)
-    encoders.check_encoder_source(config.encoder, config.run, config.timm_model, config.weights, config.pretrained,
-                                  config.random_init)
+    launch.check_out_dir(config.output.out)
+    source = config.encoder
+    encoders.check_encoder_source(source.encoder, source.run, source.timm_model, source.weights, source.pretrained,
+                                  source.random_init)
     _check_task(config)
-    runtime.start("probe", _worker, config, out, step_batch=config.batch_size,
-                  need_val="the probe is evaluated on it after every epoch")
+    segmentation = config.head.task == "segmentation"
+    env = environment.resolve(config.launch, config.data, "segment" if segmentation else "probe", masks=segmentation)
+    launch.start("probe", _worker, config, env, need_val="the probe is evaluated on it after every epoch")
 
 
 def _check_task(config: ProbeConfig) -> None:
     """The data suits the task: label maps for segmentation, image classes for classification."""
-    if not config.data:
-        return  # runtime.start says what is missing
+    data = config.data.path
+    if not data:
+        return  # launch.start says what is missing
     from droppos.data import dataset_seg_spec
     from droppos.labelmaps import BadManifest, spec_from_manifest
     from droppos.manifest import load_manifest
 
-    if config.task == "segmentation":
-        from droppos.data import resolve_backend
-
-        dataset_seg_spec(config.data)
-        resolve_backend(config.loader, "cpu", "segment", masks=True)  # refuses dali, whatever the device
+    if config.head.task == "segmentation":
+        dataset_seg_spec(data)
         return
     try:
-        seg = spec_from_manifest(load_manifest(Path(config.data)))
+        seg = spec_from_manifest(load_manifest(Path(data)))
     except BadManifest as err:
         raise UserError(str(err)) from None
     if seg is not None and not seg.image_classes:
-        raise UserError(f"{config.data} has label maps but no image classes: probe it with --task segmentation")
+        raise UserError(f"{data} has label maps but no image classes: probe it with --task segmentation")
 
 
-def _worker(payload: dict) -> None:
-    device = payload.pop("device")
-    runtime.run_worker(device, lambda info: _probe(ProbeConfig(**payload), info))
+def _worker(config: ProbeConfig, env: Environment) -> None:
+    launch.run_worker(env, lambda info: _probe(config, env, info))
 
 
-def _frozen_encoder(config: ProbeConfig, info: runtime.DistInfo, global_pool: str) -> tuple[nn.Module, dict, bool]:
-    """The encoder, frozen on the device: (module, encoder info, whether the feature pass is compiled)."""
+def _frozen_encoder(config: ProbeConfig, global_pool: str, device: torch.device) -> tuple[nn.Module, dict]:
+    """The encoder, frozen on the device, and its info."""
     from droppos.encoders import load_encoder
 
-    torch.manual_seed(config.seed)  # a --timm-model / --random-init encoder is the same on every rank and run
+    source = config.encoder
+    torch.manual_seed(config.launch.seed)  # a --timm-model / --random-init encoder is the same on every rank and run
     encoder, encoder_info = load_encoder(
-        config.encoder, config.run, config.timm_model, num_classes=0, global_pool=global_pool,
-        img_size=config.img_size, depth=config.depth, random_init=config.random_init, weights=config.weights,
-        pretrained=config.pretrained)
+        source.encoder, source.run, source.timm_model, num_classes=0, global_pool=global_pool,
+        img_size=source.img_size, depth=source.depth, random_init=source.random_init, weights=source.weights,
+        pretrained=source.pretrained)
     img_h, img_w = encoder_info["img_size"]
     if img_h != img_w:
         raise UserError(f"the encoder's input is {img_h}x{img_w}; the loaders crop squares: pass --img-size")
     encoder.requires_grad_(False)
-    encoder.eval().to(info.device)
-    return encoder, encoder_info, config.compile if config.compile is not None else info.device.type == "cuda"
+    encoder.eval().to(device)
+    return encoder, encoder_info
 
 
-def _loader_factory(config: ProbeConfig, info: runtime.DistInfo, img_size: int, masks: bool = False) -> Any:
+def _loader_factory(config: ProbeConfig, env: Environment, info: DistInfo, img_size: int, masks: bool = False) -> Any:
     """loader(split, mode): this rank's loader of the probe's data."""
     from droppos.data import build_loader
 
     def loader(split: str, mode: str, rank: int = info.rank, world_size: int = info.world_size,
-               batch_size: int = config.batch_size, workers: Optional[int] = config.workers):
-        return build_loader(config.data, split, mode, batch_size, img_size=img_size, backend=config.loader,
-                            device=info.device, rank=rank, world_size=world_size, seed=config.seed,
+               batch_size: int = config.optim.batch_size, workers: int = env.workers):
+        return build_loader(config.data.path, split, mode, batch_size, img_size=img_size, backend=env.loader,
+                            device=info.device, rank=rank, world_size=world_size, seed=config.launch.seed,
                             workers=workers, masks=masks)
 
     return loader
 
 
-def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
+def _probe(config: ProbeConfig, env: Environment, info: DistInfo) -> None:
     from droppos import dense
-    from droppos.data import dataset_seg_spec, resolve_backend
+    from droppos.data import dataset_seg_spec
     from droppos.manifest import load_manifest
 
-    precision = runtime.setup_precision(info.device, config.precision)
-    segmentation = config.task == "segmentation"
+    segmentation, precision = config.head.task == "segmentation", env.precision
     # Segmentation reads the patch tokens through the final norm: `token` pooling keeps the trained norm there.
-    encoder, encoder_info, use_compile = _frozen_encoder(config, info, "token" if segmentation else config.pool)
+    encoder, encoder_info = _frozen_encoder(config, "token" if segmentation else config.encoder.pool, info.device)
     img_size = encoder_info["img_size"][0]
     if segmentation:
-        seg = dataset_seg_spec(config.data)
-        if config.seg_layers > len(encoder.blocks):
-            raise UserError(f"--seg-layers {config.seg_layers}: the encoder has {len(encoder.blocks)} blocks")
-        feature: nn.Module = dense.PatchFeatures(encoder, config.seg_layers).eval()
+        seg = dataset_seg_spec(config.data.path)
+        if config.head.seg_layers > len(encoder.blocks):
+            raise UserError(f"--seg-layers {config.head.seg_layers}: the encoder has {len(encoder.blocks)} blocks")
+        feature: nn.Module = dense.PatchFeatures(encoder, config.head.seg_layers).eval()
         train_mode = "segment"
     else:
-        num_classes = len(load_manifest(Path(config.data))["classes"])
+        num_classes = len(load_manifest(Path(config.data.path))["classes"])
         feature, train_mode = encoder, "probe"
-    frozen = torch.compile(feature) if use_compile else feature
-    loader = _loader_factory(config, info, img_size, masks=segmentation)
+    frozen = torch.compile(feature) if env.compile else feature
+    loader = _loader_factory(config, env, info, img_size, masks=segmentation)
 
-    if config.cached:
+    if config.head.cached:
         train, val = _cached_features(config, info, frozen, encoder_info, loader, precision)
         if not info.is_main:
             return  # rank 0 trains the head on the gathered features
-        source: Any = CachedSource(train, val, batch_size=config.batch_size * info.world_size, seed=config.seed,
-                                   device=info.device)
-        head_info = runtime.DistInfo(rank=0, world_size=1, local_rank=info.local_rank, device=info.device)
+        source: Any = CachedSource(train, val, batch_size=config.optim.batch_size * info.world_size,
+                                   seed=config.launch.seed, device=info.device)
+        head_info = info.alone()
     else:
         source = EncoderSource(frozen, loader("train", train_mode), loader("val", "eval"), info.device, precision)
         head_info = info
+    # Batch x world size per step, also when rank 0 alone trains the head on the gathered cached features.
+    schedule = loop.make_schedule(config.optim, source.steps_per_epoch, info.world_size)
     if segmentation:
         preview = _previewer(config, loader, frozen, info.device, precision)
-        task: loop.Task = SegProbeTask(config, head_info, source, encoder_info, seg, img_size, feature.num_features,
-                                       preview)
+        stage: loop.Stage = SegProbeStage(config, head_info, source, schedule, encoder_info, seg, img_size,
+                                          feature.num_features, preview)
     else:
-        task = ProbeTask(config, head_info, source, encoder_info, num_classes, img_size)
-    resolved = {"device": info.device.type, "precision": precision, "compile": use_compile,
-                "loader": resolve_backend(config.loader, info.device, train_mode, masks=segmentation)}
-    # Batch x world size per step, also when rank 0 alone trains the head on the gathered cached features.
-    schedule = loop.make_schedule(config, source.steps_per_epoch, info.world_size)
-    loop.train(task, loop.Run(config, schedule, head_info, Path(config.out), resolved, world_size=info.world_size))
+        stage = ProbeStage(config, head_info, source, schedule, encoder_info, num_classes, img_size)
+    loop.train(stage, config, env, head_info)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +193,7 @@ def _probe(config: ProbeConfig, info: runtime.DistInfo) -> None:
 
 
 def _features(frozen: nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    with torch.no_grad(), runtime.autocast(device, precision):
+    with torch.no_grad(), environment.autocast(device, precision):
         return frozen(images).float()
 
 
@@ -251,30 +250,32 @@ def _cache_key(config: ProbeConfig, encoder_info: dict, img_size: int, precision
     the task's feature)."""
     from droppos.manifest import load_manifest
 
-    key: dict[str, Any] = {k: getattr(config, k) for k in ("timm_model", "depth", "random_init", "pool", "seed")}
+    source = config.encoder
+    key: dict[str, Any] = dict(timm_model=source.timm_model, depth=source.depth, random_init=source.random_init,
+                               pool=source.pool, seed=config.launch.seed)
     key["img_size"], key["precision"] = img_size, precision
     key["weights"] = encoder_info["weights"].get("sha256")  # the weights' content, wherever they came from
     key["architecture"] = [encoder_info["model"], encoder_info["model_args"]]
-    manifest = load_manifest(Path(config.data))
-    key["data"] = [str(Path(config.data).resolve())] + [
+    manifest = load_manifest(Path(config.data.path))
+    key["data"] = [str(Path(config.data.path).resolve())] + [
         [s["sha256"] for s in manifest["splits"][split]["shards"]] for split in ("train", "val")]
-    if config.task != "classification":
-        key.update(task=config.task, seg_layers=config.seg_layers)
+    if config.head.task != "classification":
+        key.update(task=config.head.task, seg_layers=config.head.seg_layers)
     return key
 
 
 CACHED = ("x", "y", "m")  # features.pt holds train_x, train_y (and train_m: label maps), the same for val
 
 
-def _cached_features(config: ProbeConfig, info: runtime.DistInfo, frozen: nn.Module, encoder_info: dict,
+def _cached_features(config: ProbeConfig, info: DistInfo, frozen: nn.Module, encoder_info: dict,
                      loader: Any, precision: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """(train, val) tensors on the CPU, each (features, labels[, int16 masks]): from OUT/features.pt, or
     extracted across ranks once (eval transforms; masks at the loader's full resolution)."""
-    path = Path(config.out) / "features.pt"
+    path = Path(config.output.out) / "features.pt"
     key = _cache_key(config, encoder_info, encoder_info["img_size"][0], precision)
-    parts = CACHED if config.task == "segmentation" else CACHED[:2]
+    parts = CACHED if config.head.task == "segmentation" else CACHED[:2]
     if path.exists():
-        saved = runtime.load_checkpoint(path)
+        saved = checkpoint.load(path)
         if saved.get("format") == FEATURES_FORMAT and saved.get("key") == json.loads(json.dumps(key)):
             if info.is_main:
                 print(f"using the cached features in {path}", file=sys.stderr)
@@ -284,7 +285,7 @@ def _cached_features(config: ProbeConfig, info: runtime.DistInfo, frozen: nn.Mod
     val = _extract(frozen, loader("val", "eval"), info, precision, "val")
     if info.is_main:
         tensors = {f"{split}_{p}": t for split, held in (("train", train), ("val", val)) for p, t in zip(parts, held)}
-        runtime.save_checkpoint(path, {"format": FEATURES_FORMAT, "key": key, **tensors})
+        checkpoint.save(path, {"format": FEATURES_FORMAT, "key": key, **tensors})
         what = (f"feature maps of {tuple(train[0].shape[1:])} (label maps {tuple(train[2].shape[1:])})"
                 if len(parts) == 3 else f"features of dim {train[0].shape[1]}")
         print(f"extracted {len(train[1])} train and {len(val[1])} val {what} in {time.perf_counter() - t0:.1f} s "
@@ -292,7 +293,7 @@ def _cached_features(config: ProbeConfig, info: runtime.DistInfo, frozen: nn.Mod
     return train, val
 
 
-def _extract(frozen: nn.Module, loader: Any, info: runtime.DistInfo, precision: str,
+def _extract(frozen: nn.Module, loader: Any, info: DistInfo, precision: str,
              split: str) -> tuple[torch.Tensor, ...]:
     """(features, labels[, int16 masks]) of one split (eval transforms), every sample once, gathered on every rank."""
     columns: list[list[torch.Tensor]] = []
@@ -320,8 +321,8 @@ def _previewer(config: ProbeConfig, loader: Any, frozen: nn.Module, device: torc
     from droppos.manifest import load_manifest
 
     def preview(head: nn.Module) -> Optional[tuple[torch.Tensor, ...]]:
-        val = load_manifest(Path(config.data))["splits"]["val"]["num_samples"]
-        count = min(config.seg_previews, val)
+        val = load_manifest(Path(config.data.path))["splits"]["val"]["num_samples"]
+        count = min(config.head.seg_previews, val)
         if count == 0:
             return None
         batches = loader("val", "eval", rank=0, world_size=1, batch_size=count, workers=0).epoch(0)
@@ -340,28 +341,28 @@ def _previewer(config: ProbeConfig, loader: Any, frozen: nn.Module, device: torc
 # The head's training
 
 
-class HeadTask(loop.Task):
+class HeadStage(loop.Stage):
     """What both probes share: a head (and its optimizer) trained on a feature source, the best score kept."""
 
-    stage = "probe"
+    name = "probe"
     best_key = ""
 
-    def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict,
-                 head: nn.Module, img_size: int) -> None:
+    def __init__(self, config: ProbeConfig, info: DistInfo, source: Any, schedule: loop.Schedule,
+                 encoder_info: dict, head: nn.Module, img_size: int) -> None:
         self.config, self.info, self.device, self.source = config, info, info.device, source
-        self.encoder_info, self.img_size = encoder_info, img_size
-        self.out = Path(config.out)
-        self.eval_every = config.eval_every
+        self.schedule, self.encoder_info, self.img_size = schedule, encoder_info, img_size
+        self.out = Path(config.output.out)
+        self.eval_every = config.logging.eval_every
         self.head = head.to(self.device)
-        self.optimizer = head_optimizer(self.head, config)
+        self.optimizer = head_optimizer(self.head, config.optim)
         self.best: dict[str, Any] = {self.best_key: None, "epoch": None}
-        self.train_head = runtime.wrap_ddp(self.head, info, sync_buffers=True)  # one BatchNorm across ranks
+        self.train_head = distributed.wrap_ddp(self.head, info, sync_buffers=True)  # one BatchNorm across ranks
 
     def parts(self) -> dict[str, Any]:
         return {"head": self.head, "optimizer": self.optimizer}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"best": self.best, "encoder": runtime.plain(self.encoder_info)}
+        return {"best": self.best, "encoder": checkpoint.plain(self.encoder_info)}
 
     def load_extra_state(self, saved: dict[str, Any]) -> None:
         self.best = dict(saved.get("best") or self.best)
@@ -385,42 +386,42 @@ class HeadTask(loop.Task):
         if self.best[self.best_key] is None or score > self.best[self.best_key]:
             self.best = {self.best_key: score, "epoch": epoch}
 
-    def learn(self, loss: torch.Tensor, accuracy: torch.Tensor, sums: torch.Tensor) -> None:
-        """Backward, step, and the step's metrics (loss, accuracy, non-finite flag) added on the device."""
+    def learn(self, loss: torch.Tensor, accuracy: torch.Tensor, window: loop.MetricWindow) -> None:
+        """Backward, step, and the step's metrics (the loss and the stage's accuracy) added on the device."""
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums[0] += loss.detach()
-        sums[1] += accuracy
-        sums[2] += (~torch.isfinite(loss.detach())).float()
+        window.add("loss", loss.detach())
+        window.add(self.metrics[1].name, accuracy)
+        window.check_finite(loss)
 
 
-class ProbeTask(HeadTask):
+class ProbeStage(HeadStage):
     metrics = (Metric("loss"), Metric("train_top1", percent=True))
     eval_metrics = (Metric("val_top1", percent=True, label="val top-1"),
                     Metric("val_top5", percent=True, label="val top-5"))
     best_key = "top1"
 
-    def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict,
+    def __init__(self, config: ProbeConfig, info: DistInfo, source: Any, schedule: loop.Schedule, encoder_info: dict,
                  num_classes: int, img_size: int) -> None:
-        torch.manual_seed(config.seed)
-        super().__init__(config, info, source, encoder_info, LinearHead(encoder_info["num_features"], num_classes),
-                         img_size)
+        torch.manual_seed(config.launch.seed)
+        super().__init__(config, info, source, schedule, encoder_info,
+                         LinearHead(encoder_info["num_features"], num_classes), img_size)
         self.num_classes = num_classes
         self.criterion = nn.CrossEntropyLoss()
 
     def describe(self) -> str:
         info = self.encoder_info
-        feature = "[CLS] token" if self.config.pool == "token" else "mean of the patch tokens"
-        how = "cached features" if self.config.cached else "features of augmented images every step"
+        feature = "[CLS] token" if self.config.encoder.pool == "token" else "mean of the patch tokens"
+        how = "cached features" if self.config.head.cached else "features of augmented images every step"
         return (f"a linear head on the frozen {info['label']} ({info['num_features']}-d {feature}, {self.img_size} "
-                f"px, {self.num_classes} classes, {how}) on {self.config.data}")
+                f"px, {self.num_classes} classes, {how}) on {self.config.data.path}")
 
-    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
+    def step(self, step: int, micro: list[Any], window: loop.MetricWindow) -> None:
         (feats, labels), = micro
         self.head.train()
         logits = self.train_head(feats)
-        self.learn(self.criterion(logits, labels), (logits.detach().argmax(-1) == labels).float().mean(), sums)
+        self.learn(self.criterion(logits, labels), (logits.detach().argmax(-1) == labels).float().mean(), window)
 
     def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
         from droppos.encoders import evaluate_topk
@@ -433,8 +434,9 @@ class ProbeTask(HeadTask):
         if self.info.is_main:
             write_json_atomic(self.out / "results.json", dict(
                 step=step, epoch=epoch, **scores, best_top1=self.best["top1"], best_epoch=self.best["epoch"],
-                task="probe", cached=self.config.cached, pool=self.config.pool, num_classes=self.num_classes,
-                img_size=self.img_size, encoder=runtime.plain(self.encoder_info), units="percent"))
+                task="probe", cached=self.config.head.cached, pool=self.config.encoder.pool,
+                num_classes=self.num_classes, img_size=self.img_size, encoder=checkpoint.plain(self.encoder_info),
+                units="percent"))
             say(f"epoch {epoch}: val top-1 {scores['top1']:.2f}% top-5 {scores['top5']:.2f}% "
                          f"on {scores['num_eval_samples']} images")
         return {"val_top1": scores["top1"], "val_top5": scores["top5"]}
@@ -448,7 +450,7 @@ class ProbeTask(HeadTask):
         return [("results", str(results))]
 
 
-class SegProbeTask(HeadTask):
+class SegProbeStage(HeadStage):
     """The segmentation probe: BatchNorm + 1x1 conv on the patch-feature maps, scored by mIoU (droppos.dense)."""
 
     metrics = (Metric("loss"), Metric("pixel_acc", percent=True, label="final train pixel accuracy"))
@@ -456,30 +458,31 @@ class SegProbeTask(HeadTask):
                     Metric("val_pixel_acc", percent=True, label="val pixel accuracy"))
     best_key = "miou"
 
-    def __init__(self, config: ProbeConfig, info: runtime.DistInfo, source: Any, encoder_info: dict, seg: Any,
-                 img_size: int, num_features: int, preview: Any) -> None:
+    def __init__(self, config: ProbeConfig, info: DistInfo, source: Any, schedule: loop.Schedule, encoder_info: dict,
+                 seg: Any, img_size: int, num_features: int, preview: Any) -> None:
         from droppos import dense
 
-        torch.manual_seed(config.seed)
-        super().__init__(config, info, source, encoder_info, dense.SegHead(num_features, seg.num_classes), img_size)
+        torch.manual_seed(config.launch.seed)
+        super().__init__(config, info, source, schedule, encoder_info, dense.SegHead(num_features, seg.num_classes),
+                         img_size)
         self.seg, self.preview, self.num_features = seg, preview, num_features
 
     def describe(self) -> str:
-        info, layers = self.encoder_info, self.config.seg_layers
+        info, layers = self.encoder_info, self.config.head.seg_layers
         grid = "x".join(str(self.img_size // p) for p in info["patch_size"])
         tokens = "last block's" if layers == 1 else f"last {layers} blocks'"
-        how = "cached feature maps" if self.config.cached else "feature maps of augmented images every step"
+        how = "cached feature maps" if self.config.head.cached else "feature maps of augmented images every step"
         return (f"a BatchNorm + 1x1-conv head on the frozen {info['label']} ({tokens} patch tokens, "
                 f"{self.num_features}-d on a {grid} grid, {self.img_size} px, {self.seg.num_classes} classes, {how}) "
-                f"on {self.config.data}")
+                f"on {self.config.data.path}")
 
-    def step(self, step: int, micro: list[Any], sums: torch.Tensor) -> None:
+    def step(self, step: int, micro: list[Any], window: loop.MetricWindow) -> None:
         from droppos import dense
 
         (feats, _, masks), = micro
         self.head.train()
         logits = self.train_head(feats, masks.shape[-2:])
-        self.learn(dense.pixel_loss(logits, masks), dense.pixel_accuracy(logits.detach(), masks), sums)
+        self.learn(dense.pixel_loss(logits, masks), dense.pixel_accuracy(logits.detach(), masks), window)
 
     @torch.no_grad()
     def evaluate(self, step: int, epoch: float, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
@@ -498,11 +501,11 @@ class SegProbeTask(HeadTask):
         if self.info.is_main:
             write_json_atomic(self.out / "results.json", dict(
                 step=step, epoch=epoch, **scores, best_miou=self.best["miou"], best_epoch=self.best["epoch"],
-                task="segmentation", cached=self.config.cached, seg_layers=self.config.seg_layers,
+                task="segmentation", cached=self.config.head.cached, seg_layers=self.config.head.seg_layers,
                 num_classes=self.seg.num_classes, img_size=self.img_size,
                 evaluated_on=(f"the eval centre crop at {self.img_size} px (shorter side resized to "
                               f"{self.img_size}/0.875), label maps resized nearest, logits upsampled bilinearly"),
-                encoder=runtime.plain(self.encoder_info), units="percent"))
+                encoder=checkpoint.plain(self.encoder_info), units="percent"))
             say(f"epoch {epoch}: val mIoU {scores['miou']:.2f}% pixel accuracy {scores['pixel_acc']:.2f}% "
                          f"on {scores['num_eval_images']} images")
         return {"val_miou": scores["miou"], "val_pixel_acc": scores["pixel_acc"]}

@@ -1,19 +1,14 @@
-"""Every option of every stage, declared once, with the paper's defaults; and the named presets.
+"""Every option of every stage, declared once, with the paper's defaults, grouped into typed sections; the presets.
 
-An option is one dataclass field made with `option(...)`: its type is the annotation, and the
-declaration holds the default, the help, the CLI help panel, the choices or bounds, and what
-changing it does to a run that is resumed (`resume`: "arch" for options that fix the parameters'
-shapes — a checkpoint of another value cannot be resumed —, "run" for options that change the
-schedule, the data order or the objective — resuming needs --force-resume —, None for the rest).
-Options that are constructor arguments of the DropPos model say so (`model_arg`).
-
-Everything else derives from these declarations: the Typer options and their --help (cli.py), the
-validation (`check`), the `config.json` record, the resume compatibility check (runtime) and the
-model construction (model.create_from_config). To add an option: add one field to the stage's
-dataclass here, then use it in the stage.
-
-A preset is a set of overrides of the defaults; options given on the command line override the
-preset. Kept free of torch so that the CLI answers --help and option errors instantly.
+An option is one dataclass field made with `option(...)`: its type is the annotation; the declaration
+holds the default, the help, the --help panel, the choices or bounds, and what changing it does to a
+resumed run (`resume`: "arch" fixes the parameters' shapes, "run" changes the schedule, data order or
+objective and needs --force-resume). A training stage's config is made of sections (data, model,
+pretext, optim, launch, output, logging, ...): each component is handed its own, typed. On the command
+line, in presets and in old flat records the options keep their flat names (`--batch-size`); `--print-config`,
+config.json and checkpoints hold the sectioned record (`to_record`). The CLI, validation, the records, the
+resume check and the model's construction all derive from these declarations. Kept free of torch so that
+the CLI answers --help and option errors at once.
 """
 
 from __future__ import annotations
@@ -65,6 +60,7 @@ PANELS = (RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PR
           LAUNCH, OUTPUT)
 
 
+
 @dataclass(frozen=True)
 class Spec:
     """What the CLI, validation and resume need to know about one option (besides type and default)."""
@@ -80,6 +76,7 @@ class Spec:
     model_arg: bool = False  # passed to the DropPos model's constructor
     default_text: Optional[str] = None  # how --help shows a default that is None or needs words
     cli: bool = True  # False: recorded and used, but not a command-line option
+    name: Optional[str] = None  # the option's flat name (--flag, presets, records) when not the field's own
     flag: Optional[str] = None  # the option's spelling when not derived from its name
     positional: bool = False  # a command-line argument rather than an option
     metavar: Optional[str] = None  # how --help names the value
@@ -90,40 +87,84 @@ def option(default: Any, help: str, panel: str, **spec: Any) -> Any:
     return dataclasses.field(default=default, metadata={"spec": Spec(help, panel, **spec)})
 
 
+def section(cls: type) -> Any:
+    """A config field holding a section: a dataclass of options, built with its defaults."""
+    return dataclasses.field(default_factory=cls, metadata={"section": cls})
+
+
 def spec_of(field: dataclasses.Field) -> Spec:
     return field.metadata["spec"]
 
 
-def fields(cls: type) -> list[dataclasses.Field]:
-    """The declared options of a stage's config class, in declaration order."""
-    return [f for f in dataclasses.fields(cls) if "spec" in f.metadata]
+@dataclass(frozen=True)
+class Option:
+    """One declared option where it lives: its flat name, its section (None: top level) and its field."""
+
+    name: str
+    section: Optional[str]
+    field: dataclasses.Field
+    annotation: Any
+
+    @property
+    def spec(self) -> Spec:
+        return spec_of(self.field)
+
+
+SECTION_ORDER = ("data", "model", "encoder", "pretext", "head", "augment", "optim", "launch", "output", "logging")
+
+
+def sections(cls: type) -> dict[str, type]:
+    """A config class's sections by attribute name, in the order records and --print-config show them."""
+    found = {f.name: f.metadata["section"] for f in dataclasses.fields(cls) if "section" in f.metadata}
+    return {name: found[name] for name in sorted(found, key=SECTION_ORDER.index)}
+
+
+def options(cls: type) -> list[Option]:
+    """Every declared option of a config class (top level, then each section's), in declaration order."""
+    found = []
+    for owner, where in [(cls, None), *((section_cls, name) for name, section_cls in sections(cls).items())]:
+        hints = typing.get_type_hints(owner)
+        found += [Option(spec_of(f).name or f.name, where, f, hints[f.name])
+                  for f in dataclasses.fields(owner) if "spec" in f.metadata]
+    return found
 
 
 def keys(cls: type, resume: str) -> tuple[str, ...]:
-    """Names of the options whose `resume` is `resume` ("arch" or "run")."""
-    return tuple(f.name for f in fields(cls) if spec_of(f).resume == resume)
+    """Flat names of the options whose `resume` is `resume` ("arch" or "run")."""
+    return tuple(o.name for o in options(cls) if o.spec.resume == resume)
+
+
+def value(config: Any, opt: Option) -> Any:
+    return getattr(config if opt.section is None else getattr(config, opt.section), opt.field.name)
 
 
 def model_args(config: Any) -> dict[str, Any]:
     """The DropPos model's constructor arguments a pretrain config sets (None: the size's own value)."""
-    return {f.name: getattr(config, f.name) for f in fields(type(config))
-            if spec_of(f).model_arg and getattr(config, f.name) is not None}
+    return {o.name: value(config, o) for o in options(type(config))
+            if o.spec.model_arg and value(config, o) is not None}
 
 
 # ---------------------------------------------------------------------------------------------
-# Options every training stage shares
+# Sections every training stage shares
 
 
 @dataclass
-class LaunchOptions:
-    """Input pipeline, device, processes, seed, checkpoints and logs: the same for every training stage."""
+class DataOptions:
+    """Where the samples come from and how they are decoded."""
 
-    data: str = option("", "Dataset directory written by `droppos shard`.", DATA, default_text="required")
+    path: str = option("", "Dataset directory written by `droppos shard`.", DATA, name="data",
+                       default_text="required")
     loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' on CUDA; Pillow on a CPU and "
                          "for fine-tuning, whose RandAugment DALI does not match).",
                          DATA, choices=LOADERS)
     workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil).", DATA, low=0,
                                     default_text="the usable cores / processes per node")
+
+
+@dataclass
+class LaunchOptions:
+    """Device, numerics, processes and nodes, and the seed."""
+
     device: str = option("auto", "Training device (auto: cuda when available).", LAUNCH, choices=DEVICES)
     precision: str = option("auto", "Numerics: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on a CPU).", LAUNCH,
                             choices=PRECISIONS)
@@ -136,17 +177,27 @@ class LaunchOptions:
     rdzv_endpoint: str = option("", "HOST:PORT of the rendezvous, the same on every node.", LAUNCH,
                                 default_text="none (one node)")
     seed: int = option(0, "Seed of the initialisation, the data order and every random draw.", LAUNCH, resume="run")
-    max_steps: int = option(0, "Stop after this many optimizer steps; the schedule is unchanged (0: run it all).",
-                            OPTIM, low=0)
+
+
+@dataclass
+class OutputOptions:
+    """The run directory and its checkpoints."""
+
     out: str = option("", "Run directory: created, or resumed when it holds a checkpoint.", OUTPUT,
                       default_text="required")
     ckpt_every: int = option(1000, "Checkpoint every N steps (also at every epoch end).", OUTPUT, low=1)
     ckpt_minutes: float = option(30.0, "...and at least every M minutes (with several ranks: at the first log step "
                                  "after M minutes; 0: every step).", OUTPUT, low=0)
     keep_every: int = option(0, "Also keep checkpoints/step-N.pt every N steps (0: only last.pt).", OUTPUT, low=0)
-    log_every: int = option(20, "Log (metrics.jsonl, progress) every N steps: the one host sync.", OUTPUT, low=1)
     force_resume: bool = option(False, "Resume a checkpoint written with another schedule or data "
                                 "(config.json keeps the earlier record).", OUTPUT)
+
+
+@dataclass
+class LoggingOptions:
+    """How often the loop reports (stages that evaluate add how often)."""
+
+    log_every: int = option(20, "Log (metrics.jsonl, progress) every N steps: the one host sync.", OUTPUT, low=1)
 
 
 def _epochs(default: int) -> Any:
@@ -157,32 +208,128 @@ def _warmup_epochs(default: float) -> Any:
     return option(default, "Linear warm-up epochs (per step), then a half-cycle cosine.", OPTIM, low=0, resume="run")
 
 
-def _accum() -> Any:
-    return option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
-
-
 def _blr(default: float) -> Any:
     return option(default, "Base lr: lr = blr x effective batch / 256.", OPTIM, low=0, resume="run")
-
-
-def _lr() -> Any:
-    return option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run", default_text="from --blr")
 
 
 def _min_lr(default: float) -> Any:
     return option(default, "Final lr of the cosine.", OPTIM, low=0, resume="run")
 
 
+def _batch_size(default: int, help: str, low: int = 1) -> Any:
+    return option(default, help, OPTIM, low=low, resume="run")
+
+
+def _eval_every(help: str) -> Any:
+    return option(1, help, OUTPUT, low=0)
+
+
+@dataclass
+class ScheduleOptions:
+    """The optimizer-step schedule every training stage has (its defaults are the stage's own)."""
+
+    max_steps: int = option(0, "Stop after this many optimizer steps; the schedule is unchanged (0: run it all).",
+                            OPTIM, low=0)
+    epochs: int = _epochs(1)
+    warmup_epochs: float = _warmup_epochs(0)
+    batch_size: int = _batch_size(1, "Batch per device.")
+    blr: float = _blr(1e-3)
+    lr: Optional[float] = option(None, "Absolute peak lr (overrides --blr).", OPTIM, low=0, resume="run",
+                                 default_text="from --blr")
+    min_lr: float = _min_lr(0.0)
+
+
+def _accum() -> Any:
+    return option(1, "Gradient accumulation steps.", OPTIM, low=1, resume="run")
+
+
 def _preset(presets: dict[str, dict[str, Any]]) -> Any:
     return option(None, "A recipe bundle; options given with it override it.", RECIPE, choices=tuple(presets))
 
 
-# The schedule's options mean the same in every training stage (only their defaults differ): declared once
-# above, by these factories.
+@dataclass
+class TrainingConfig:
+    """What every training stage's config holds; each stage adds its own sections (and its preset)."""
+
+    data: DataOptions = section(DataOptions)
+    launch: LaunchOptions = section(LaunchOptions)
+    output: OutputOptions = section(OutputOptions)
+    logging: LoggingOptions = section(LoggingOptions)
+    optim: ScheduleOptions = section(ScheduleOptions)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pre-training
+
+
+@dataclass
+class PretrainModel:
+    """The encoder and its position decoder: what fixes the parameters' shapes."""
+
+    arch: str = option("vit_base_patch16", "Encoder size.", MODEL, choices=tuple(MODELS), resume="arch", name="model")
+    img_size: int = option(224, "Input resolution (pixels, square).", MODEL, low=8, resume="arch")
+    patch_size: Optional[int] = option(None, "Patch size.", MODEL, low=1, resume="arch", model_arg=True,
+                                       default_text="the model's own")
+    depth: Optional[int] = option(None, "Encoder blocks (small experiments).", MODEL, low=1, resume="arch",
+                                  model_arg=True, default_text="the model's own")
+    embed_dim: Optional[int] = option(None, "Encoder width (small experiments).", MODEL, low=8, resume="arch",
+                                      model_arg=True, default_text="the model's own")
+    num_heads: Optional[int] = option(None, "Encoder attention heads (small experiments).", MODEL, low=1,
+                                      resume="arch", model_arg=True, default_text="the model's own")
+    decoder_depth: int = option(2, "Position decoder blocks.", MODEL, low=1, resume="arch", model_arg=True)
+    decoder_width: int = option(512, "Position decoder width.", MODEL, low=8, resume="arch", model_arg=True)
+    decoder_heads: int = option(16, "Position decoder attention heads.", MODEL, low=1, resume="arch",
+                                model_arg=True)
+
+    @property
+    def patch(self) -> int:
+        """The patch size in use: the option, or the size's own."""
+        return self.patch_size or MODELS[self.arch][3]
+
+
+@dataclass
+class Pretext:
+    """DropPos's pretext task: what is masked, what the model must recover, how the loss is weighted."""
+
+    mask_ratio: float = option(0.75, "Patch-mask ratio gamma: the share of patches removed.", PRETEXT, low=0,
+                               high=1, high_open=True, resume="run", model_arg=True)
+    pos_mask_ratio: float = option(0.75, "Position-drop ratio gamma_pos: the share of visible patches whose PE "
+                                   "is dropped.", PRETEXT, low=0, high=1, resume="run", model_arg=True)
+    mask_token: str = option("learnable", "What replaces a dropped PE: a learnable token, zeros, the dropped "
+                             "patches' own PEs shuffled (wrong, as published) or a random other cell's PE.",
+                             PRETEXT, choices=MASK_TOKENS, resume="arch", model_arg=True)
+    sigma: float = option(1.0, "Initial position-smoothing sigma (patches).", PRETEXT, low=0, resume="run")
+    sigma_decay: bool = option(True, "Decay sigma linearly to 0 over training (per step).", PRETEXT, resume="run")
+    attentive: bool = option(True, "Attentive reconstruction: weight each patch's loss by its saliency.", PRETEXT,
+                             resume="run", model_arg=True)
+    tau: float = option(0.1, "Attentive temperature.", PRETEXT, low=0, low_open=True, resume="run", model_arg=True)
+    aux_mae: bool = option(False, "Add the auxiliary MAE pixel loss.", PRETEXT, resume="arch", model_arg=True)
+    pos_weight: float = option(1.0, "Weight of the position loss with --aux-mae.", PRETEXT, low=0, resume="run",
+                               model_arg=True)
+
+
+@dataclass
+class PretrainOptim(ScheduleOptions):
+    """docs/METHOD.md's pre-training optimisation: AdamW, warm-up + cosine, clipping."""
+
+    epochs: int = _epochs(800)
+    warmup_epochs: float = _warmup_epochs(10)
+    batch_size: int = _batch_size(64, "Batch per device.")
+    accum: int = _accum()
+    blr: float = _blr(1.5e-4)
+    min_lr: float = _min_lr(0.0)
+    weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms).", OPTIM, low=0, resume="run")
+    decay_tokens: bool = option(True, "Weight decay on the [CLS] and [MASK] tokens too, as the published code "
+                                "(its rule skips only 1-D parameters and biases).", OPTIM, resume="run")
+    clip_grad: float = option(5.0, "Gradient-norm clip (0: off).", OPTIM, low=0, resume="run")
+    clip_mode: str = option("per-param", "per-param: each parameter tensor's gradient to norm --clip-grad (the "
+                            "published code); global: the norm of all gradients together.", OPTIM,
+                            choices=CLIP_MODES, resume="run")
+
+
+@dataclass
+class PretrainLogging(LoggingOptions):
+    eval_every: int = _eval_every("Held-out position accuracy (val split) every N epochs (0: only at the end).")
 
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -204,56 +351,14 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class PretrainConfig(LaunchOptions):
+class PretrainConfig(TrainingConfig):
     """`droppos pretrain`; defaults = docs/METHOD.md's ViT-B/16 800-epoch recipe."""
 
     preset: Optional[str] = _preset(PRETRAIN_PRESETS)
-    model: str = option("vit_base_patch16", "Encoder size.", MODEL, choices=tuple(MODELS), resume="arch")
-    img_size: int = option(224, "Input resolution (pixels, square).", MODEL, low=8, resume="arch")
-    patch_size: Optional[int] = option(None, "Patch size.", MODEL, low=1, resume="arch", model_arg=True,
-                                       default_text="the model's own")
-    depth: Optional[int] = option(None, "Encoder blocks (small experiments).", MODEL, low=1, resume="arch",
-                                  model_arg=True, default_text="the model's own")
-    embed_dim: Optional[int] = option(None, "Encoder width (small experiments).", MODEL, low=8, resume="arch",
-                                      model_arg=True, default_text="the model's own")
-    num_heads: Optional[int] = option(None, "Encoder attention heads (small experiments).", MODEL, low=1,
-                                      resume="arch", model_arg=True, default_text="the model's own")
-    decoder_depth: int = option(2, "Position decoder blocks.", MODEL, low=1, resume="arch", model_arg=True)
-    decoder_width: int = option(512, "Position decoder width.", MODEL, low=8, resume="arch", model_arg=True)
-    decoder_heads: int = option(16, "Position decoder attention heads.", MODEL, low=1, resume="arch",
-                                model_arg=True)
-    mask_ratio: float = option(0.75, "Patch-mask ratio gamma: the share of patches removed.", PRETEXT, low=0,
-                               high=1, high_open=True, resume="run", model_arg=True)
-    pos_mask_ratio: float = option(0.75, "Position-drop ratio gamma_pos: the share of visible patches whose PE "
-                                   "is dropped.", PRETEXT, low=0, high=1, resume="run", model_arg=True)
-    mask_token: str = option("learnable", "What replaces a dropped PE: a learnable token, zeros, the dropped "
-                             "patches' own PEs shuffled (wrong, as published) or a random other cell's PE.",
-                             PRETEXT, choices=MASK_TOKENS,
-                             resume="arch", model_arg=True)
-    sigma: float = option(1.0, "Initial position-smoothing sigma (patches).", PRETEXT, low=0, resume="run")
-    sigma_decay: bool = option(True, "Decay sigma linearly to 0 over training (per step).", PRETEXT, resume="run")
-    attentive: bool = option(True, "Attentive reconstruction: weight each patch's loss by its saliency.", PRETEXT,
-                             resume="run", model_arg=True)
-    tau: float = option(0.1, "Attentive temperature.", PRETEXT, low=0, low_open=True, resume="run", model_arg=True)
-    aux_mae: bool = option(False, "Add the auxiliary MAE pixel loss.", PRETEXT, resume="arch", model_arg=True)
-    pos_weight: float = option(1.0, "Weight of the position loss with --aux-mae.", PRETEXT, low=0, resume="run",
-                               model_arg=True)
-    epochs: int = _epochs(800)
-    warmup_epochs: float = _warmup_epochs(10)
-    batch_size: int = option(64, "Batch per device.", OPTIM, low=1, resume="run")
-    accum: int = _accum()
-    blr: float = _blr(1.5e-4)
-    lr: Optional[float] = _lr()
-    min_lr: float = _min_lr(0.0)
-    weight_decay: float = option(0.05, "AdamW weight decay (none on biases and norms).", OPTIM, low=0, resume="run")
-    decay_tokens: bool = option(True, "Weight decay on the [CLS] and [MASK] tokens too, as the published code "
-                                "(its rule skips only 1-D parameters and biases).", OPTIM, resume="run")
-    clip_grad: float = option(5.0, "Gradient-norm clip (0: off).", OPTIM, low=0, resume="run")
-    clip_mode: str = option("per-param", "per-param: each parameter tensor's gradient to norm --clip-grad (the "
-                            "published code); global: the norm of all gradients together.", OPTIM,
-                            choices=CLIP_MODES, resume="run")
-    eval_every: int = option(1, "Held-out position accuracy (val split) every N epochs (0: only at the end).",
-                             OUTPUT, low=0)
+    model: PretrainModel = section(PretrainModel)
+    pretext: Pretext = section(Pretext)
+    optim: PretrainOptim = section(PretrainOptim)
+    logging: PretrainLogging = section(PretrainLogging)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +366,8 @@ class PretrainConfig(LaunchOptions):
 
 
 @dataclass
-class EncoderOptions(LaunchOptions):
-    """Where the encoder of finetune/probe comes from (exactly one of encoder, run, timm_model)."""
+class EncoderOptions:
+    """Where the encoder of finetune/probe comes from (exactly one of encoder, run, timm_model) and its input."""
 
     encoder: Optional[str] = option(None, "An exported encoder (RUN/encoder.safetensors).", ENCODER, resume="arch")
     run: Optional[str] = option(None, "A `droppos pretrain` run directory (its encoder.safetensors).", ENCODER,
@@ -296,12 +401,15 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class FinetuneConfig(EncoderOptions):
-    """`droppos finetune`; defaults = docs/METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
-
-    preset: Optional[str] = _preset(FINETUNE_PRESETS)
+class FinetuneEncoder(EncoderOptions):
     pool: str = option("avg", "Feature: avg (patch tokens, fc_norm) or token ([CLS]).", MODEL, choices=POOLS,
                        resume="arch")
+
+
+@dataclass
+class FinetuneAugment:
+    """Regularisation on the device (RandAugment is the input pipeline's), and the weights' EMA."""
+
     drop_path: float = option(0.1, "Stochastic depth rate.", AUGMENT, low=0, high=1, high_open=True, resume="run")
     mixup: float = option(0.8, "Mixup alpha (0: off).", AUGMENT, low=0, resume="run")
     cutmix: float = option(1.0, "CutMix alpha (0: off).", AUGMENT, low=0, resume="run")
@@ -311,18 +419,32 @@ class FinetuneConfig(EncoderOptions):
     ema: bool = option(False, "Keep and evaluate an EMA of the weights.", AUGMENT, resume="arch")
     ema_decay: float = option(0.9999, "EMA decay.", AUGMENT, low=0, high=1, low_open=True, high_open=True,
                               resume="run")
+
+
+@dataclass
+class FinetuneOptim(ScheduleOptions):
+    """The MAE fine-tuning optimisation: AdamW with layer-wise lr decay."""
+
     epochs: int = _epochs(100)
     warmup_epochs: float = _warmup_epochs(5)
-    batch_size: int = option(128, "Batch per device (8 GPUs x 128 = the recipe's 1024).", OPTIM, low=1,
-                             resume="run")
+    batch_size: int = _batch_size(128, "Batch per device (8 GPUs x 128 = the recipe's 1024).")
     accum: int = _accum()
     blr: float = _blr(1e-3)
-    lr: Optional[float] = _lr()
     min_lr: float = _min_lr(1e-6)
     weight_decay: float = option(0.05, "AdamW weight decay.", OPTIM, low=0, resume="run")
     layer_decay: float = option(0.75, "Layer-wise lr decay.", OPTIM, low=0, high=1, low_open=True, resume="run")
     clip_grad: float = option(0.0, "Gradient-norm clip (0: off, as in MAE's fine-tuning).", OPTIM, low=0,
                               resume="run")
+
+
+@dataclass
+class FinetuneConfig(TrainingConfig):
+    """`droppos finetune`; defaults = docs/METHOD.md's fine-tuning recipe (MAE protocol, ViT-B)."""
+
+    preset: Optional[str] = _preset(FINETUNE_PRESETS)
+    encoder: FinetuneEncoder = section(FinetuneEncoder)
+    augment: FinetuneAugment = section(FinetuneAugment)
+    optim: FinetuneOptim = section(FinetuneOptim)
 
 
 PROBE_PRESETS: dict[str, dict[str, Any]] = {
@@ -347,12 +469,15 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ProbeConfig(EncoderOptions):
-    """`droppos probe`; defaults = MAE's linear probe (docs/METHOD.md)."""
-
-    preset: Optional[str] = _preset(PROBE_PRESETS)
+class ProbeEncoder(EncoderOptions):
     pool: str = option("token", "Feature: token ([CLS]) or avg (mean of the patch tokens).", MODEL, choices=POOLS,
                        resume="arch")
+
+
+@dataclass
+class ProbeHead:
+    """What the frozen encoder's features feed: a linear classifier or a segmentation head, and how it is fed."""
+
     cached: bool = option(False, "Extract the frozen features once (eval transforms), then train the head on "
                           "them.", MODEL, resume="arch")
     task: str = option("classification", "classification: a linear head on the [CLS] or pooled feature (top-1/top-5); "
@@ -364,18 +489,37 @@ class ProbeConfig(EncoderOptions):
                              resume="arch")
     seg_previews: int = option(8, "Segmentation: val images drawn with their labels and predictions in "
                                "OUT/predictions.png (0: none).", OUTPUT, low=0)
+
+
+@dataclass
+class ProbeOptim(ScheduleOptions):
+    """MAE's linear-probe optimisation (LARS), or AdamW for a segmentation head."""
+
     epochs: int = _epochs(90)
     warmup_epochs: float = _warmup_epochs(10)
-    batch_size: int = option(2048, "Batch per device (8 GPUs x 2048 = the recipe's 16384).", OPTIM, low=2,
-                             resume="run")
+    batch_size: int = _batch_size(2048, "Batch per device (8 GPUs x 2048 = the recipe's 16384).", low=2)
     blr: float = _blr(0.1)
-    lr: Optional[float] = _lr()
     min_lr: float = _min_lr(0.0)
     weight_decay: float = option(0.0, "Weight decay (LARS: on weight matrices only; AdamW: on every weight, not "
                                  "on biases and norms).", OPTIM, low=0, resume="run")
     optimizer: str = option("lars", "The head's optimizer: lars (MAE's linear probe) or adamw (DINOv2's linear "
                             "segmentation head; --preset seg-linear).", OPTIM, choices=PROBE_OPTIMIZERS, resume="run")
-    eval_every: int = option(1, "Evaluate on val every N epochs (0: only at the end).", OUTPUT, low=0)
+
+
+@dataclass
+class ProbeLogging(LoggingOptions):
+    eval_every: int = _eval_every("Evaluate on val every N epochs (0: only at the end).")
+
+
+@dataclass
+class ProbeConfig(TrainingConfig):
+    """`droppos probe`; defaults = MAE's linear probe (docs/METHOD.md)."""
+
+    preset: Optional[str] = _preset(PROBE_PRESETS)
+    encoder: ProbeEncoder = section(ProbeEncoder)
+    head: ProbeHead = section(ProbeHead)
+    optim: ProbeOptim = section(ProbeOptim)
+    logging: ProbeLogging = section(ProbeLogging)
 
 
 @dataclass
@@ -491,16 +635,17 @@ class ExportConfig:
 PRESETS: dict[type, dict[str, dict[str, Any]]] = {
     PretrainConfig: PRETRAIN_PRESETS, FinetuneConfig: FINETUNE_PRESETS, ProbeConfig: PROBE_PRESETS,
 }
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "probe": ProbeConfig}
 
 
 # ---------------------------------------------------------------------------------------------
-# Building and checking a config
+# Building, checking and recording a config
 
 
 def make_config(cls: type, overrides: dict[str, Any], presets: Optional[dict[str, dict[str, Any]]] = None) -> Any:
     """Defaults, then the preset named in `overrides['preset']`, then the given options; checked.
 
-    `overrides` holds what the user typed (None values are dropped: not given).
+    `overrides` holds what the user typed, by flat option name (None values are dropped: not given).
     """
     presets = PRESETS.get(cls, {}) if presets is None else presets
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -511,13 +656,22 @@ def make_config(cls: type, overrides: dict[str, Any], presets: Optional[dict[str
             raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
         values.update(presets[preset])
     values.update(given)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    unknown = set(values) - {o.name for o in options(cls)}
     if unknown:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    config = cls(**values)
+    config = build(cls, values)
     check(config)
     return config
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """`cls` from flat option values (the others at their defaults); unknown names are ignored."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in sections(cls)}
+    for opt in options(cls):
+        if opt.name in values:
+            (top if opt.section is None else nested[opt.section])[opt.field.name] = values[opt.name]
+    return cls(**top, **{name: sections(cls)[name](**fields) for name, fields in nested.items()})
 
 
 def flag_name(name: str) -> str:
@@ -537,26 +691,25 @@ def bounds_text(spec: Spec) -> str:
 
 def check(config: Any) -> None:
     """Every option's type, choices and bounds, from the declarations (one line per mistake)."""
-    hints = typing.get_type_hints(type(config))
-    for f in fields(type(config)):
-        spec, value = spec_of(f), getattr(config, f.name)
-        if value is None:
-            if f.default is not None:
-                raise UserError(f"{flag_name(f.name)} must be given a value")
+    for opt in options(type(config)):
+        spec, found, flag = opt.spec, value(config, opt), flag_name(opt.name)
+        if found is None:
+            if opt.field.default is not None:
+                raise UserError(f"{flag} must be given a value")
             continue
-        base = _base_type(hints[f.name])
-        if base is bool and not isinstance(value, bool):
-            raise UserError(f"{flag_name(f.name)} must be true or false, got {value!r}")
-        if base in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                     or (base is int and not isinstance(value, int))):
-            raise UserError(f"{flag_name(f.name)} must be a number ({base.__name__}), got {value!r}")
-        if spec.choices is not None and value not in spec.choices:
-            raise UserError(f"{flag_name(f.name)} {value!r}: choose one of {', '.join(spec.choices)}")
+        base = _base_type(opt.annotation)
+        if base is bool and not isinstance(found, bool):
+            raise UserError(f"{flag} must be true or false, got {found!r}")
+        if base in (int, float) and (isinstance(found, bool) or not isinstance(found, (int, float))
+                                     or (base is int and not isinstance(found, int))):
+            raise UserError(f"{flag} must be a number ({base.__name__}), got {found!r}")
+        if spec.choices is not None and found not in spec.choices:
+            raise UserError(f"{flag} {found!r}: choose one of {', '.join(spec.choices)}")
         if spec.low is not None or spec.high is not None:
-            too_low = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
-            too_high = spec.high is not None and (value >= spec.high if spec.high_open else value > spec.high)
+            too_low = spec.low is not None and (found <= spec.low if spec.low_open else found < spec.low)
+            too_high = spec.high is not None and (found >= spec.high if spec.high_open else found > spec.high)
             if too_low or too_high:
-                raise UserError(f"{flag_name(f.name)} {value:g} is out of range: need {bounds_text(spec)}")
+                raise UserError(f"{flag} {found:g} is out of range: need {bounds_text(spec)}")
 
 
 def _base_type(annotation: Any) -> Any:
@@ -565,11 +718,46 @@ def _base_type(annotation: Any) -> Any:
     return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def to_record(config: Any) -> dict[str, Any]:
+    """The config as plain JSON values by flat option name, grouped by section: what --print-config prints and
+    config.json and checkpoints hold."""
+    record: dict[str, Any] = {}
+    for opt in options(type(config)):
+        found = value(config, opt)
+        found = list(found) if isinstance(found, tuple) else found
+        if opt.section is None:
+            record[opt.name] = found
+        else:
+            record.setdefault(opt.section, {})[opt.name] = found
+    return record
 
 
-def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """A config from a recorded dict (a checkpoint's), ignoring keys this version does not know."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+def option_values(record: Any) -> dict[str, Any]:
+    """Flat option name -> value of a config, of its record, or of a record written before sections existed
+    (flat: `{"data": "path", "model": "vit_base_patch16", ...}`): a section is a dict, an option never is."""
+    if dataclasses.is_dataclass(record):
+        return {opt.name: value(record, opt) for opt in options(type(record))}
+    flat: dict[str, Any] = {}
+    for key, found in (record or {}).items():
+        if isinstance(found, dict):
+            flat.update(found)
+        else:
+            flat[key] = found
+    return flat
+
+
+def from_record(cls: type, record: dict[str, Any]) -> Any:
+    """A config from a recorded one (config.json, a checkpoint; sectioned or flat), ignoring names this version
+    does not know; lists become the tuples the declarations hold. Not checked: callers bound what they use."""
+    values = option_values(record)
+    tuples = {o.name for o in options(cls) if typing.get_origin(_base_type(o.annotation)) is tuple}
+    return build(cls, {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()})
+
+
+def _check_unique_names() -> None:
+    for cls in (*STAGES.values(), ShardConfig, EvalPosConfig, ExportConfig):
+        names = [o.name for o in options(cls)]
+        assert len(names) == len(set(names)), f"{cls.__name__} declares an option name twice"
+
+
+_check_unique_names()

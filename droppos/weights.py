@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from droppos import UserError
 from droppos.files import file_sha256
-from droppos.runtime import WRAPPER_PREFIXES, strip_prefixes
+from droppos.distributed import WRAPPER_PREFIXES, strip_prefixes
 
 __all__ = [
     "BOUNDS", "LAYOUTS", "Weights", "architecture_of", "check_img_size", "file_kind", "hub_weights_file", "load_into",
@@ -300,21 +300,23 @@ _CONFIG_BOUNDS = {"img_size": "img_size", "patch_size": "patch_size", "embed_dim
 
 def droppos_model_from(raw: dict, path: Path) -> nn.Module:
     """Build the model on the meta device first (no memory), compare every shape with the file, then build it."""
+    from droppos import checkpoint, recipes
     from droppos.model import create_from_config
-
-    config = raw["config"]
-    stage = raw.get("stage", "pretrain")  # checkpoints before format 2 did not record it
-    if stage != "pretrain":
-        raise UserError(f"{path} is a `droppos {stage}` checkpoint: only pre-training checkpoints hold the DropPos model")
-    for key, bound in _CONFIG_BOUNDS.items():
-        if config.get(key) is not None:
-            _int(config[key], key, f"{path}: config", bound)
     from droppos.recipes import MODELS
 
-    if config.get("model") not in MODELS:
-        raise UserError(f"{path}: config names model {str(config.get('model'))[:40]!r}, not one of {', '.join(MODELS)}")
-    patch = config.get("patch_size") or MODELS[config["model"]][3]
-    sides = check_img_size(config.get("img_size", 224), patch, f"{path}: config")
+    raw = checkpoint.upgrade(raw, path)
+    stage = raw.get("stage")
+    if stage != "pretrain":
+        raise UserError(f"{path} is a `droppos {stage}` checkpoint: only pre-training checkpoints hold the DropPos model")
+    recorded = recipes.option_values(raw["config"])
+    for key, bound in _CONFIG_BOUNDS.items():
+        if recorded.get(key) is not None:
+            _int(recorded[key], key, f"{path}: config", bound)
+    if recorded.get("model") not in MODELS:
+        raise UserError(f"{path}: config names model {str(recorded.get('model'))[:40]!r}, not one of {', '.join(MODELS)}")
+    config = recipes.from_record(recipes.PretrainConfig, raw["config"])
+    patch = config.model.patch
+    sides = check_img_size(config.model.img_size, patch, f"{path}: config")
     if (sides[0] // patch) * (sides[1] // patch) > DROPPOS_MAX_TOKENS:
         raise UserError(f"{path}: config describes {(sides[0] // patch) * (sides[1] // patch)} patches, above the "
                         f"{DROPPOS_MAX_TOKENS} a DropPos model may have; refused")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from droppos import UserError, dense, labelmaps, runtime, sample_data
+from droppos import UserError, checkpoint, dense, labelmaps, sample_data
 from droppos.data import IMAGENET_MEAN, IMAGENET_STD, build_loader, resolve_backend
 from droppos.labelmaps import ADE20K_CLASSES, IGNORE, MASK_COMPONENT
 from droppos.manifest import load_manifest, split_shards
@@ -476,12 +476,12 @@ def test_streaming_segmentation_probe_keeps_the_encoder_frozen(seg_shards: Path,
     code, err = cli_run(capsys, "probe", "--data", str(seg_shards), "--out", str(out), *TINY_TIMM, *CPU, *SEG,
                         "--seg-layers", "2", "--batch-size", "8", "--epochs", "1", "--max-steps", "3")
     assert code == 0, err
-    head = runtime.load_checkpoint(out / "checkpoints" / "last.pt")["head"]
+    head = checkpoint.load(out / "checkpoints" / "last.pt")["head"]
     assert head["conv.weight"].shape == (6, 2 * 192, 1, 1)
     assert set(head) == {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
                          "conv.weight", "conv.bias"}
     config = json.loads((out / "config.json").read_text())
-    assert config["loader"] == "pil" and config["task"] == "segmentation"
+    assert config["environment"]["loader"] == "pil" and config["head"]["task"] == "segmentation"
 
 
 def test_segmentation_probe_mistakes_are_one_line(seg_shards: Path, sample_shards: Path, ade_shards: Path,

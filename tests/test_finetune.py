@@ -15,9 +15,11 @@ import timm
 import torch
 from inprocess import droppos, process
 
-from droppos import UserError, runtime
+from droppos import UserError, checkpoint
+from droppos.distributed import DistInfo
+from droppos.environment import Environment
 from droppos.encoders import evaluate_topk, load_encoder
-from droppos.recipes import FinetuneConfig, make_config
+from droppos.recipes import FinetuneConfig, make_config, to_record
 
 TINY = [
     "--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch-size", "16",
@@ -116,11 +118,12 @@ def test_evaluate_topk_ignores_padding():
 
 def test_defaults_are_the_mae_fine_tuning_recipe():
     c = FinetuneConfig()
-    assert (c.epochs, c.warmup_epochs, c.blr, c.layer_decay, c.weight_decay, c.drop_path) == (100, 5, 1e-3, 0.75, 0.05, 0.1)
-    assert (c.mixup, c.cutmix, c.smoothing, c.reprob, c.pool) == (0.8, 1.0, 0.1, 0.25, "avg")
+    o, a = c.optim, c.augment
+    assert (o.epochs, o.warmup_epochs, o.blr, o.layer_decay, o.weight_decay, a.drop_path) == (100, 5, 1e-3, 0.75, 0.05, 0.1)
+    assert (a.mixup, a.cutmix, a.smoothing, a.reprob, c.encoder.pool) == (0.8, 1.0, 0.1, 0.25, "avg")
     large = make_config(FinetuneConfig, {"preset": "vit_l16"})
-    assert (large.epochs, large.drop_path) == (50, 0.1)  # the published DropPos ViT-L script (MAE's uses 0.2)
-    assert make_config(FinetuneConfig, {"preset": "cpu-demo", "epochs": 2}).epochs == 2
+    assert (large.optim.epochs, large.augment.drop_path) == (50, 0.1)  # the published DropPos ViT-L script (MAE's: 0.2)
+    assert make_config(FinetuneConfig, {"preset": "cpu-demo", "epochs": 2}).optim.epochs == 2
 
 
 def test_layer_decay_lr_scale_per_block():
@@ -153,25 +156,27 @@ def test_layer_decay_lr_scale_per_block():
 
 
 def test_a_few_steps_lower_the_training_loss(sample_shards, tmp_path):
-    from droppos.finetune import FinetuneTask
-    from droppos.loop import set_lr
+    from droppos.finetune import FinetuneStage
+    from droppos.loop import MetricWindow, set_lr
 
-    config = FinetuneConfig(
+    config = make_config(FinetuneConfig, dict(
         data=str(sample_shards), out=str(tmp_path / "ft"), timm_model="vit_tiny_patch16_224", img_size=32, depth=2,
         batch_size=16, epochs=1, warmup_epochs=0, lr=1e-3, mixup=0, cutmix=0, reprob=0, smoothing=0, drop_path=0,
-        device="cpu", compile=False, loader="pil", workers=0)
-    task = FinetuneTask(config, runtime.DistInfo(0, 1, 0, torch.device("cpu")))
-    images, labels = next(task.loader.epoch(0))
-    sums = torch.zeros(2)
+        device="cpu", compile=False, loader="pil", workers=0))
+    env = Environment(device="cpu", precision="fp32", compile=False, loader="pil", workers=0, processes_per_node=1,
+                      world_size=1)
+    stage = FinetuneStage(config, env, DistInfo(0, 1, 0, torch.device("cpu")))
+    images, labels = next(stage.loader.epoch(0))
+    window = MetricWindow(stage.metrics, torch.device("cpu"))
     losses = []
-    set_lr(task.optimizer, 1e-3)  # the loop's job: each group's lr x its layer-decay lr_scale
+    set_lr(stage.optimizer, 1e-3)  # the loop's job: each group's lr x its layer-decay lr_scale
     for step in range(8):  # the same batch: the real step (augment, AdamW) must fit it
-        sums.zero_()
-        task.step(step, [(images, labels)], sums)
-        losses.append(float(sums[0]))
+        window.reset()
+        stage.step(step, [(images, labels)], window)
+        losses.append(float(window.sums[0]))
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.85 * losses[0], losses  # measured: 2.30 -> 1.82
-    assert float(sums[1]) == 0  # no non-finite step
+    assert float(window.nonfinite) == 0  # no non-finite step
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -187,7 +192,7 @@ def test_eval_counts_every_val_sample_once_across_two_ranks(sample_shards, tmp_p
     assert results["num_eval_samples"] == val_count(sample_shards) == 40
     assert results["epoch"] == 1 and 0 <= results["top1"] <= results["top5"] <= 100
     config = json.loads((out / "config.json").read_text())
-    assert config["world_size"] == 2
+    assert config["environment"]["world_size"] == 2
 
 
 def test_resume_after_sigterm_and_results(sample_shards, tmp_path):
@@ -205,7 +210,7 @@ def test_resume_after_sigterm_and_results(sample_shards, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    saved = runtime.load_checkpoint(out / "checkpoints" / "last.pt")
+    saved = checkpoint.load(out / "checkpoints" / "last.pt")
     stopped_at = saved["step"]
     assert stopped_at >= 4 and "ema" in saved and saved["reason"] == "stopped by SIGTERM"
     # Re-run the same command (plus a step budget): it continues from the saved step.
@@ -217,7 +222,7 @@ def test_resume_after_sigterm_and_results(sample_shards, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["step"] == stopped_at + 2 and results["num_eval_samples"] == 40
     assert {"top1", "top5", "epoch", "top1_ema", "best_top1"} <= set(results)
-    assert runtime.load_checkpoint(out / "checkpoints" / "last.pt")["step"] == stopped_at + 2
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == stopped_at + 2
 
 
 def cli_error(capsys, *args: str) -> str:
@@ -250,7 +255,8 @@ def test_user_mistakes_exit_2_with_one_line(sample_shards, tmp_path, exported, c
     assert "manifest" in cli_error(capsys, "finetune", "--out", str(tmp_path / "a"), "--data", str(tmp_path), "--run", str(run))
     # A finished run resumed with another encoder is refused, not mixed.
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    runtime.save_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt", {"config": FinetuneConfig(run=str(run)).__dict__})
+    checkpoint.save(tmp_path / "b" / "checkpoints" / "last.pt", checkpoint.state(
+        {}, stage="finetune", config=to_record(make_config(FinetuneConfig, {"run": str(run)}))))
     line = cli_error(capsys, "finetune", "--out", str(tmp_path / "b"), "--data", str(sample_shards), "--timm-model",
                      "vit_tiny_patch16_224", "--batch-size", "16", "--device", "cpu")
     assert "another model" in line

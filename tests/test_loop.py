@@ -18,9 +18,10 @@ import pytest
 import torch
 from inprocess import droppos, process
 
-from droppos.loop import Metric, Run, Schedule, Task, evaluation_due, lr_at, train
-from droppos.recipes import LaunchOptions
-from droppos.runtime import DistInfo
+from droppos.distributed import DistInfo
+from droppos.environment import Environment
+from droppos.loop import Metric, MetricWindow, Schedule, Stage, evaluation_due, lr_at, train
+from droppos.recipes import LoggingOptions, OutputOptions, TrainingConfig, option_values
 
 CPU = ["--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0"]
 STAGES = {
@@ -151,11 +152,12 @@ def test_divergence_stops_with_one_line_and_keeps_a_finite_checkpoint(stage, sam
 # --- evaluation, metrics, locks, resume compatibility (pretrain stands for all: the loop is shared) ---
 
 
-class Toy(Task):
+class Toy(Stage):
     """A linear model on seeded random batches: the loop's bookkeeping without a real stage."""
 
-    stage = "toy"
+    name = "toy"
     metrics = (Metric("loss"),)
+    schedule = Schedule(steps_per_epoch=5, epochs=3, warmup_steps=0, peak_lr=0.1, min_lr=0.0, images_per_step=8)
 
     def __init__(self, sigterm_at: int = -1) -> None:
         torch.manual_seed(0)
@@ -170,12 +172,12 @@ class Toy(Task):
         for batch in range(start_batch, 5):
             yield torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * epoch + batch))
 
-    def step(self, step, micro, sums):
+    def step(self, step, micro, window):
         loss = self.model(micro[0]).square().mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
-        sums[0] += loss.detach()
+        window.add("loss", loss.detach())
         if step + 1 == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives before the loop's stop check of this step
 
@@ -184,10 +186,23 @@ class Toy(Task):
         return {"val_loss": 0.0}
 
 
-def _toy_run(out: Path, task: Task) -> None:
-    config = LaunchOptions(out=str(out), log_every=1, ckpt_every=100)
-    schedule = Schedule(steps_per_epoch=5, epochs=3, warmup_steps=0, peak_lr=0.1, min_lr=0.0, images_per_step=8)
-    train(task, Run(config, schedule, DistInfo(0, 1, 0, torch.device("cpu")), out, {"device": "cpu"}))
+def _toy_run(out: Path, stage: Stage) -> None:
+    config = TrainingConfig(output=OutputOptions(out=str(out), ckpt_every=100), logging=LoggingOptions(log_every=1))
+    env = Environment(device="cpu", precision="fp32", compile=False, loader="pil", workers=0, processes_per_node=1,
+                      world_size=1)
+    train(stage, config, env, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def test_metrics_are_added_by_name_and_the_non_finite_count_is_apart():
+    window = MetricWindow((Metric("loss"), Metric("acc", percent=True)), torch.device("cpu"))
+    window.add("acc", torch.tensor(0.5))
+    window.add("loss", torch.tensor(2.0))
+    window.check_finite(torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf")))
+    assert window.sums.tolist() == [2.0, 0.5, 2.0] and float(window.nonfinite) == 2.0
+    with pytest.raises(KeyError):
+        window.add("top5", torch.tensor(1.0))  # a metric the stage did not declare
+    window.reset()
+    assert window.sums.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_an_interrupted_evaluation_runs_again_on_resume(tmp_path):
@@ -237,9 +252,37 @@ def test_another_schedule_needs_force_resume_and_config_keeps_both(sample_shards
     result = droppos(*command("pretrain", sample_shards, run, "--max-steps", "4", "--batch-size", "4", "--force-resume"))
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["batch_size"] == 4 and [h["batch_size"] for h in config["history"]] == [8]
-    assert config["force_resume"] is True and config["history"][0]["force_resume"] is False
+    assert config["optim"]["batch_size"] == 4 and [h["optim"]["batch_size"] for h in config["history"]] == [8]
+    assert config["output"]["force_resume"] is True and config["history"][0]["output"]["force_resume"] is False
     assert config["run_card"]["data_manifest_sha256"] and config["run_card"]["packages"]["torch"]
+
+
+def test_checkpoints_of_earlier_formats_resume_and_a_newer_one_is_refused(sample_shards, tmp_path):
+    """Format 2 (a flat config by option name) and format 1 (no tag, no stage) resume exactly: the steps after
+    them equal an uninterrupted run's. A format this version does not know is one line, exit 2."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert droppos(*command("pretrain", sample_shards, straight, "--max-steps", "6", "--log-every", "1")).returncode == 0
+    path = run / "checkpoints" / "last.pt"
+    for max_steps, downgrade in ((2, None), (4, "droppos-checkpoint/2"), (6, None)):
+        if downgrade is not None or max_steps == 6:
+            saved = torch.load(path, weights_only=True)
+            old = dict(saved, config=option_values(saved["config"]))
+            old.pop("environment")
+            if max_steps == 6:  # format 1: neither tag nor stage
+                old.pop("format"), old.pop("stage")
+            else:
+                old["format"] = downgrade
+            torch.save(old, path)
+        result = droppos(*command("pretrain", sample_shards, run, "--max-steps", str(max_steps), "--log-every", "1"))
+        assert result.returncode == 0, result.stderr
+    assert [r["loss"] for r in metrics(run) if "loss" in r] == [r["loss"] for r in metrics(straight) if "loss" in r]
+    saved = torch.load(path, weights_only=True)
+    assert saved["format"] == "droppos-checkpoint/3" and saved["config"]["model"]["model"] == "vit_tiny_patch16"
+    torch.save(dict(saved, format="droppos-checkpoint/9"), path)
+    result = droppos(*command("pretrain", sample_shards, run, "--max-steps", "8"))
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert "newer droppos (droppos-checkpoint/9" in line and str(path) in line
 
 
 def test_config_records_what_auto_became(sample_shards, tmp_path):
@@ -248,8 +291,9 @@ def test_config_records_what_auto_became(sample_shards, tmp_path):
                      "--max-steps", "1", "--workers", "0", "--no-compile")
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["loader"] == "pil" and config["device"] == "cpu" and config["precision"] == "fp32"
-    assert config["requested"]["loader"] == "auto" and config["compile"] is False
+    assert config["environment"] == {"device": "cpu", "precision": "fp32", "compile": False, "loader": "pil",
+                                     "workers": 0, "processes_per_node": 1, "world_size": 1}
+    assert config["data"]["loader"] == "auto" and config["launch"]["precision"] == "auto"  # what was asked
     assert config["schedule"]["effective_batch"] == 8 and math.isclose(config["schedule"]["peak_lr"], 1.5e-4 * 8 / 256)
     card = config["run_card"]
     assert card["world_size"] == 1 and card["hardware"]["cpu_count"] >= 1 and "timm" in card["packages"]
@@ -272,7 +316,7 @@ def test_bf16_autocast_runs_every_stage(stage, sample_shards, tmp_path):
     records = [r for r in metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     config = json.loads((run / "config.json").read_text())
-    assert config["precision"] == "bf16" and config["compile"] is (stage == "pretrain")
+    assert config["environment"]["precision"] == "bf16" and config["environment"]["compile"] is (stage == "pretrain")
 
 
 # --- several ranks: the launcher's own exits ----------------------------------------------------

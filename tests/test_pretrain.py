@@ -13,7 +13,7 @@ import torch
 from inprocess import droppos, process
 
 from droppos.pretrain import sigma_at_step
-from droppos.recipes import PretrainConfig, make_config
+from droppos.recipes import PretrainConfig, make_config, option_values
 
 TINY = [
     "--model", "vit_tiny_patch16", "--img-size", "32", "--patch-size", "8", "--depth", "1",
@@ -30,21 +30,25 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_defaults_and_presets_are_the_papers_recipe():
-    c = PretrainConfig()
-    assert (c.model, c.img_size, c.epochs, c.warmup_epochs, c.batch_size) == ("vit_base_patch16", 224, 800, 10, 64)
-    assert (c.blr, c.weight_decay, c.clip_grad) == (1.5e-4, 0.05, 5.0)
-    assert (c.mask_ratio, c.pos_mask_ratio, c.sigma, c.sigma_decay, c.tau) == (0.75, 0.75, 1.0, True, 0.1)
-    assert (c.attentive, c.mask_token, c.decoder_width, c.decoder_depth) == (True, "learnable", 512, 2)
+    c = option_values(PretrainConfig())  # by flat option name, whichever section holds it
+    assert (c["model"], c["img_size"], c["epochs"], c["warmup_epochs"], c["batch_size"]) == ("vit_base_patch16", 224, 800, 10, 64)
+    assert (c["blr"], c["weight_decay"], c["clip_grad"]) == (1.5e-4, 0.05, 5.0)
+    assert (c["mask_ratio"], c["pos_mask_ratio"], c["sigma"], c["sigma_decay"], c["tau"]) == (0.75, 0.75, 1.0, True, 0.1)
+    assert (c["attentive"], c["mask_token"], c["decoder_width"], c["decoder_depth"]) == (True, "learnable", 512, 2)
     b800 = make_config(PretrainConfig, {"preset": "vit_b16_800ep"})
     b200 = make_config(PretrainConfig, {"preset": "vit_b16_200ep"})
     l800 = make_config(PretrainConfig, {"preset": "vit_l16_800ep"})
-    assert (b800.model, b800.epochs, b800.warmup_epochs, b800.batch_size, b800.blr) == ("vit_base_patch16", 800, 10, 64, 1.5e-4)
-    assert (b200.model, b200.epochs, b200.warmup_epochs, b200.batch_size) == ("vit_base_patch16", 200, 10, 64)
-    assert (l800.model, l800.epochs, l800.warmup_epochs, l800.batch_size, l800.blr) == ("vit_large_patch16", 800, 40, 128, 1.5e-4)
+    assert (b800.model.arch, b800.optim.epochs, b800.optim.warmup_epochs, b800.optim.batch_size, b800.optim.blr) == (
+        "vit_base_patch16", 800, 10, 64, 1.5e-4)
+    assert (b200.model.arch, b200.optim.epochs, b200.optim.warmup_epochs, b200.optim.batch_size) == (
+        "vit_base_patch16", 200, 10, 64)
+    assert (l800.model.arch, l800.optim.epochs, l800.optim.warmup_epochs, l800.optim.batch_size, l800.optim.blr) == (
+        "vit_large_patch16", 800, 40, 128, 1.5e-4)
     for preset in (b800, b200, l800):
-        assert (preset.mask_ratio, preset.pos_mask_ratio, preset.sigma, preset.attentive) == (0.75, 0.75, 1.0, True)
+        p = preset.pretext
+        assert (p.mask_ratio, p.pos_mask_ratio, p.sigma, p.attentive) == (0.75, 0.75, 1.0, True)
     # The command line overrides the preset.
-    assert make_config(PretrainConfig, {"preset": "vit_b16_800ep", "epochs": 3}).epochs == 3
+    assert make_config(PretrainConfig, {"preset": "vit_b16_800ep", "epochs": 3}).optim.epochs == 3
 
 
 def test_paper_recipe_clips_per_parameter_and_decays_the_tokens():
@@ -53,9 +57,9 @@ def test_paper_recipe_clips_per_parameter_and_decays_the_tokens():
     from droppos.model import create_from_config
     from droppos.pretrain import clip_gradients, optimizer_groups
 
-    defaults = PretrainConfig()
+    defaults = PretrainConfig().optim
     assert (defaults.clip_mode, defaults.decay_tokens) == ("per-param", True)
-    demo = make_config(PretrainConfig, {"preset": "cpu-demo"})
+    demo = make_config(PretrainConfig, {"preset": "cpu-demo"}).optim
     assert (demo.clip_mode, demo.decay_tokens) == ("global", False)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(7, 3)) for _ in range(4)]
@@ -106,7 +110,7 @@ def test_short_run_writes_every_output(sample_shards, tmp_path):
     result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--max-steps", "6", "--log-every", "2")
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "vit_tiny_patch16" and config["max_steps"] == 6
+    assert config["model"]["model"] == "vit_tiny_patch16" and config["optim"]["max_steps"] == 6
     records = [r for r in metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6]
     for key in ("epoch", "loss", "pos_acc", "lr", "sigma", "img_per_s", "data_wait"):
@@ -130,7 +134,7 @@ def test_two_gloo_processes_finish_together(sample_shards, tmp_path):
     result = process("pretrain", "--data", str(sample_shards), "--out", str(run), *TINY, "--nproc", "2",
                      "--batch-size", "4", "--accum", "2", "--max-steps", "4", "--log-every", "2", timeout=400)
     assert result.returncode == 0, result.stderr
-    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert json.loads((run / "config.json").read_text())["environment"]["world_size"] == 2
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     assert [r["step"] for r in metrics(run) if "loss" in r] == [2, 4]
 
@@ -172,8 +176,8 @@ def test_checkpoint_of_another_model_is_refused(sample_shards, tmp_path):
 def test_cpu_demo_preset_learns_positions(demo_run):
     """The cpu-demo preset lifts held-out position accuracy (val split, percent) to >= 5x chance."""
     config = json.loads((demo_run / "config.json").read_text())
-    patch = config["patch_size"]
-    num_positions = (config["img_size"] // patch) ** 2
+    patch = config["model"]["patch_size"]
+    num_positions = (config["model"]["img_size"] // patch) ** 2
     held_out = [r["val_pos_acc"] for r in metrics(demo_run) if "val_pos_acc" in r]
     assert held_out, "no held-out evaluation was logged"
     assert held_out[-1] >= 5 * 100.0 / num_positions, (held_out, num_positions)  # percent

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from droppos import runtime
+from droppos import checkpoint
 from droppos.probe import LinearHead, lars_groups
 from droppos.recipes import ProbeConfig, make_config
 
@@ -28,9 +28,10 @@ def cli_run(capsys, *args: str) -> tuple[int, str]:
 
 def test_defaults_are_maes_linear_probe():
     c = ProbeConfig()
-    assert (c.epochs, c.warmup_epochs, c.blr, c.weight_decay, c.pool, c.cached) == (90, 10, 0.1, 0.0, "token", False)
+    o = c.optim
+    assert (o.epochs, o.warmup_epochs, o.blr, o.weight_decay, c.encoder.pool, c.head.cached) == (90, 10, 0.1, 0.0, "token", False)
     demo = make_config(ProbeConfig, {"preset": "cpu-demo"})
-    assert demo.cached and demo.device == "cpu"
+    assert demo.head.cached and demo.launch.device == "cpu"
 
 
 def test_head_is_batchnorm_without_affine_then_linear_and_lars_adapts_weights_only():
@@ -81,7 +82,7 @@ def test_streaming_probe_keeps_the_encoder_frozen(sample_shards, tmp_path, capsy
     code, err = cli_run(capsys, "probe", "--data", str(sample_shards), "--out", str(out), *TINY_TIMM, *CPU,
                         "--pool", "avg", "--batch-size", "16", "--epochs", "1", "--max-steps", "3")
     assert code == 0, err
-    saved = runtime.load_checkpoint(out / "checkpoints" / "last.pt")
+    saved = checkpoint.load(out / "checkpoints" / "last.pt")
     assert set(saved["head"]) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
     assert json.loads((out / "results.json").read_text())["num_eval_samples"] == 40
 

@@ -72,7 +72,9 @@ def test_version_bare_usage_and_print_config():
     shown = _cli("pretrain", "--preset", "cpu-demo", "--epochs", "3", "--print-config")
     assert shown.returncode == 0, shown.stderr
     config = json.loads(shown.stdout)
-    assert (config["img_size"], config["patch_size"], config["epochs"], config["loader"]) == (48, 8, 3, "pil")
+    assert (config["model"]["img_size"], config["model"]["patch_size"], config["optim"]["epochs"],
+            config["data"]["loader"]) == (48, 8, 3, "pil")
+    assert list(config) == ["preset", "data", "model", "pretext", "optim", "launch", "output", "logging"]
 
 
 def test_help_groups_options_in_panels_and_shows_each_default_once():

@@ -40,8 +40,8 @@ def _pair(trained: Optional[dict], random: Optional[dict], key: str) -> tuple[st
 
 def rows(demo: Path) -> list[tuple[str, str, str, str]]:
     """(measure, DropPos demo encoder, random-init twin, where to look)."""
-    config = _json(demo / "run" / "config.json") or {}
-    grid = (config.get("img_size", 48) // (config.get("patch_size") or 8)) ** 2
+    model = (_json(demo / "run" / "config.json") or {}).get("model") or {}
+    grid = (model.get("img_size", 48) // (model.get("patch_size") or 8)) ** 2
     out = [("held-out position accuracy (val, 6x6 grid)", _pct(_held_out(demo / "run")),
             f"chance {100 / grid:.2f}%", str(demo / "run" / "metrics.jsonl"))]
     probe = _pair(_json(demo / "probe-pretrained" / "results.json"), _json(demo / "probe-random" / "results.json"),

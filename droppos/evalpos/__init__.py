@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from droppos import UserError, files, runtime
+from droppos import UserError, check_all, environment, files
 from droppos.progress import Progress
 from droppos.recipes import EvalPosConfig, check, parse_ratio
 from droppos.evalpos import report
@@ -62,7 +62,7 @@ def _validate(config: EvalPosConfig) -> None:
     models = len(config.sources) + len(config.timm_models) + int(config.random_baseline) + int(
         bool(config.weights and not config.timm_models))
     check(config)  # every option's type, choices and bounds, from its declaration
-    runtime.check_all([
+    check_all([
         (len(config.sources) + len(config.timm_models) <= 1 or config.compare,
          "several models given: add --compare to put them side by side (or give one SOURCE)"),
         (bool(config.ratio_pairs), "give at least one --ratio"),
@@ -217,7 +217,7 @@ def _start_line(subjects: list[Subject], images: ImageSource, planned: int, conf
 def run(config: EvalPosConfig) -> Path:
     """Load every model, evaluate each on the same images, write report.json / .html / PNGs; returns report.html."""
     _validate(config)
-    device = torch.device(runtime.resolve_device(config.device, 0))
+    device = torch.device(environment.resolve_device(config.device))
     out = Path(config.out)
     with files.OutputLock(out, "eval-pos"), exact_fp32() as precision:
         files.remove_stale_temporaries(out)
@@ -240,7 +240,7 @@ def run(config: EvalPosConfig) -> Path:
             ticker.close()
         settings = report.resolved_settings(config, device=str(device), precision=precision, loader=images.backend,
                                             workers=images.workers_used)
-        document = report.build(results, images, settings, runtime.run_card(world_size=1, data_dir=config.data))
+        document = report.build(results, images, settings, environment.run_card(world_size=1, data_dir=config.data))
         page = report.write(out, document)
     report.print_table(results)
     if images.skipped:

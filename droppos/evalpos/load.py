@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from droppos import UserError, runtime
+from droppos import UserError, checkpoint, recipes
+from droppos.environment import file_sha256
 
 __all__ = ["IMAGE_CROP_PCT", "INITS", "ImageSource", "Subject", "list_images", "load_subject", "load_subjects", "random_like"]
 
@@ -173,7 +174,7 @@ def _timm_vit(name: str, img_size: Optional[int]) -> nn.Module:
 
 
 def _weights_record(path: Path, source: str) -> dict[str, Any]:
-    return {"source": source, "path": str(path), "sha256": runtime.file_sha256(path)}
+    return {"source": source, "path": str(path), "sha256": file_sha256(path)}
 
 
 def _from_checkpoint(path: Path, source: str, name: str, kind: str) -> Subject:
@@ -182,21 +183,22 @@ def _from_checkpoint(path: Path, source: str, name: str, kind: str) -> Subject:
     apart by their config (a pretrain config names a `model`)."""
     from droppos.weights import droppos_model_from
 
-    saved = runtime.load_checkpoint(path)
+    saved = checkpoint.load(path)
     config = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(config, dict) or not any(k in saved for k in ("model", "head")):
         raise UserError(f"{path} is not a droppos checkpoint (no 'model' and 'config'): "
                         "give a pretrain or finetune run directory, its checkpoint, or an encoder .safetensors")
-    stage = saved.get("stage") or ("pretrain" if "model" in config else "finetune")
+    stage = saved.get("stage")  # checkpoint.load recorded it for the checkpoints that did not
     if stage == "finetune":
         return _from_finetune(path, saved, source, name)
     if stage != "pretrain":
         raise UserError(f"{path} is a `droppos {stage}` checkpoint: it holds a head, not an encoder; evaluate the "
                         "encoder it probed (its --run or --encoder) instead")
     model = droppos_model_from(saved, path)  # the config's numbers bounded and checked against the tensors first
+    options = recipes.option_values(config)
     info = {"checkpoint": str(path), "step": saved.get("step"), "weights": _weights_record(path, kind),
-            "config": {k: config.get(k) for k in ("model", "img_size", "patch_size", "depth", "mask_ratio",
-                                                   "pos_mask_ratio", "mask_token", "epochs")}}
+            "config": {k: options.get(k) for k in ("model", "img_size", "patch_size", "depth", "mask_ratio",
+                                                    "pos_mask_ratio", "mask_token", "epochs")}}
     return _subject_from_droppos(model, name, source, kind, info)
 
 
@@ -212,7 +214,7 @@ def _from_finetune(path: Path, saved: dict, source: str, name: str) -> Subject:
     if not isinstance(encoder, dict) or "head.weight" not in state:
         raise UserError(f"{path} is neither a pretrain nor a finetune checkpoint of droppos")
     model_name, model_args = check_architecture(encoder.get("model"), encoder.get("model_args") or {}, str(path))
-    pool = (saved.get("config") or {}).get("pool", "avg")
+    pool = recipes.option_values(saved.get("config")).get("pool", "avg")
     if pool not in POOLS:
         raise UserError(f"{path}: config names pool {str(pool)[:20]!r}, not one of {', '.join(POOLS)}")
     build = dict(pretrained=False, num_classes=int(state["head.weight"].shape[0]), global_pool=pool, **model_args)

@@ -1,0 +1,155 @@
+"""The checkpoint format: one module writes it, reads it, checks its tag and knows its old forms.
+
+A checkpoint is a plain dict (loadable with `torch.load(weights_only=True)`): each part's state (modules
+without DDP/compile prefixes), the step, the stage, the run's config record (sectioned, as config.json),
+its environment and schedule, and `format`. Reading upgrades what older versions wrote:
+- format 1 (no tag): no `stage` (a config that names a `model` is a pretrain run's, else finetune's);
+- format 2: the config flat, by option name;
+so every reader sees the current form. A tag this version does not know is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from droppos import UserError
+from droppos.distributed import strip_prefixes
+
+FORMAT = "droppos-checkpoint/3"
+_PREFIX = "droppos-checkpoint/"
+
+
+def path(out: Path) -> Path:
+    """Where every training stage keeps the checkpoint it resumes from."""
+    return Path(out) / "checkpoints" / "last.pt"
+
+
+def state(parts: dict[str, Any], **entries: Any) -> dict:
+    """A checkpoint: each part's state by key (modules without wrapper prefixes, optimizers as they are) and
+    the run's `entries` (step, stage, config, ...)."""
+    saved = {key: strip_prefixes(part.state_dict()) if isinstance(part, torch.nn.Module) else part.state_dict()
+             for key, part in parts.items()}
+    return {**saved, **entries, "format": FORMAT}
+
+
+def save(target: Path, checkpoint: dict) -> None:
+    """Write atomically (files.atomic_write): a full disk leaves the previous checkpoint and no temporary file."""
+    from droppos.files import atomic_write
+
+    atomic_write(target, lambda handle: torch.save(checkpoint, handle))
+
+
+def load(source: Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Read with weights_only=True (mmap: tensors read lazily), check the tag, upgrade older forms; an
+    unreadable or foreign file is a one-line UserError."""
+    try:
+        raw = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+        raise UserError(f"cannot read checkpoint {source}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    return upgrade(raw, source)
+
+
+def upgrade(raw: Any, source: Path) -> Any:
+    """A droppos checkpoint in the current form (other dicts, e.g. a feature cache or a foreign layout, pass as
+    they are: their readers check their own keys)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        return raw
+    tag = raw.get("format")
+    if tag is not None and (not isinstance(tag, str) or not tag.startswith(_PREFIX)):
+        return raw
+    version = 1 if tag is None else _version(tag, source)
+    if version > _version(FORMAT, source):
+        raise UserError(f"{source} was written by a newer droppos ({tag}; this version reads up to {FORMAT}): "
+                        "upgrade droppos to read it")
+    if version >= 3:
+        return raw
+    from droppos import recipes
+
+    raw = dict(raw)
+    if version == 1:
+        raw["stage"] = "pretrain" if "model" in raw["config"] else "finetune"
+    stage_cls = recipes.STAGES.get(raw.get("stage"))
+    if stage_cls is not None:
+        raw["config"] = _sectioned(stage_cls, raw["config"])
+    raw["format"] = FORMAT
+    return raw
+
+
+def _version(tag: str, source: Path) -> int:
+    try:
+        return int(tag[len(_PREFIX):])
+    except ValueError:
+        raise UserError(f"{source}: unknown checkpoint format {tag[:60]!r}") from None
+
+
+def _sectioned(cls: type, flat: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 flat config as the sectioned record (names this version no longer declares kept at the top)."""
+    from droppos import recipes
+
+    where = {o.name: o.section for o in recipes.options(cls)}
+    record: dict[str, Any] = {}
+    for name, found in flat.items():
+        section = where.get(name)
+        if section is None:
+            record[name] = found
+        else:
+            record.setdefault(section, {})[name] = found
+    return record
+
+
+def resume(out: Path, device: torch.device, parts: dict[str, Any]) -> Optional[dict]:
+    """Load OUT's last checkpoint into `parts` (the keys `state` saved them under); None: a fresh start."""
+    source = path(out)
+    if not source.exists():
+        return None
+    saved = load(source, map_location=device)
+    for key, part in parts.items():
+        part.load_state_dict(saved[key])
+    return saved
+
+
+def check_resumable(out: Path, config: Any, stage: str, accum: int, world_size: int) -> None:
+    """Refuse to resume OUT's checkpoint when it belongs to another stage or architecture; refuse another
+    schedule or data unless --force-resume (config.json then keeps the earlier record).
+
+    Compared: the options declared `resume="arch"` (always refused) and `resume="run"`, the effective batch
+    (batch x accum x world size) and the data manifest's sha256.
+    """
+    from droppos import recipes
+    from droppos.environment import file_sha256
+
+    source = path(out)
+    if not source.exists():
+        return
+    saved = load(source, mmap=True)
+    if saved.get("stage") != stage:
+        raise UserError(f"{out} holds a `droppos {saved.get('stage')}` run; give `droppos {stage}` another --out")
+    before, now = recipes.option_values(saved.get("config")), recipes.option_values(config)
+    cls = type(config)
+    arch = [f"{k}={before.get(k)!r} (now {now.get(k)!r})" for k in recipes.keys(cls, "arch")
+            if before.get(k) != now.get(k)]
+    if arch:
+        raise UserError(f"{out} holds a checkpoint of another model: {', '.join(arch)}; use another --out or the "
+                        "same options")
+    changed = [f"{k}={before.get(k)!r} (now {now.get(k)!r})" for k in recipes.keys(cls, "run")
+               if k in before and before.get(k) != now.get(k)]
+    saved_schedule = saved.get("schedule") or {}
+    effective = config.optim.batch_size * accum * world_size
+    if saved_schedule.get("effective_batch") not in (None, effective):
+        changed.append(f"effective batch {saved_schedule['effective_batch']} (now {effective}: "
+                       f"{config.optim.batch_size} x {accum} x {world_size} processes)")
+    data_sha = file_sha256(Path(config.data.path) / "manifest.json")
+    if saved.get("data_sha256") not in (None, data_sha):
+        changed.append("the data (its manifest.json differs)")
+    if changed and not config.output.force_resume:
+        raise UserError(f"{out} was trained with another schedule or data: {'; '.join(changed)}. Re-run with the "
+                        "same options, add --force-resume to continue with the new ones, or use another --out")
+
+
+def plain(value: Any) -> Any:
+    """`value` as the plain JSON values a checkpoint (weights_only) and a results file can hold."""
+    return json.loads(json.dumps(value))

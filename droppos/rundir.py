@@ -1,0 +1,45 @@
+"""The run directory's config.json: every option as used, the resolved environment, the schedule, the run
+card, and the earlier records of a run resumed with other options (`history`: never lost)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+
+def config_record(config: Any, environment: Any, schedule: Any) -> dict[str, Any]:
+    """config.json's content: the sectioned options (recipes.to_record), `environment` (every `auto` resolved),
+    the schedule and the run card."""
+    from droppos import recipes
+    from droppos.environment import run_card
+
+    record = recipes.to_record(config)
+    record["environment"] = environment.record()
+    record["schedule"] = schedule.record()
+    record["run_card"] = run_card(environment.world_size, config.data.path)
+    return record
+
+
+def write_config(out: Path, record: dict[str, Any]) -> None:
+    """Write OUT/config.json; an earlier record of other options moves into its `history`."""
+    from droppos.files import write_json_atomic
+
+    path = Path(out) / CONFIG_NAME
+    history: list = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict):
+            history = list(previous.pop("history", []) or [])
+            if _without_card(previous) != _without_card(record):
+                history.append(previous)
+    write_json_atomic(path, dict(record, history=history), indent=2)
+
+
+def _without_card(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("run_card", "history")}
