@@ -25,9 +25,9 @@ graphs compiled, recompiles (graphs compiled after the first step: should be 0, 
 and graph breaks.
 
 On CPU with glibc the script first tells malloc to serve large blocks from the heap and never give them back
-(--keep-heap, on by default): otherwise every step mmaps and unmaps its activations and pays ~15k page
-faults (ViT-Ti, batch 32), 4-6 % of the step on a 2-core machine. Training processes on the CPU make the same call
-(fastpaths.keep_heap, from runtime.run_worker).
+(--keep-heap, on by default): otherwise every step mmaps and unmaps its activations and pays their page faults
+again (docs/measurements.md). Training processes on the CPU make the same call (fastpaths.keep_heap, from
+runtime.run_worker).
 
 Usage:  python benchmarks/bench_step.py [--model droppos_vit_tiny_patch16 | --preset cpu-demo] [--img-size 224]
             [--batch-sizes 32,64] [--dtypes fp32,bf16] [--modes eager,compiled] [--attentive on|off|both]

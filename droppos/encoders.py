@@ -11,10 +11,8 @@ Sources, one result (a timm `VisionTransformer`, ready for `forward`/`forward_fe
   honoured, one line when they are missing), with `weights=FILE` a local checkpoint in NAME's architecture;
 - `weights=FILE` alone: a checkpoint that names its architecture (our export, a pretrain checkpoint).
 
-Foreign layouts (timm, MAE/DeiT, MoCo v3, DINO) are read by droppos.weights: heads and decoders dropped and
-counted, the position embedding resampled with timm's filter. With global average pooling timm uses
-`fc_norm` instead of the final `norm`; as in MAE's fine-tuning the pre-trained `norm` is then not used and
-`fc_norm` starts fresh (unless the checkpoint has one). `info["weights"]` says where the weights came from.
+Foreign layouts (timm, MAE/DeiT, MoCo v3, DINO) are read by droppos.weights; `info["weights"]` says where the
+weights came from.
 
 Also here, because finetune and probe (two stages that must not import each other) both need them:
 top-1/top-5 counting over an eval loader whose padding is labelled -1.

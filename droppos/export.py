@@ -1,66 +1,10 @@
 """Every file we hand to other software: the released encoder, and exports for timm, Detectron2 and MMSegmentation.
 
-`export_encoder(model, path)` writes the encoder a pretrain run releases: `encoder.safetensors` in timm's
-ViT key layout and `encoder.json` naming the timm model (`model`, `model_args`, `pretrained_cfg`,
-`droppos`). Both are byte-reproducible: the same weights give the same bytes. safetensors orders tensors by
-dtype and name itself, but keeps `__metadata__` in a Rust HashMap whose order changes from process to process
-(measured: three saves of one dict with five entries gave three different headers), so the metadata is
-the single entry {"format": "pt"}; the sidecar is JSON with sorted keys. Both go through droppos.files'
-atomic writes.
-
-`run(source, fmt, out)` (`droppos export SOURCE --format F --out PATH`) reads a pretrain run directory
-(its encoder.safetensors, else checkpoints/last.pt), a pretrain checkpoint (.pt) or an encoder
-.safetensors with its sidecar, and writes:
-
-timm (a folder, the Hugging Face Hub layout, pushable as it is)
-    PATH/config.json ({architecture, num_classes: 0, num_features, global_pool, model_args, pretrained_cfg})
-    + PATH/model.safetensors. `timm.create_model("local-dir:PATH", pretrained=True)` (timm >= 1.0.20)
-    gives features equal to our encoder's; read: huggingface/pytorch-image-models
-    timm/models/_hub.py (load_model_config_from_path, _parse_model_cfg, load_state_dict_from_path) and
-    timm/models/_factory.py (_resolve_model_source).
-
-detectron2 (a .pth of {'model': state_dict} in MAE's key layout)
-    cls_token, pos_embed [1, 1 + N, D] with its [CLS] row, patch_embed.proj.*, blocks.N.{norm1, attn.qkv,
-    attn.proj, norm2, mlp.fc1, mlp.fc2}.*: the names of Detectron2's ViT (facebookresearch/detectron2
-    detectron2/modeling/backbone/vit.py: ViT.patch_embed/pos_embed/blocks, Block.norm1/attn/norm2/mlp with
-    timm's Mlp, pos_embed sized by pretrain_img_size=224 with pretrain_use_cls_token=True and resampled by
-    get_abs_pos, which needs a square grid). ViTDet loads it with
-    `train.init_checkpoint=PATH?matching_heuristics=True` (projects/ViTDet/configs/COCO/
-    mask_rcnn_vitdet_b_100ep.py): detectron2/checkpoint/c2_model_loading.py align_and_update_state_dicts
-    matches each checkpoint key as a '.'-suffix of a model key (backbone.net.blocks.0.attn.qkv.weight),
-    skips shape mismatches and raises when one checkpoint key matches two model keys of the same shape.
-    The final `norm` is left out: ViTDet's ViT has none, and `norm.weight` would be such an ambiguous
-    suffix of the feature pyramid's `*.norm.weight` when the width is 256 (MAE's own checkpoint keeps it;
-    it is unused there). The [CLS] token is kept as in MAE's file (unused by ViTDet).
-
-mmseg (a flat state dict in the layout of MMSegmentation's MAE backbone)
-    blocks.N -> layers.N; norm1/norm2 -> ln1/ln2; attn.qkv, attn.proj kept under layers.N.attn (MAE builds
-    its layers with bias=True, so qkv.bias is used); mlp.fc1 -> ffn.layers.0.0; mlp.fc2 -> ffn.layers.1;
-    patch_embed.proj -> patch_embed.projection; cls_token and pos_embed kept. Read:
-    open-mmlab/mmsegmentation tools/model_converters/beit2mmseg.py (convert_beit: exactly these renames;
-    it keeps `norm.*` as it is), mmseg/models/backbones/mae.py (MAE(BEiT): layers of
-    MAETransformerEncoderLayer, init_weights loads the flat dict into the backbone with strict=False after
-    resize_rel_pos_embed and resize_abs_pos_embed, which resamples a square pos_embed; layer-scale gamma_1/2
-    start at init_values=1.0 in the config, the relative position tables at zero) and
-    mmseg/models/backbones/beit.py (final_norm=True registers the final LayerNorm as `ln1` through
-    build_norm_layer(postfix=1)). So our final `norm` is written as `ln1.*`: the MAE config
-    (final_norm=False) ignores it as it ignores the converter's `norm.*`, and final_norm=True uses it.
-
-Downstream commands (the README copies them; PATH is what `run` wrote; `downstream_command` adds the
-overrides a non-ViT-B/16 or non-224 encoder needs):
-
-    # COCO, Mask R-CNN, ViTDet (Detectron2; 64 images per batch on 8 GPUs as in the config)
-    python tools/lazyconfig_train_net.py --num-gpus 8 \\
-        --config-file projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py \\
-        'train.init_checkpoint=PATH?matching_heuristics=True'
-    # ADE20K, UperNet (MMSegmentation 1.x; 0.x named the config upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py)
-    bash tools/dist_train.sh configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py 8 \\
-        --cfg-options model.pretrained=PATH
-
-The paper's targets with DropPos ViT-B/16 (800 epochs): ADE20K mIoU 47.8 (UperNet, MAE's MMSegmentation
-configuration), COCO AP^mask 42.6 and AP50^box 68.3 (ViTDet-style Mask R-CNN in Detectron2). For scale,
-the stock configs with MAE ViT-B/16 report mIoU 48.13 (MMSegmentation's configs/mae/README.md) and box AP
-51.6 / mask AP 45.9 at 100 epochs (projects/ViTDet/README.md).
+`export_encoder` writes what a pretrain run releases: `encoder.safetensors` in timm's ViT key layout and the
+`encoder.json` sidecar naming the timm model, both byte-reproducible. `run` (`droppos export SOURCE --format F
+--out PATH`) reads a run directory, a pretrain checkpoint or an encoder, and writes one format. Neither Detectron2
+nor MMSegmentation installs here, so each format's function cites the library code its layout was read from;
+`downstream_command` gives the training command with the overrides a non-ViT-B/16 or non-224 encoder needs.
 """
 
 from __future__ import annotations
@@ -81,7 +25,8 @@ __all__ = ["FORMATS", "Encoder", "detectron2_state", "downstream_command", "enco
 
 from droppos.recipes import EXPORT_FORMATS as FORMATS  # noqa: E402 - the one list of formats
 
-_DETECTRON2_CONFIG = "projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"
+_DETECTRON2_CONFIG = "projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"  # 64 images per batch on 8 GPUs
+# MMSegmentation 1.x; 0.x named it upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py
 _MMSEG_CONFIG = "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
 _BASE_ARCH = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}  # both configs'
 
@@ -91,7 +36,11 @@ _BASE_ARCH = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, 
 
 
 def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    """safetensors bytes that depend on the tensors only (one metadata entry: its order cannot vary)."""
+    """safetensors bytes that depend on the tensors only.
+
+    safetensors orders the tensors itself, but keeps `__metadata__` in a hash map whose order changes from
+    process to process (docs/measurements.md), so the metadata is one entry, whose order cannot vary.
+    """
     from safetensors.torch import save
 
     return save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
@@ -228,7 +177,11 @@ def _square_grid(encoder: Encoder, fmt: str) -> int:
 
 
 def write_timm_folder(encoder: Encoder, out: Path) -> Path:
-    """OUT/config.json + OUT/model.safetensors: what `timm.create_model("local-dir:OUT", pretrained=True)` reads."""
+    """OUT/config.json + OUT/model.safetensors: what `timm.create_model("local-dir:OUT", pretrained=True)` reads.
+
+    The Hugging Face Hub layout (timm >= 1.0.20), read from timm/models/_hub.py (load_model_config_from_path,
+    _parse_model_cfg, load_state_dict_from_path) and timm/models/_factory.py (_resolve_model_source).
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: the timm format is a folder (config.json + model.safetensors)")
     config = {
@@ -245,7 +198,14 @@ def write_timm_folder(encoder: Encoder, out: Path) -> Path:
 
 
 def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MAE's key layout (timm's) without the final norm, which ViTDet does not have."""
+    """MAE's key layout (timm's: the names of Detectron2's ViT) without the final norm, which ViTDet does not have.
+
+    Read from detectron2/modeling/backbone/vit.py (pos_embed with its [CLS] row, pretrain_use_cls_token=True,
+    resampled by get_abs_pos on a square grid) and detectron2/checkpoint/c2_model_loading.py
+    (align_and_update_state_dicts: `?matching_heuristics=True` matches each key as a '.'-suffix of a model key and
+    raises when one key matches two of the same shape). That is why `norm.*` goes: at width 256, `norm.weight` would
+    match the feature pyramid's `*.norm.weight` of the same shape. The [CLS] token stays, as in MAE's file (unused).
+    """
     return {k: v for k, v in state.items() if not k.startswith("norm.")}
 
 
@@ -254,7 +214,13 @@ _MMSEG_BLOCK_RENAMES = (("norm1.", "ln1."), ("norm2.", "ln2."), ("mlp.fc1.", "ff
 
 
 def mmseg_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MMSegmentation's MAE backbone layout (see the module docstring); unknown keys are an error, not dropped."""
+    """MMSegmentation's MAE backbone layout; unknown keys are an error, not dropped.
+
+    The renames of its tools/model_converters/beit2mmseg.py (`_MMSEG_BLOCK_RENAMES`), read with
+    mmseg/models/backbones/mae.py, which loads the flat dict with strict=False after resampling a square
+    pos_embed. The final `norm` becomes `ln1.*`, the name beit.py gives it with final_norm=True: the MAE config
+    (final_norm=False) ignores it, as it ignores the converter's `norm.*`, and final_norm=True uses it.
+    """
     out = {}
     for key, value in state.items():
         if key in ("cls_token", "pos_embed"):

@@ -1,37 +1,14 @@
 """DropPos Vision Transformer: encoder on timm's ViT blocks, position decoder and the DropPos losses.
 
-Implements docs/METHOD.md (Wang et al., "DropPos", NeurIPS 2023):
+Implements docs/METHOD.md (Wang et al., "DropPos", NeurIPS 2023), which gives the counts, the formulas, the
+[MASK] variants and the two defects of the published smoothing map that are not reproduced here. Shapes are
+static and the forward has no host synchronisation, so that torch.compile builds one graph: the counts are fixed
+integers, and one random permutation per image (torch.rand + argsort) decides which patches keep their PE, which
+lose it and which are removed.
 
-* patch masking: of the L patches, a random subset of V = floor(L * (1 - mask_ratio)) stays visible;
-* position dropping: of those V, K = floor(V * (1 - pos_mask_ratio)) keep their fixed 2-D sin-cos PE,
-  the other V - K get a [MASK] position token instead: `mask_token` 'learnable' (default), 'zeros',
-  'wrong' (the published variant: the V - K dropped patches' own PEs, shuffled among them by one
-  permutation per batch, as the published code's np.random.shuffle over the slot axis does; a slot may
-  keep its own PE) or 'random-wrong' (per patch, the PE of a uniformly chosen other cell: never its own);
-* a position decoder classifies, for every visible patch, which of the L cells it came from;
-* targets are Gaussian-smoothed over the model's true 2-D patch grid (rows sum to 1, one-hot at sigma 0),
-  and only the V - K patches whose PE was dropped count in the loss;
-* attentive reconstruction weights each patch by cos(CLS, patch) / tau of a no-grad, unmasked forward of
-  the current encoder;
-* an optional auxiliary MAE pixel decoder has the position decoder's depth, width and heads unless told
-  otherwise (as in the published code's multi-task model).
-
-The attentive pass is its own API (`saliency`) because it is the costlier half of a step: a full forward
-over 1 + L tokens costs more FLOPs than the whole masked training step (ViT-B/16: 35.1 vs 28.3 GFLOPs per
-image, docs/METHOD.md). `forward(imgs, sigma, saliency=model.saliency(imgs))` gives the same loss and gradients
-as `forward(imgs, sigma)`, which computes it inline; `compile_step` builds the two as separate compiled
-graphs, the no-grad one with CUDA graphs (static shapes, no backward, launch-bound at small batches).
-Both run in the caller's precision: under the caller's autocast, or fp32 without one, on CPU and CUDA alike.
-
-Counts are floors with a 1e-9 tolerance (so that 196 * 0.25 = 49 is not lost to floating-point error):
-at 224/16 with mask_ratio = pos_mask_ratio = 0.75, V = 49 and K = floor(12.25) = 12, the paper's numbers.
-All shapes are static, the forward has no host synchronisation, and one random permutation per image
-(torch.rand + argsort) decides everything: its first K entries are the visible patches that keep their
-PE, the next V - K the visible patches whose PE is dropped, the rest the removed patches. The encoder and
-the decoder see no positional information other than those PEs, so the token order is irrelevant.
-
-Two defects of the published code are not reproduced: its smoothing map is built on a 16x16 grid and
-truncated to 196 columns (wrong neighbours, wrap-around across rows), and it divides by column sums.
+The attentive pass is its own API (`saliency`) because it is the costlier half of a step (ViT-B/16: 35.1 vs
+28.3 GFLOPs per image): `forward(imgs, sigma, saliency=model.saliency(imgs))` gives the same loss and gradients
+as `forward(imgs, sigma)`, and `compile_step` compiles the two as separate graphs.
 
 Importing this module registers `droppos_vit_{tiny,small,base,large}_patch16`, `droppos_vit_base_patch32`
 and `droppos_vit_huge_patch14` with timm.

@@ -20,23 +20,12 @@ droppos-checkpoint  a `droppos pretrain` checkpoint (``{'model', 'config', ...}`
                     with its fixed sin-cos PE
 =================== ====================================================================================
 
-Heads and decoders are dropped and counted by reason. With average pooling timm uses `fc_norm` and no final
-`norm`: a checkpoint's `fc_norm` is then kept (MAE fine-tuning), its `norm` dropped (MAE's recipe: fc_norm
-starts fresh); with [CLS] pooling the final `norm` is needed. The position embedding is resampled to the
-model's grid by timm's own `checkpoint_filter_fn` (`resample_abs_pos_embed`). Pickles are read with
-`torch.load(weights_only=True)` (plain containers and tensors; `argparse.Namespace`, which MAE's and DINO's
-training checkpoints store, is allowed as a plain attribute bag); anything that needs more is refused.
-
-`--timm-model NAME --pretrained` reads timm's weights through the Hugging Face hub cache that timm itself
-uses (`hf_hub_download` of the repo and file timm's pretrained_cfg names, library 'timm'), so
-`HF_HOME`/`HF_HUB_CACHE` and `HF_HUB_OFFLINE=1` behave as they do for timm. We do not call
-`timm.create_model(NAME, pretrained=True)` directly: its strict load fails for e.g. MAE weights (final `norm`)
-into a model that pools with `fc_norm`, and it does not say which file it read.
-
-Sidecars (`encoder.json` beside `encoder.safetensors`) are untrusted input: `read_sidecar` accepts known keys
-only, each value typed and bounded (`BOUNDS`), a model name that timm registers in its vision_transformer
-module, and checks the architecture against the shapes in the safetensors header before anything is built.
-No sidecar value reaches timm other than as the six architecture numbers.
+Heads and decoders are dropped and counted by reason, and the position embedding is resampled by timm's own
+`checkpoint_filter_fn` (`load_into`). Every file is untrusted input: pickles load with `weights_only=True`
+(`_torch_load`), and a sidecar (`encoder.json` beside `encoder.safetensors`) is validated and bounded (`BOUNDS`)
+and checked against the safetensors header before timm builds anything (`read_sidecar`): no sidecar value
+reaches timm other than as the six architecture numbers. `hub_weights_file` reads `--timm-model NAME
+--pretrained` through timm's own Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -149,7 +138,11 @@ def file_kind(path: Path) -> str:
 
 
 def _torch_load(path: Path, kind: str) -> Any:
-    """torch.load with weights_only=True (and mmap for zip files: nothing is read twice)."""
+    """torch.load with weights_only=True (and mmap for zip files: nothing is read twice).
+
+    Plain containers and tensors only; `argparse.Namespace`, which MAE's and DINO's training checkpoints store,
+    is allowed as a plain attribute bag. Anything that needs more is refused.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
@@ -613,6 +606,8 @@ def load_into(model: nn.Module, weights: Weights, name: str) -> dict[str, Any]:
 
     Unknown keys and missing encoder keys are errors (one line); heads, decoders and the final norm the
     model's pooling does not use are dropped and counted; the position embedding is resampled by timm.
+    With average pooling timm uses `fc_norm` and no final `norm`: a checkpoint's `fc_norm` is kept (MAE
+    fine-tuning), its `norm` dropped (MAE's recipe: fc_norm starts fresh); [CLS] pooling needs the `norm`.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -664,8 +659,11 @@ def load_into(model: nn.Module, weights: Weights, name: str) -> dict[str, Any]:
 def hub_weights_file(name: str) -> tuple[Path, str]:
     """(cached file, timm name with its tag) of timm's pretrained weights for `name`.
 
-    Downloads through huggingface_hub as timm does (so into the same cache) unless HF_HUB_OFFLINE is set;
-    when the file is neither cached nor downloadable, one line says how to get it.
+    Downloads through huggingface_hub as timm does (the repo and file its pretrained_cfg names, library 'timm',
+    so into the same cache, and HF_HOME/HF_HUB_CACHE/HF_HUB_OFFLINE behave as for timm); when the file is neither
+    cached nor downloadable, one line says how to get it. Not `timm.create_model(NAME, pretrained=True)`: its
+    strict load fails for e.g. MAE weights (final `norm`) into a model that pools with `fc_norm`, and it does
+    not say which file it read.
     """
     import timm
     from huggingface_hub import constants, hf_hub_download

@@ -8,7 +8,8 @@ Read top to bottom, one seam per module:
 - `pil`: the webdataset + DataLoader workers + Pillow(-SIMD) backend, with timm's transforms.
 - `dali`: the NVIDIA DALI backend (GPU decoding with 'mixed'); where its RandAugment differs.
 - `loader`: `build_loader`, `Loader` and `resolve_backend` (what `--loader auto` becomes).
-The private APIs the pil backend uses for speed live in `droppos.fastpaths`, with one switch.
+The private APIs the package uses (the pil backend's fast paths, webdataset's tar reader) live in
+`droppos.fastpaths`.
 """
 
 from droppos.data.loader import BACKENDS, Loader, build_loader, dali_available, dataset_seg_spec, resolve_backend

@@ -1,50 +1,16 @@
 """The DALI backend: NVIDIA DALI's webdataset reader with the per-shard indexes, decoding on the GPU or the CPU.
 
-How one epoch is made (the plan's guarantees hold; see `droppos.data.plan`):
-- A fresh pipeline per epoch reads the epoch's shard order (`Plan.epoch_shards`) and shards it by
-  sample (`shard_id`/`num_shards`: the plan's rank ranges), shuffling through a buffer of
-  `SHUFFLE_BUFFER` samples; its seed is (seed, epoch, rank), and DALI's random operators draw
-  per sample from it, so a pipeline replays exactly. Resuming decodes and drops the batches
-  before `start_step` (DALI cannot seek).
-- JPEGs are decoded on the GPU (device 'mixed') when the training device is CUDA, on the CPU
-  (`device_id=None`) otherwise. Training decodes only the random crop's region
-  (`decoders.image_random_crop`: ROI decoding), resizes bicubic with antialiasing, and
-  `crop_mirror_normalize` fuses the flip (and eval's centre crop) with normalisation and the
-  HWC->CHW float conversion, in DALI's threads (on the GPU with 'mixed'). (Measured on the CPU:
-  ending in uint8 and normalising in the main process instead costs the same, and does not scale
-  with `num_threads`.)
-- DALI stops at the first undecodable sample (it has no per-sample skip): the epoch then ends with
-  one UserError naming the shard and sample (found again with Pillow), wherever it happens,
-  including the first batch that `DALIGenericIterator` decodes in its constructor.
+It follows the plan (`droppos.data.plan`): a fresh pipeline per epoch reads the epoch's shard order, sharded by
+sample over the plan's rank ranges and shuffled through `SHUFFLE_BUFFER` samples with a seed of (seed, epoch,
+rank), so it replays exactly; DALI cannot seek, so resuming decodes and drops the batches before `start_step`.
+JPEGs are decoded on the GPU ('mixed') for a CUDA device and on the CPU (`device_id=None`) otherwise; training
+decodes only the random crop's region, and `crop_mirror_normalize` fuses flip, crop, normalisation and the
+HWC->CHW float conversion in DALI's threads. DALI stops at the first undecodable sample (it has no per-sample
+skip), so the epoch ends with one UserError naming the shard and sample, found again with Pillow.
 
-DALI's CPU mode is the slower CPU backend: its resampling is not vectorised (NVIDIA/DALI#4581).
-Measured on a 2-core machine on ~500x375 JPEGs: ROI decode 1.05 ms per image, antialiased bicubic
-resize to 224 ~2.4 ms (Pillow-SIMD: 0.2 ms). It stays bicubic, as the recipe says; `--loader
-auto` takes `pil` on a CPU.
-
-RandAugment (finetune mode) is DALI's `auto_aug.rand_augment`, which does not match timm's
-`rand-m9-mstd0.5-inc1` (the recipe, and the `pil` backend), so `--loader auto` fine-tunes with
-`pil`. Read against timm 1.0 `rand_augment_transform` and DALI 2.4 `rand_augment`, they differ in:
-- operations: timm's 15 (AutoContrast, Equalize, Invert, Rotate, PosterizeIncreasing,
-  SolarizeIncreasing, SolarizeAdd, Color/Contrast/Brightness/SharpnessIncreasing, ShearX/Y,
-  TranslateX/YRel); DALI's suite has 14: no Invert and no SolarizeAdd, and an Identity;
-- application: timm applies each of the 2 operations it draws with probability 0.5; DALI always
-  applies both (only its Identity leaves an image unchanged);
-- magnitude: timm draws each application's magnitude from N(9, 0.5) clipped to [0, 10]
-  (`mstd0.5`); DALI takes one fixed integer bin (27 of 0..30, timm's mean 9/10) and has no noise
-  (`apply_rand_augment` accepts an int only);
-- posterize: timm keeps 4 - int(0.4 m) bits (1 bit at m ~ 9, none when m reaches 10); DALI's
-  monotonic suite keeps round(8 - 4 * 0.9) = 4 bits;
-- fill of the geometric operations: timm the ImageNet mean colour (124, 116, 104); DALI one grey
-  value for every channel (128);
-- interpolation of the geometric operations: timm bicubic (set in `recipe.rand_augment_hparams`);
-  DALI's warp_affine and rotate offer linear or nearest only (linear here);
-- Equalize follows OpenCV's lookup formula in DALI and PIL's in timm; DALI's Sharpness also filters
-  the 1-pixel border that PIL leaves unchanged.
-What does agree: the choice of 2 operations per image uniformly with replacement, the rotation
-(27 degrees), shear (0.27), enhancement (1 +- 0.81) and solarize (threshold ~26) magnitudes at 9,
-random signs, and the translation range: 0.405 of the image side (DALI's is given in pixels,
-`max_translate_abs`, set from the image size here; its default of 100 px holds only at 224).
+`--loader auto` takes `pil` on a CPU, where DALI's resampling is not vectorised (NVIDIA/DALI#4581; figures in
+docs/measurements.md; it stays bicubic, as the recipe says), and for fine-tuning, whose RandAugment DALI does not
+match (the differences are listed above `RAND_AUGMENT_M`).
 """
 
 from __future__ import annotations
@@ -60,8 +26,27 @@ from droppos import UserError
 from droppos.data.plan import COMPONENTS, SHUFFLE_BUFFER, Plan, read_segment, segments
 from droppos.data.recipe import CROP_RATIO, EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RECIPES
 
-# DALI's RandAugment has magnitude bins and no magnitude noise: m=27 of bins 0..30 is timm's 9/10.
-RAND_AUGMENT_M, RAND_AUGMENT_BINS = 27, 31
+# DALI's `auto_aug.rand_augment` (finetune mode) is not timm's `rand-m9-mstd0.5-inc1` (the recipe, and the `pil`
+# backend), read against timm 1.0 `rand_augment_transform` and DALI 2.4 `rand_augment`. They differ in:
+# - operations: timm's 15 (AutoContrast, Equalize, Invert, Rotate, PosterizeIncreasing, SolarizeIncreasing,
+#   SolarizeAdd, Color/Contrast/Brightness/SharpnessIncreasing, ShearX/Y, TranslateX/YRel); DALI's 14 have no
+#   Invert and no SolarizeAdd, and an Identity;
+# - application: timm applies each of the 2 operations it draws with probability 0.5; DALI always applies both
+#   (only its Identity leaves an image unchanged);
+# - magnitude: timm draws each application's magnitude from N(9, 0.5) clipped to [0, 10] (`mstd0.5`); DALI takes
+#   one fixed integer bin (27 of 0..30, timm's mean 9/10) and no noise (`apply_rand_augment` accepts an int only);
+# - posterize: timm keeps 4 - int(0.4 m) bits (1 bit at m ~ 9, none at 10); DALI's monotonic suite keeps
+#   round(8 - 4 * 0.9) = 4 bits;
+# - fill of the geometric operations: timm the ImageNet mean colour (124, 116, 104); DALI one grey value (128);
+# - interpolation of the geometric operations: timm bicubic (`recipe.rand_augment_hparams`); DALI's warp_affine
+#   and rotate offer linear or nearest only (linear here);
+# - Equalize follows OpenCV's lookup formula in DALI and PIL's in timm; DALI's Sharpness also filters the
+#   1-pixel border that PIL leaves unchanged.
+# They agree on: 2 operations per image, chosen uniformly with replacement; the rotation (27 degrees), shear
+# (0.27), enhancement (1 +- 0.81) and solarize (threshold ~26) magnitudes at 9; random signs; and the
+# translation range, 0.405 of the side (DALI's is in pixels, `max_translate_abs`, set from the image size here:
+# its default of 100 px holds only at 224).
+RAND_AUGMENT_M, RAND_AUGMENT_BINS = 27, 31  # magnitude bins, no noise: m=27 of bins 0..30 is timm's 9/10
 RAND_AUGMENT_TRANSLATE = 0.45  # timm's translate_pct: the largest shift, as a fraction of the side
 PREFETCH = 2  # batches DALI prepares ahead on a CPU
 # GPU decoding ('mixed') on Hopper (H100/H200: 7 NVJPG engines), set by reading, not measured yet: most JPEGs

@@ -1,30 +1,19 @@
 """The Pillow backend: webdataset tar streaming, torch DataLoader workers, Pillow(-SIMD) and timm's transforms.
 
-How one epoch is made (the plan's guarantees hold; see `droppos.data.plan`):
-- Each DataLoader worker plays one `Role` of the plan: it streams its segments of the tars in order
-  (training: through its seeded shuffle buffer) and fills whole batches.
-- A sample is decoded with Pillow at reduced size (`Image.draft`: DCT-domain downscaling by 1/2,
-  1/4 or 1/8) whenever the crop stays at least `img_size` big, and only down to the last row the
-  crop needs (`fastpaths.decode_rows`); RandomResizedCrop resizes only the crop box
-  (`resize(box=...)`, no intermediate copy). Augmentations are timm's (its RandomResizedCrop
-  parameters and RandAugment), in timm's order: crop, flip, RandAugment (see `recipe`).
-- Randomness: timm's transforms draw from python's and numpy's global RNGs. Each sample's draws run
-  inside `seeded_globals(seed)`, which seeds both from the sample's seed (`plan.sample_seed`) and
-  restores them afterwards, in a worker as in the main process (workers=0). The DataLoader gets its
-  own generator, so creating it draws nothing from the main process's torch RNG either.
-- Workers write uint8 HWC images straight into a shared-memory ring made once per loader (`Ring`;
-  no per-batch allocation, so no page faults) and send only slot indices. The main process turns
-  each slot into a normalised float batch on the training device and hands the slot back at once:
-  on a CPU into a few reused output batches (`BatchPool`: a fresh 38 MB float batch per step costs
-  more in page faults than the normalisation itself); on CUDA through pinned memory
-  (`PinnedStaging`), normalising on the GPU (four times fewer bytes over PCIe than float).
-- A sample that cannot be decoded is skipped and counted (its key is reported); a training batch
-  is completed from the role's spare samples.
-- Label maps (a loader built with `masks=True`): each sample's `seg.png` takes the image's crop box
-  (in the image's full-size coordinates, whatever `draft` decoded) and flip, resized NEAREST, and
-  its stored values become labels through the dataset's lookup table (`labelmaps.SegSpec.train_lut`)
-  into an int16 ring beside the images'; the main process hands them out as int64 [B, H, W].
-  A mask of another size than its image makes the sample unreadable (skipped and counted).
+It follows the plan (`droppos.data.plan`): each DataLoader worker plays one `Role` and fills whole batches.
+Why it is shaped so:
+- decoding: a JPEG is decoded at reduced size (`Image.draft`) and only down to the crop's last row
+  (`fastpaths.decode_rows`), and only the crop box is resized; the augmentations are timm's, in timm's order
+  (crop, flip, RandAugment; see `recipe`);
+- allocation: workers write uint8 images into a shared-memory `Ring` made once per loader and send slot
+  indices; the main process normalises each slot on the device (into a `BatchPool` on a CPU, through
+  `PinnedStaging` to CUDA) and hands it back at once;
+- bad data: an undecodable sample is skipped and counted, and a training batch completed from the role's spares;
+- timm draws from python's and numpy's global RNGs, so each sample's draws run inside `seeded_globals`
+  (seeded by `plan.sample_seed`, restored after) and the DataLoader has its own generator: the caller's RNGs
+  are neither read nor changed.
+Label maps (`masks=True`) take their image's crop box (in full-size coordinates) and flip, resized NEAREST,
+into an int16 ring beside the images'; a mask of another size than its image makes the sample unreadable.
 """
 
 from __future__ import annotations
@@ -88,7 +77,7 @@ class PilTransform:
         with seeded_globals(seed):
             img, box = self._random_resized_crop(img)
             flip = self.recipe.flip and random.random() < 0.5
-            if flip:  # Pillow's flip: 5x faster than a reversed-stride copy
+            if flip:  # Pillow's flip, faster than a reversed-stride copy (docs/measurements.md)
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             if self.rand_augment is not None:
                 img = self.rand_augment(img)
@@ -174,11 +163,10 @@ class Ring:
     """uint8 [workers, depth, B, H, W, 3] batch slots in shared memory, made once per loader.
 
     A fresh shared batch per step (what DataLoader's collate does) costs page faults twice, in the
-    worker that fills it and in the main process that reads it; measured here at ~0.15 ms per 224 px
-    image in the worker plus ~0.1 ms in the main process, about the cost of the Pillow resize. Slots
-    reused across batches and epochs fault once. Worker w writes its j-th batch into slot j % depth
-    after taking one of its `depth` semaphore units; the main process gives the unit back once it
-    has read the slot (`PilBackend.epoch`).
+    worker that fills it and in the main process that reads it, about as much as the Pillow resize
+    (docs/measurements.md). Slots reused across batches and epochs fault once. Worker w writes its
+    j-th batch into slot j % depth after taking one of its `depth` semaphore units; the main process
+    gives the unit back once it has read the slot (`PilBackend.epoch`).
     """
 
     def __init__(self, workers: int, depth: int, batch_size: int, img_size: int, shared: bool,
@@ -335,7 +323,8 @@ class PilEpoch(torch.utils.data.IterableDataset):
 
 
 class BatchPool:
-    """Float32 CPU batches to normalise into, reused once nothing outside the pool refers to them.
+    """Float32 CPU batches to normalise into, reused once nothing outside the pool refers to them (a fresh
+    batch per step costs more in page faults than the normalisation itself: docs/measurements.md).
 
     The pool keeps storages, not tensors: each batch handed out is a new tensor on a pooled
     storage, so any reference the consumer keeps (the batch, a view, `.numpy()`) shows in the
@@ -362,13 +351,12 @@ class BatchPool:
 class PinnedStaging:
     """Pinned host batches that copies to CUDA read from; each is reused only after its copy has completed.
 
-    Chosen design: the main process copies a ring slot (one memcpy) into a pinned staging batch,
-    starts the asynchronous host-to-device copy from there and records a CUDA event on the copy's
-    stream. The ring slot goes back to its worker at once (workers never wait for the GPU), and
-    staging batch k is written again only after its event has completed, which blocks only when
-    the GPU is `depth` copies behind. (Pinning the shared ring itself would save the memcpy but
-    needs cudaHostRegister on shared memory, which torch does not offer publicly; an asynchronous
-    copy straight from pageable shared memory is not asynchronous at all.)
+    The main process copies a ring slot (one memcpy) into pinned staging batch k, starts the asynchronous
+    host-to-device copy of the uint8 images (a quarter of float32's bytes; normalised on the GPU) and records
+    a CUDA event on the copy's stream. The ring slot goes back to its worker at once (workers never wait for
+    the GPU); batch k is written again only after its event has completed, which blocks only when the GPU is
+    `depth` copies behind. The ring itself is not pinned: that needs cudaHostRegister on shared memory, which
+    torch does not offer publicly, and a copy from pageable memory is not asynchronous at all.
 
     `new_event` and `stream` are there for tests: a fake event shows the bookkeeping on a CPU.
     """
@@ -434,7 +422,7 @@ class PilBackend:
         from `start_step` on."""
         roles = self.plan.roles(epoch, start_step, self.workers)
         # Workers are forked each epoch: import the transforms' modules here, once per process, rather
-        # than in every worker of every epoch (timm's import alone costs a worker about a CPU second).
+        # than in every worker of every epoch (timm's import is slow: docs/measurements.md).
         import timm.data.auto_augment  # noqa: F401
         import timm.data.transforms  # noqa: F401
         # A worker holds at most PIL_PREFETCH batches in the queue plus the one it writes: depth = PIL_PREFETCH + 1.

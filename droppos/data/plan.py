@@ -209,7 +209,7 @@ def sample_seed(role: Role, position: int) -> int:
 
 def read_segment(segment: Segment, components: Sequence[str] = COMPONENTS) -> Iterator[dict]:
     """Samples of one segment, streamed from the tar with webdataset from the first one's header."""
-    import webdataset as wds
+    from droppos import fastpaths
 
     with open(segment.index, "r", encoding="ascii") as f:
         f.readline()  # "v1.2 <count>"
@@ -221,9 +221,7 @@ def read_segment(segment: Segment, components: Sequence[str] = COMPONENTS) -> It
     suffixes = tuple(f".{c}" for c in components)
     with open(segment.tar, "rb") as stream:
         stream.seek(header)
-        members = wds.tariterators.tar_file_iterator(stream, select_files=lambda n: n.endswith(suffixes))
-        members = (dict(member, __url__=segment.tar) for member in members)
-        for sample in wds.tariterators.group_by_keys(members):
+        for sample in fastpaths.tar_samples(stream, lambda n: n.endswith(suffixes), segment.tar):
             yield sample
             remaining -= 1
             if remaining == 0:

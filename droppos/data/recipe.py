@@ -71,11 +71,10 @@ def normalize(images: torch.Tensor, device: torch.device | str, out: torch.Tenso
     """uint8 [B,H,W,3] (any device) -> float32 [B,3,H,W] ImageNet-normalised on `device` (or into `out`).
 
     A few flat passes (convert-and-reorder, scale, shift, in place) rather than one broadcast
-    `(x - mean) / std` that mixes dtypes and layouts (about 8x slower on the CPU). On the CPU it
-    runs in numpy, single-threaded on purpose: it runs in the main process while loader workers
-    keep every core busy, and torch's intra-op threads would spin at their barriers (measured with
-    2 threads on 2 cores: 0.37-0.45 vs 0.23-0.25 ms of main-process CPU per image). Same float32 operations,
-    so the same bits as the torch path.
+    `(x - mean) / std` that mixes dtypes and layouts (much slower on the CPU). On the CPU it runs
+    in numpy, single-threaded on purpose: it runs in the main process while loader workers keep
+    every core busy, and torch's intra-op threads would spin at their barriers (figures:
+    docs/measurements.md). Same float32 operations, so the same bits as the torch path.
     """
     if torch.device(device).type == "cpu" and images.device.type == "cpu":
         if out is None:

@@ -1,19 +1,8 @@
 """`droppos eval-pos`: how location-aware is a ViT? (docs/METHOD.md, "Location-awareness diagnostics").
 
-Three measurements, each with the settings that produced it, for one model or several side by side:
-
-- Position accuracy (models with the DropPos position head): for each (gamma, gamma_pos), the position
-  classifier's top-1 / top-5 over the patches whose PE was dropped, the grid distance (in patches,
-  Euclidean on (row, col)) of its answers, a per-cell accuracy map and a histogram of error distances.
-  The masks come from a seeded generator, so every model sees the same masks.
-- Token-order sensitivity (any timm ViT): the patch tokens are permuted (a) together with their PEs,
-  (b) with the PEs left in place (the image is scrambled), (c) with no PE at all, and each is compared
-  with the intact input by how far its pooled feature moves (the displacement: in units of the distance
-  between two different images' features) and by the cosine. (a) is exactly 0 for a ViT without order
-  bias; a location-aware model moves further under (b).
-- Position linear probe (any timm ViT): frozen backbone; a seeded fraction of the patch PEs is replaced
-  (`--probe-fill`: the mean patch PE, zeros, or the model's own [MASK] token), and a linear classifier
-  learns the cell of those patches from their output tokens (fit on even images, tested on odd ones).
+Three measurements, for one model or several side by side, each reported with the settings that produced it:
+position accuracy (models with the DropPos position head), token-order sensitivity and a position linear probe
+(any timm ViT). Masks and permutations are seeded: every model of a run with the same grid sees the same.
 
 The package, each file readable top to bottom:
 - `load.py`: what is evaluated, the models (`Subject`) and the images (`ImageSource`);
@@ -160,7 +149,7 @@ def evaluate(subject: Subject, images: ImageSource, config: EvalPosConfig, devic
         for imgs, labels, valid in images.batches(subject.img_size, device):
             if order.labelled and images.num_classes != subject.num_classes:
                 order.labelled = False  # the head's classes are not the data's: agreement only
-            torch.manual_seed(config.seed + batches)  # the 'wrong' mask token draws from the global generator
+            torch.manual_seed(config.seed + batches)  # 'wrong' and 'random-wrong' [MASK] PEs draw from torch's
             for acc, gen in zip(accuracies, ratio_gens):
                 noise = torch.rand(imgs.shape[0], num_patches, generator=gen, device=device)
                 out = subject.droppos.forward_position(imgs, acc.mask_ratio, acc.pos_mask_ratio, noise=noise)

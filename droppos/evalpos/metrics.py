@@ -1,7 +1,8 @@
 """What eval-pos measures: the ViT taken apart, and one accumulator per measurement.
 
-The ViT pieces are run one by one (patch_embed, _pos_embed, norm_pre, blocks, norm, forward_head), so
-that tokens are permuted before or after their PE is added; images are never edited.
+The ViT pieces are run one by one (patch_embed, timm's private _pos_embed through `droppos.fastpaths`,
+norm_pre, blocks, norm, forward_head), so that tokens are permuted before or after their PE is added; images
+are never edited.
 
 Every `update` takes a batch with its `valid` mask [B] (False: the eval loader's padding) and keeps its
 sums and per-image values on the device: static shapes, weights instead of boolean indexing, no
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from droppos import UserError
+from droppos import UserError, fastpaths
 
 __all__ = ["PROBE_FILLS", "VARIANTS", "OrderSensitivity", "PositionAccuracy", "ProbeFeatures"]
 
@@ -47,7 +48,7 @@ def _token_parts(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, to
     them and the prefix it prepends, whatever the model's variant (no_embed_class, registers, none).
     """
     x = vit.patch_embed(images)
-    with_pe = vit._pos_embed(torch.zeros_like(x))
+    with_pe = fastpaths.vit_pos_embed(vit, torch.zeros_like(x))
     if x.ndim == 4:  # dynamic_img_size: NHWC until after the PE
         x = x.flatten(1, 2)
     prefix = vit.num_prefix_tokens
