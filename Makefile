@@ -84,16 +84,25 @@ bench: setup
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
-# On a GPU machine: `make gpu-check` (benchmarks/gpu_check.py: the CUDA-marked tests, the step and loader
-# benchmarks and a 200-step pre-training, in under 8 minutes; one JSON summary in $(GPU_CHECK_OUT)). No setup
-# there (no package index): the machine's python3 runs it, with the wheels `make gpu-wheels` downloaded here
-# (webdataset, braceexpand, DALI; git-ignored .gpu-wheels/, carried by the device calls in gpu_check.py's docstring).
+# GPU acceptance check: `make gpu-check` (benchmarks/gpu_check.py: the CUDA-marked tests, the step and loader
+# benchmarks and a 200-step pre-training; one JSON summary in $(GPU_CHECK_OUT)/gpu_check.json). It needs no
+# `make setup`: it runs from a fresh clone with the node's python3 (with torch), or with .venv's when there is one.
+# Offline GPU nodes: `make wheelhouse` on a machine with network downloads into $(WHEELHOUSE) the wheels the node
+# lacks (webdataset, DALI, timm, typer, rich, safetensors, matplotlib, pytest, with their dependencies; not torch)
+# for the node's PYTHON_VERSION and PLATFORM; copy the folder to the node, then `make gpu-check WHEELHOUSE=DIR`
+# installs from it (pip --no-index) into a virtual environment of its own, never into the node's Python.
 GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 GPU_CHECK_OUT ?= gpu-check-out
-.PHONY: gpu-check gpu-wheels
+WHEELHOUSE ?= wheelhouse
+PYTHON_VERSION ?= 3.12
+PLATFORM ?= manylinux_2_28_x86_64
+# The wheelhouse gpu-check installs from: one named on the command line (or in the environment), else the
+# default folder when it exists (a folder without requirements.txt is reported, not ignored).
+GPU_CHECK_WHEELS = $(if $(or $(filter-out file,$(origin WHEELHOUSE)),$(wildcard $(WHEELHOUSE))),--wheelhouse $(WHEELHOUSE))
+.PHONY: gpu-check wheelhouse
 
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_WHEELS) $(GPU_CHECK_ARGS)
 
-gpu-wheels:
-	$(PYTHON) benchmarks/gpu_wheels.py
+wheelhouse:
+	$(PYTHON) tools/wheelhouse.py --dest $(WHEELHOUSE) --python-version $(PYTHON_VERSION) --platform $(PLATFORM) $(WHEELHOUSE_ARGS)

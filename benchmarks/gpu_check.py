@@ -1,20 +1,25 @@
-"""`make gpu-check`: what needs CUDA, checked and measured in one run of under 8 minutes on one H100/H200.
+"""`make gpu-check`: the acceptance check of a CUDA machine for droppos, with ONE JSON summary.
 
-It runs with what such a machine has (Python 3.12, torch 2.11, timm, typer, rich, safetensors, pillow,
-pytest; no webdataset, braceexpand or DALI, no package index) and writes ONE JSON summary (it also prints a
-table, then the JSON as the last line). Parts, in order, each with its own time budget (`--budgets`), skipped
-with a note once the total (`--budget-s`, 460 s) is spent; a failure is recorded in the JSON and never stops
-the others:
+It runs from a fresh clone on a GPU node that has Python and torch (with CUDA) and maybe no network: droppos
+is not installed, the clone goes first on every part's PYTHONPATH. What the node's Python lacks (webdataset,
+DALI, timm, pytest, ...) comes from a wheelhouse: `make wheelhouse` on a machine with network
+(tools/wheelhouse.py), the folder copied to the node, then `make gpu-check WHEELHOUSE=DIR`. The summary goes
+to OUT/gpu_check.json (a table is printed too, then the JSON as the last line), each command's output to
+OUT/logs/. Parts, in order, each with its own time limit (`--limits`) so that a hang cannot stall the check,
+skipped with a note once the total (`--limit-s`, 1,200 s) is spent; a failure is recorded in the JSON and never
+stops the others:
 
-  wheels    carried wheels (.gpu-wheels/carry-*/ and /tmp/droppos-wheels/, made by `make gpu-wheels`): split
-            wheels joined, every sha256 checked against wheels.json, `pip install --no-index --no-deps
-            --target` into a temporary folder that goes first on every part's PYTHONPATH;
+  install   with `--wheelhouse DIR`: a virtual environment of the check's own (`--venv`, else a temporary one)
+            that sees the node's packages (torch among them) and gets what they lack from DIR with
+            `pip install --no-index --find-links DIR -r DIR/requirements.txt`; the node's Python is never
+            changed. Every later part runs with that environment's python. Without a wheelhouse: skipped,
+            the parts run with this Python and its packages;
   tests     `pytest -m gpu`: passed / failed / errors / skipped counts, the failures' and skips' names;
   bench     benchmarks/bench_step.py on the paper recipe: ViT-B/16 at 224, attentive pass on, bf16, compiled,
             batch 64 and 256 per GPU with the attentive pass as its own CUDA graph (compile_step), then batch 64
-            with it inline for comparison: img/s, the fraction of the 989 TFLOP/s dense bf16 peak counting
-            63.4 GFLOPs per image (28.3 step + 35.1 attentive, docs/METHOD.md) and of the bf16 matmul peak measured
-            in the same run, peak memory, recompiles and graph breaks;
+            with it inline for comparison: img/s, the fraction of the 989 TFLOP/s dense bf16 peak (H100/H200
+            SXM) counting 63.4 GFLOPs per image (28.3 step + 35.1 attentive, docs/METHOD.md) and of the bf16
+            matmul peak measured in the same run, peak memory, recompiles and graph breaks;
   loader    benchmarks/bench_loader.py --device cuda --backends pil[,dali] --images 4096 (DALI 'mixed' only
             where DALI imports);
   pretrain  `python -m droppos shard --sample` then a 200-step `python -m droppos pretrain --gpus 1` of a
@@ -23,34 +28,8 @@ the others:
             graph-break lines.
 
 On a CPU, `--smoke` runs the same parts small (cpu-demo model, a few steps, the tests of one file), skipping
-what needs CUDA with a note: tests/test_gpu_check.py runs it so.
-
-## On the GPU machine: the device tool's `run` calls (a later session makes them)
-
-Here first: `make gpu-wheels` (benchmarks/gpu_wheels.py: downloads ~262 MB from PyPI into the git-ignored
-.gpu-wheels/ and prints these calls with the folders it made: carry-1 = webdataset + braceexpand, 0.1 MiB;
-carry-2 .. carry-6 = DALI 2.4 for CUDA 13 and its dependencies, 44-55 MiB each, the 199 MB DALI wheel in 4
-parts). One call carries at most 64 MiB with the working tree, so each DALI folder travels in its own call and
-is staged in /tmp on the machine, which keeps it only while the machine stays warm: it is given back 30 s after
-a call returns, so make the calls back to back. If one of them starts a fresh machine, the parts staged before
-are gone: gpu-check then records DALI as incomplete (which parts are missing) and runs without it. The commands
-call python3 directly (the machine's Python holds torch; `make gpu-check GPU_CHECK_OUT=$OUT` is the same).
-
-Without DALI (one call; about 9 minutes of device time with the machine's start):
-  run(carry=[".gpu-wheels/carry-1"], timeout_s=540,
-      command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT")
-
-With DALI (six calls; about 12 minutes: only when `status` says at least 13 minutes are left):
-  run(carry=[".gpu-wheels/carry-2"], timeout_s=120,
-      command="mkdir -p /tmp/droppos-wheels && cp .gpu-wheels/carry-2/* /tmp/droppos-wheels/ && ls /tmp/droppos-wheels | wc -l")
-  run(carry=[".gpu-wheels/carry-3"], ...the same command with carry-3...), then carry-4 and carry-5, each at once
-  run(carry=[".gpu-wheels/carry-1", ".gpu-wheels/carry-6"], timeout_s=540,
-      command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT")
-
-The last call's files come back: $OUT/gpu_check.json and $OUT/logs/*.log (the device tool returns at most 8
-files: the logs are the bench runs', the loader's and pretrain's; the JSON keeps every command's last lines
-too) and the JSON is the last line of the output. Then give_back. A rerun with what is left: `--parts bench`
-or `--budgets bench=300`, and `--budget-s` to fit the time.
+what needs CUDA with a note: tests/test_gpu_check.py runs it so. To rerun a part: `--parts bench`, with a longer
+limit: `--limits bench=900`.
 """
 
 from __future__ import annotations
@@ -76,15 +55,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # droppos is not installed on the GPU machine
-from gpu_wheels import MANIFEST, sha256_file  # noqa: E402  (beside this file)
-
+sys.path.insert(0, str(ROOT))  # a fresh clone: droppos is not installed
 from droppos.files import write_text_atomic  # noqa: E402  (torch-free)
-PARTS = ("wheels", "tests", "bench", "loader", "pretrain")
-BUDGETS = {"wheels": 40.0, "tests": 90.0, "bench": 170.0, "loader": 70.0, "pretrain": 110.0}
-SMOKE_BUDGETS = {"wheels": 20.0, "tests": 60.0, "bench": 90.0, "loader": 45.0, "pretrain": 120.0}
+from tools.wheelhouse import REQUIREMENTS  # noqa: E402  (imports nothing but the standard library)
+
+PARTS = ("install", "tests", "bench", "loader", "pretrain")
+# Time limits (seconds): generous for one GPU; they only end a part that hangs.
+LIMITS = {"install": 180.0, "tests": 240.0, "bench": 450.0, "loader": 150.0, "pretrain": 180.0}
+SMOKE_LIMITS = {"install": 120.0, "tests": 60.0, "bench": 90.0, "loader": 45.0, "pretrain": 120.0}
+TOTAL_LIMIT_S = 1200.0
 MIN_PART_S = 15.0  # a part (or one bench run) with less time left is skipped
-WHEEL_DIRS = (".gpu-wheels", "/tmp/droppos-wheels")
 STEP_GFLOPS_PER_IMG = 63.4  # ViT-B/16 at 224: 28.3 step + 35.1 attentive (docs/METHOD.md)
 DENSE_BF16_PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 # (saliency graph, batch) of the paper recipe's step benchmark, in order of importance.
@@ -103,10 +83,10 @@ LOG_TAIL = 40  # lines of each command's output kept in the JSON
 
 
 class Clock:
-    """The total budget and each part's share of what is left."""
+    """The total time limit and each part's share of what is left."""
 
-    def __init__(self, total_s: float, budgets: dict[str, float]) -> None:
-        self.start, self.total_s, self.budgets = time.monotonic(), total_s, budgets
+    def __init__(self, total_s: float, limits: dict[str, float]) -> None:
+        self.start, self.total_s, self.limits = time.monotonic(), total_s, limits
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -114,8 +94,8 @@ class Clock:
     def left(self) -> float:
         return self.total_s - self.elapsed()
 
-    def budget(self, part: str) -> float:
-        return min(self.budgets[part], self.left())
+    def limit(self, part: str) -> float:
+        return min(self.limits[part], self.left())
 
 
 def run_command(command: list[str], timeout_s: float, log: Path, env: Optional[dict] = None,
@@ -156,80 +136,104 @@ def _load_json(path: Path) -> Optional[Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# wheels
+# install
 
 
-def install_wheels(dirs: list[Path], target: Path, staging: Path, timeout_s: float, log: Path) -> dict[str, Any]:
-    """Join split wheels, check every sha256 against the manifests, pip-install the complete ones into `target`."""
-    present = [d for d in dirs if d.is_dir()]
-    files: dict[str, Path] = {}
-    manifest: dict[str, dict] = {}
-    for folder in present:
-        for path in sorted(folder.rglob("*")):
-            if path.name == MANIFEST:
-                manifest.update(_load_json(path) or {})
-            elif path.is_file() and (path.suffix == ".whl" or ".whl.part-" in path.name):
-                files.setdefault(path.name, path)
-    if not files:
-        return {"status": "skipped", "note": "no carried wheels in " + ", ".join(map(str, dirs))
-                + " (`make gpu-wheels` here, then carry .gpu-wheels/carry-1)", "installed": []}
-    staging.mkdir(parents=True, exist_ok=True)
-    wheels: list[Path] = []
-    incomplete: dict[str, str] = {}
-    bad: list[str] = []
-    for name, entry in manifest.items():
-        parts = entry.get("parts") or []
-        if name in files or not parts:
-            continue
-        missing = [p for p in parts if p not in files]
-        if missing:
-            incomplete[name] = f"{len(parts) - len(missing)} of {len(parts)} parts here (missing {', '.join(missing)})"
-            continue
-        joined = staging / name
-        with open(joined, "wb") as out:
-            for part in parts:
-                with open(files[part], "rb") as src:
-                    shutil.copyfileobj(src, out)
-        files[name] = joined
-    for name, path in sorted(files.items()):
-        if not name.endswith(".whl"):
-            continue
-        entry = manifest.get(name)
-        if entry and sha256_file(path) != entry["sha256"]:
-            bad.append(name)
-            continue
-        wheels.append(path)
-    for name, entry in manifest.items():
-        if name not in files and not entry.get("parts") and entry.get("essential"):
-            incomplete[name] = "not carried"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--disable-pip-version-check", "--upgrade", "--target", str(target)]
+def outer_site_dirs() -> list[str]:
+    """The site-packages folders of this Python (a virtual environment's or conda's included)."""
+    import site
+
+    found = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    with contextlib.suppress(AttributeError):  # some embedded Pythons lack these
+        found += site.getsitepackages()
+    if site.ENABLE_USER_SITE:
+        found.append(site.getusersitepackages())
+    return [p for i, p in enumerate(found) if p not in found[:i] and Path(p).is_dir()]
+
+
+def make_venv(venv: Path, timeout_s: float, log: Path) -> Path:
+    """A virtual environment that sees this Python's packages (torch among them) behind its own: a `.pth` file
+    lists this Python's site folders, so that a node whose torch lives in a venv or conda environment works
+    too. No pip of its own: this Python's pip, seen through the same folders, installs into it, and removes
+    nothing outside it. Returns its python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        result = run_command([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                             timeout_s, log)
+        if _failed(result):
+            raise RuntimeError(f"python -m venv {venv}: {_failed(result)}: " + " ".join(result["tail"][-3:]))
+    code = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True,
+                               timeout=60).stdout.strip())
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "_droppos_node_packages.pth").write_text("".join(f"{p}\n" for p in outer_site_dirs()))
+    return python
+
+
+def _version(dist: str) -> Optional[str]:
+    """The version of `dist` in this Python (None: not installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_INSTALLED = re.compile(r"^Successfully installed (.+)$", re.MULTILINE)
+
+
+def install_wheelhouse(wheelhouse: Path, venv: Path, timeout_s: float, log: Path) -> dict[str, Any]:
+    """Install into `venv` what the wheelhouse's requirements.txt lists and this Python lacks; offline.
+
+    When the whole set fails (e.g. one wheel missing from the folder), each requirement is tried alone, so
+    that the others are still there and the JSON names the one that failed."""
+    requirements = wheelhouse / REQUIREMENTS
+    if not requirements.is_file():
+        return {"status": "failed", "error": f"{requirements} not found: make the folder with "
+                "`make wheelhouse WHEELHOUSE=DIR` on a machine with network", "installed": []}
     deadline = time.monotonic() + timeout_s
-    result = run_command(pip + [str(w) for w in wheels], timeout_s, log) if wheels else None
-    failed_install: list[str] = []
-    if result is not None and result["returncode"] != 0:  # find which ones fail, install the others
-        for wheel in wheels:
-            one = run_command(pip + [str(wheel)], deadline - time.monotonic(), log.with_suffix(f".{wheel.name}.log"))
+    python = make_venv(venv, timeout_s, log.with_suffix(".venv.log"))
+    pip = [str(python), "-m", "pip", "install", "--no-index", "--find-links", str(wheelhouse),
+           "--disable-pip-version-check", "--no-cache-dir", "--progress-bar", "off"]
+    result = run_command(pip + ["-r", str(requirements)], deadline - time.monotonic(), log)
+    logs = [result]
+    failed: list[str] = []
+    if result["returncode"] != 0:
+        lines = [line.split("#", 1)[0].strip() for line in requirements.read_text().splitlines()]
+        for index, requirement in enumerate(line for line in lines if line):
+            one = run_command(pip + [requirement], deadline - time.monotonic(), log.with_suffix(f".{index}.log"))
+            logs.append(one)
             if one["returncode"] != 0:
-                failed_install.append(wheel.name)
-    installed = [w.name for w in wheels if w.name not in failed_install]
-    trouble = bad or failed_install or incomplete
-    status = "failed" if not installed else ("partial" if trouble else "ok")
-    return {"status": status, "target": str(target), "folders": [str(d) for d in present], "installed": installed,
-            "incomplete": incomplete, "bad_sha256": bad, "install_failed": failed_install,
-            "pip": {k: result[k] for k in ("returncode", "seconds", "tail")} if result else None,
-            "note": ("DALI incomplete: " + "; ".join(f"{k}: {v}" for k, v in incomplete.items())) if incomplete else ""}
+                failed.append(requirement)
+    installed = sorted({name for r in logs for m in _INSTALLED.finditer(Path(r["log"]).read_text(errors="replace"))
+                        for name in m.group(1).split()})
+    stock_pillow = [n for n in installed if n.lower().startswith("pillow-")] if _version("pillow-simd") else []
+    if stock_pillow:  # a dependency's Pillow would shadow this Python's Pillow-SIMD
+        run_command([str(python), "-m", "pip", "uninstall", "-y", "pillow"], 60.0, log.with_suffix(".pillow.log"))
+        installed = [n for n in installed if n not in stock_pillow]
+    status = "ok" if not failed else ("failed" if len(failed) == len(logs) - 1 else "partial")
+    return {"status": status, "wheelhouse": str(wheelhouse), "venv": str(venv), "python": str(python),
+            "installed": installed, "install_failed": failed,
+            "pip": {k: result[k] for k in ("command", "returncode", "seconds", "tail")},
+            "note": "; ".join(filter(None, [
+                ("not installed: " + ", ".join(failed)) if failed else "",
+                "" if installed or failed else "nothing to install: this Python has every requirement",
+                "" if not stock_pillow else "this Python's Pillow-SIMD kept (a dependency's stock Pillow removed)"]))}
 
 
-def _env_with(site: Optional[Path]) -> dict[str, str]:
-    """Every part's environment: this checkout (droppos is not installed there) and the carried wheels first."""
+def parts_env() -> dict[str, str]:
+    """Every part's environment: this clone first on PYTHONPATH (droppos is not installed)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    first = [str(ROOT)] + ([str(site)] if site is not None else [])
-    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in [env.get("PYTHONPATH", "")] if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH", "")] if p])
     return env
 
 
-def probe_imports(env: dict[str, str], timeout_s: float, log: Path) -> dict[str, Optional[str]]:
+OPTIONAL = {"webdataset": "webdataset", "braceexpand": "braceexpand", "nvidia.dali": "nvidia-dali-cuda130",
+            "timm": "timm", "pytest": "pytest"}
+
+
+def probe_imports(python: str, env: dict[str, str], timeout_s: float, log: Path) -> dict[str, Optional[str]]:
     """The installed version of each optional package as the parts will find it (None: not there).
 
     Found, not imported (DALI's import alone takes seconds): the loader part shows whether it loads.
@@ -238,14 +242,12 @@ def probe_imports(env: dict[str, str], timeout_s: float, log: Path) -> dict[str,
             "def version(module, dist):\n"
             "    try:\n        return m.version(dist) if u.find_spec(module) else None\n"
             "    except Exception:\n        return None\n"
-            "print('IMPORTS', json.dumps({'webdataset': version('webdataset', 'webdataset'),"
-            " 'braceexpand': version('braceexpand', 'braceexpand'),"
-            " 'nvidia.dali': version('nvidia.dali', 'nvidia-dali-cuda130')}))\n")
-    result = run_command([sys.executable, "-c", code], timeout_s, log, env=env)
+            f"print('IMPORTS', json.dumps({{k: version(k, d) for k, d in {OPTIONAL!r}.items()}}))\n")
+    result = run_command([python, "-c", code], timeout_s, log, env=env)
     for line in result["tail"]:
         if line.startswith("IMPORTS "):
             return json.loads(line[len("IMPORTS "):])
-    return {"webdataset": None, "braceexpand": None, "nvidia.dali": None}
+    return dict.fromkeys(OPTIONAL)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,12 +287,12 @@ def parse_verbose(log_text: str) -> dict[str, Any]:
             "failures": names["FAILED"], "error_names": names["ERROR"], "skips": names["SKIPPED"]}
 
 
-def part_tests(args: argparse.Namespace, budget: float, env: dict[str, str], work: Path, logs: Path) -> dict:
+def part_tests(args: argparse.Namespace, limit: float, env: dict[str, str], work: Path, logs: Path) -> dict:
     xml = work / "pytest-gpu.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
+    command = [args.python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                f"--junitxml={xml}"] + list(args.test_paths)
-    result = run_command(command, budget, logs / "tests.log", env=env)
-    if not xml.exists():  # stopped (time budget): the tests that finished, from the -v lines
+    result = run_command(command, limit, logs / "tests.log", env=env)
+    if not xml.exists():  # stopped (time limit): the tests that finished, from the -v lines
         counts = parse_verbose(Path(result["log"]).read_text(errors="replace"))
         return {"status": "failed", "error": _failed(result) or "pytest wrote no report",
                 "note": "counts from pytest -v's lines (pytest was stopped before its report)", **counts, **result}
@@ -326,8 +328,8 @@ def bench_entry(summary: Optional[dict]) -> dict[str, Any]:
     }
 
 
-def part_bench(args: argparse.Namespace, budget: float, env: dict[str, str], work: Path, logs: Path) -> dict:
-    end = time.monotonic() + budget
+def part_bench(args: argparse.Namespace, limit: float, env: dict[str, str], work: Path, logs: Path) -> dict:
+    end = time.monotonic() + limit
     if args.smoke:
         common = ["--preset", "cpu-demo", "--device", "cpu", "--dtypes", "fp32", "--modes", "eager", "--steps", "1",
                   "--warmup", "0", "--gemm-sizes", "1024"]
@@ -341,10 +343,10 @@ def part_bench(args: argparse.Namespace, budget: float, env: dict[str, str], wor
         left = end - time.monotonic()
         base = {"model": common[1], "saliency_graph": graph, "batch_size": batch}
         if left < MIN_PART_S:
-            entries.append({**base, "status": "skipped", "note": f"bench time budget spent ({left:.0f} s left)"})
+            entries.append({**base, "status": "skipped", "note": f"bench time limit spent ({left:.0f} s left)"})
             continue
         out = work / f"bench-{graph}-{batch}.json"
-        command = [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), *common, "--attentive", "on",
+        command = [args.python, str(ROOT / "benchmarks" / "bench_step.py"), *common, "--attentive", "on",
                    "--saliency-graph", graph, "--batch-sizes", str(batch), "--no-attentive-pass", "--no-gemm-ceiling",
                    "--json", str(out)]
         result = run_command(command, left, logs / f"bench-{graph}-{batch}.log", env=env)
@@ -362,17 +364,17 @@ def part_bench(args: argparse.Namespace, budget: float, env: dict[str, str], wor
 # loader
 
 
-def part_loader(args: argparse.Namespace, budget: float, env: dict[str, str], work: Path, logs: Path,
+def part_loader(args: argparse.Namespace, limit: float, env: dict[str, str], work: Path, logs: Path,
                 dali: bool) -> dict:
     device = "cpu" if args.smoke else "cuda"
     backends = "pil,dali" if dali and device == "cuda" else "pil"
     images, batch, repeats = (96, 16, 1) if args.smoke else (args.loader_images, args.loader_batch, 2)
     workers = 1 if args.smoke else max(1, (os.cpu_count() or 2))
     out = work / "loader.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--device", device, "--backends", backends,
+    command = [args.python, str(ROOT / "benchmarks" / "bench_loader.py"), "--device", device, "--backends", backends,
                "--images", str(images), "--batch-size", str(batch), "--workers", str(workers), "--repeats", str(repeats),
                "--json", str(out)]
-    result = run_command(command, budget, logs / "loader.log", env=env)
+    result = run_command(command, limit, logs / "loader.log", env=env)
     found = _load_json(out)
     failure = _failed(result) or ("" if found is not None else "bench_loader.py wrote no JSON")
     rates = {k: v for k, v in (found or {}).items() if isinstance(v, (int, float)) and k.endswith("img_per_s")}
@@ -418,23 +420,23 @@ def parse_pretrain(run: Path, log_text: str) -> dict[str, Any]:
     }
 
 
-def part_pretrain(args: argparse.Namespace, budget: float, env: dict[str, str], work: Path, logs: Path) -> dict:
-    end = time.monotonic() + budget
+def part_pretrain(args: argparse.Namespace, limit: float, env: dict[str, str], work: Path, logs: Path) -> dict:
+    end = time.monotonic() + limit
     data = Path(args.data) if args.data else work / "data"
     shard = None
     if not args.data:
-        shard = run_command([sys.executable, "-m", "droppos", "shard", "--sample", str(data)], budget,
+        shard = run_command([args.python, "-m", "droppos", "shard", "--sample", str(data)], limit,
                             work / "logs" / "shard.log", env=env)
         if _failed(shard):
             return {"status": "failed", "error": "shard --sample: " + _failed(shard), "shard": shard}
     run = work / "run"
     extra = shlex.split(args.pretrain_args or (SMOKE_PRETRAIN_ARGS if args.smoke else PRETRAIN_ARGS))
-    command = [sys.executable, "-m", "droppos", "pretrain", "--data", str(data), "--out", str(run), *extra]
+    command = [args.python, "-m", "droppos", "pretrain", "--data", str(data), "--out", str(run), *extra]
     if not args.smoke:
         command += ["--gpus", "1"]
     left = end - time.monotonic()
     if left < MIN_PART_S:
-        return {"status": "skipped", "note": f"pretrain time budget spent by shard ({left:.0f} s left)", "shard": shard}
+        return {"status": "skipped", "note": f"pretrain time limit spent by shard ({left:.0f} s left)", "shard": shard}
     result = run_command(command, left, logs / "pretrain.log", env=dict(env, TORCH_LOGS="recompiles,graph_breaks"))
     parsed = parse_pretrain(run, Path(result["log"]).read_text(errors="replace"))
     failure = _failed(result)
@@ -454,14 +456,17 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def machine() -> dict[str, Any]:
+def machine(python: str, env: dict[str, str], log: Path) -> dict[str, Any]:
+    """droppos's run card (package versions, hardware) as the parts' python sees it, and nvidia-smi's view."""
     card: dict[str, Any] = {"python": platform.python_version(), "host": platform.node()}
-    try:
-        from droppos import runtime
-
-        card = runtime.run_card()
-    except Exception as err:  # noqa: BLE001 - recorded, the check goes on
-        card["run_card_error"] = f"{type(err).__name__}: {err}"
+    code = "import json; from droppos import runtime; print('CARD', json.dumps(runtime.run_card(), default=str))"
+    result = run_command([python, "-c", code], 120.0, log, env=env)
+    found = [line for line in result["tail"] if line.startswith("CARD ")]
+    if found:
+        card = json.loads(found[-1][len("CARD "):])
+    else:  # recorded, the check goes on
+        card["run_card_error"] = _failed(result) or "no card printed"
+        card["run_card_tail"] = result["tail"][-5:]
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
@@ -484,8 +489,9 @@ def _table(report: dict) -> str:
         elif name == "pretrain" and part.get("img_per_s"):
             figures = (f"{part['img_per_s']:.0f} img/s, {part['steps']} steps, exit {part['returncode']}, "
                        f"{part['recompile_lines']} recompile / {part['graph_break_lines']} graph-break lines")
-        elif name == "wheels" and part.get("installed"):
-            figures = f"{len(part['installed'])} installed" + (f"; {part['note']}" if part.get("note") else "")
+        elif name == "install" and part.get("python"):
+            figures = (f"{len(part['installed'])} installed into {part['venv']}"
+                       + (f"; {part['note']}" if part.get("note") else ""))
         lines.append(f"{name:<22} {part.get('status', '-'):<8} {part.get('seconds', 0.0):>8.1f}  {figures}")
         for run in part.get("runs", []):
             label = f"  {run['saliency_graph']} b{run['batch_size']}"
@@ -504,11 +510,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default="gpu-check-out", help="folder for gpu_check.json and logs/")
     parser.add_argument("--json", default="", help="the summary file (default: OUT/gpu_check.json)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
-    parser.add_argument("--budget-s", type=float, default=460.0, help="total seconds for all parts")
-    parser.add_argument("--budgets", default="", help="per-part seconds, e.g. bench=200,pretrain=120")
+    parser.add_argument("--limit-s", type=float, default=TOTAL_LIMIT_S, help="total seconds for all parts")
+    parser.add_argument("--limits", default="", help="per-part seconds, e.g. bench=900,pretrain=300")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny, few steps, CUDA parts noted")
     parser.add_argument("--data", default="", help="shards to pre-train on (default: shard --sample into a temp dir)")
-    parser.add_argument("--wheels", default=",".join(WHEEL_DIRS), help="comma list of carried-wheel folders")
+    parser.add_argument("--wheelhouse", default="", help="a folder made by `make wheelhouse`: install what this "
+                        "Python lacks from it (offline) into a virtual environment of the check's own")
+    parser.add_argument("--venv", default="", help="that virtual environment (default: a temporary one; "
+                        "an existing one is reused)")
     parser.add_argument("--test-paths", default="", help="what pytest collects (default: the project's tests)")
     parser.add_argument("--pretrain-args", default="", help="pretrain options (default: the cpu-demo-sized model)")
     parser.add_argument("--loader-images", type=int, default=4096)
@@ -519,73 +528,78 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    budgets = dict(SMOKE_BUDGETS if args.smoke else BUDGETS)
-    for item in (i for i in args.budgets.split(",") if i.strip()):
+    limits = dict(SMOKE_LIMITS if args.smoke else LIMITS)
+    for item in (i for i in args.limits.split(",") if i.strip()):
         name, _, value = item.partition("=")
-        if name.strip() not in budgets:
-            parser.error(f"--budgets: unknown part {name!r}")
-        budgets[name.strip()] = float(value)
-    args.budgets = budgets
+        if name.strip() not in limits:
+            parser.error(f"--limits: unknown part {name!r}")
+        try:
+            limits[name.strip()] = float(value)
+        except ValueError:
+            parser.error(f"--limits: {item!r} is not PART=SECONDS")
+    args.limits = limits
+    if args.wheelhouse and not Path(args.wheelhouse).is_dir():
+        parser.error(f"--wheelhouse: {args.wheelhouse} is not a folder (make it with `make wheelhouse` on a "
+                     "machine with network, then copy it here)")
+    args.python = sys.executable  # the parts' python; the install part replaces it with its environment's
     args.test_paths = [p for p in args.test_paths.split(",") if p] or (["tests/test_model.py"] if args.smoke else [])
     return args
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    clock = Clock(args.budget_s, args.budgets)
+    clock = Clock(args.limit_s, args.limits)
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="droppos-gpu-check-"))
     report: dict[str, Any] = {
-        "gpu_check": 1, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "smoke": args.smoke, "budget_s": args.budget_s, "budgets": args.budgets, "parts": {},
+        "gpu_check": 2, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "smoke": args.smoke, "limit_s": args.limit_s, "limits": args.limits, "parts": {},
     }
-    env = _env_with(None)
-    imports: dict[str, Optional[str]] = {}
+    env = parts_env()
 
     def part(name: str, body: Callable[[float], dict]) -> None:
         if name not in args.parts:
             report["parts"][name] = {"status": "skipped", "note": "not asked for (--parts)"}
             return
-        budget = clock.budget(name)
-        if budget < MIN_PART_S:
-            report["parts"][name] = {"status": "skipped", "note": f"total time budget spent ({clock.left():.0f} s left)"}
+        limit = clock.limit(name)
+        if limit < MIN_PART_S:
+            report["parts"][name] = {"status": "skipped", "note": f"total time limit spent ({clock.left():.0f} s left)"}
             return
         start = time.monotonic()
         try:
-            result = body(budget)
+            result = body(limit)
         except Exception as err:  # noqa: BLE001 - a part's failure is recorded, the others still run
             result = {"status": "error", "error": f"{type(err).__name__}: {err}",
                       "traceback": traceback.format_exc().splitlines()[-LOG_TAIL:]}
         result["seconds"] = round(time.monotonic() - start, 2)
-        result["budget_s"] = round(budget, 1)
+        result["limit_s"] = round(limit, 1)
         report["parts"][name] = result
         print(f"gpu-check: {name}: {result['status']} in {result['seconds']:.0f} s", file=sys.stderr, flush=True)
 
-    def wheels(budget: float) -> dict:
-        nonlocal env
-        result = install_wheels([Path(d) if Path(d).is_absolute() else ROOT / d for d in args.wheels.split(",") if d],
-                                work / "site", work / "joined", budget, work / "logs" / "wheels.log")
-        if result.get("installed"):
-            env = _env_with(work / "site")
-            imports.update(probe_imports(env, 60.0, work / "logs" / "imports.log"))
-            sys.path.insert(0, str(work / "site"))
+    def install(limit: float) -> dict:
+        if not args.wheelhouse:
+            return {"status": "skipped", "note": "no --wheelhouse: the parts run with this Python's packages",
+                    "installed": []}
+        venv = Path(args.venv) if args.venv else work / "venv"
+        result = install_wheelhouse(Path(args.wheelhouse).resolve(), venv.resolve(), limit, logs / "install.log")
+        if result.get("python"):
+            args.python = result["python"]
         return result
 
-    part("wheels", wheels)
-    if not imports:
-        imports.update(probe_imports(env, 60.0, work / "logs" / "imports.log"))
-    report["imports"] = imports
-    report["machine"] = machine()
+    part("install", install)
+    report["python"] = args.python
+    report["imports"] = probe_imports(args.python, env, 60.0, work / "logs" / "imports.log")
+    report["machine"] = machine(args.python, env, work / "logs" / "machine.log")
     cuda = _cuda()
     report["cuda"] = cuda
     if not cuda and not args.smoke:
         report["note"] = "CUDA is not available: the CUDA parts will fail (use --smoke on a CPU)"
-    part("tests", lambda b: part_tests(args, b, env, work, logs))
-    part("bench", lambda b: part_bench(args, b, env, work, logs))
-    part("loader", lambda b: part_loader(args, b, env, work, logs, dali=bool(imports.get("nvidia.dali"))))
-    part("pretrain", lambda b: part_pretrain(args, b, env, work, logs))
+    part("tests", lambda t: part_tests(args, t, env, work, logs))
+    part("bench", lambda t: part_bench(args, t, env, work, logs))
+    part("loader", lambda t: part_loader(args, t, env, work, logs, dali=bool(report["imports"].get("nvidia.dali"))))
+    part("pretrain", lambda t: part_pretrain(args, t, env, work, logs))
     report["elapsed_s"] = round(clock.elapsed(), 1)
     report["work"] = str(work) if args.keep_work else None
     if not args.keep_work:

@@ -1,10 +1,13 @@
-"""Tests for benchmarks/gpu_check.py (`make gpu-check`) and gpu_wheels.py, on a CPU: the smoke mode's JSON,
-the time budget, the carried wheels (split, joined, checked, installed) and the parsers."""
+"""Tests for benchmarks/gpu_check.py (`make gpu-check`) and tools/wheelhouse.py (`make wheelhouse`), on a CPU:
+the smoke mode's JSON, the time limits, the offline install from a wheelhouse into a virtual environment of the
+check's own, the download commands, the Makefile targets and the parsers."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -16,50 +19,53 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
-import gpu_wheels  # noqa: E402
+
+from tools import wheelhouse  # noqa: E402
 
 STATUSES = {"ok", "partial", "failed", "skipped", "error"}
 
 
-def make_wheel(folder: Path, name: str, version: str, payload: int) -> Path:
-    """A minimal pure-Python wheel with `payload` incompressible bytes (so that it can be split)."""
+def make_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal pure-Python wheel."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{version}-py3-none-any.whl"
     info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}/__init__.py", f"VERSION = {version!r}\n")
-        z.writestr(f"{name}/blob.bin", os.urandom(payload))
-        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{info}/METADATA", metadata)
         z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{info}/RECORD", "")
     return path
 
 
-@pytest.fixture(scope="module")
-def carried(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two fake wheels packed like `make gpu-wheels` packs: one essential, one split into 1 KiB parts."""
-    root = tmp_path_factory.mktemp("wheels")
-    make_wheel(root / "download", "gcsmall", "0.1", 100)
-    make_wheel(root / "download", "gcbig", "0.2", 3000)
-    folders = gpu_wheels.pack(root / "download", root, ("gcsmall==0.1",), ("gcbig==0.2",),
-                              chunk_mib=1 / 1024, folder_mib=2 / 1024)
-    assert [f.name for f in folders][0] == "carry-1" and len(folders) >= 2
-    return root
+def make_wheelhouse(folder: Path, requirements: str = "gcsmall==0.1\n") -> Path:
+    """A wheelhouse like `make wheelhouse` writes: wheels + requirements.txt (gcsmall needs gcdep)."""
+    make_wheel(folder, "gcsmall", "0.1", requires=("gcdep>=0.2",))
+    make_wheel(folder, "gcdep", "0.2")
+    (folder / wheelhouse.REQUIREMENTS).write_text("# a test wheelhouse\n" + requirements)
+    return folder
 
 
-def _run(args: list[str], timeout: int = 300) -> tuple[subprocess.CompletedProcess, dict]:
+def _run(args: list[str], timeout: int = 300, returncode: int = 0) -> tuple[subprocess.CompletedProcess, dict]:
     result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
                             cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == returncode, result.stderr[-3000:]
+    last = json.loads(result.stdout.strip().splitlines()[-1]) if returncode == 0 else {}
     return result, last
 
 
+def _imports(python: str, module: str) -> bool:
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
+    return subprocess.run([python, "-c", code], timeout=60).returncode == 0
+
+
 @pytest.fixture(scope="module")
-def smoke(sample_shards: Path, carried: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def smoke(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("gpu-check")
-    wheel_dirs = ",".join(str(p) for p in sorted(carried.glob("carry-*")))
-    _, last = _run(["--smoke", "--data", str(sample_shards), "--out", str(out), "--wheels", wheel_dirs])
+    house = make_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+    _, last = _run(["--smoke", "--data", str(sample_shards), "--out", str(out), "--wheelhouse", str(house)])
     return last, out
 
 
@@ -69,16 +75,22 @@ def test_smoke_writes_one_json_with_every_part(smoke):
     assert report["smoke"] is True and set(report["parts"]) == set(gpu_check.PARTS)
     for name, part in report["parts"].items():
         assert part["status"] in STATUSES, name
-        assert part["seconds"] >= 0 and part["budget_s"] > 0
-    assert report["elapsed_s"] < report["budget_s"]
+        assert part["seconds"] >= 0 and part["limit_s"] > 0
+    assert report["elapsed_s"] < report["limit_s"]
     assert "machine" in report and "imports" in report and report["cuda"] is False
+    assert report["machine"].get("packages", {}).get("torch"), report["machine"]  # droppos's run card
 
 
-def test_smoke_installs_the_carried_wheels_joined(smoke):
-    wheels = smoke[0]["parts"]["wheels"]
-    assert wheels["status"] == "ok", wheels
-    assert sorted(wheels["installed"]) == ["gcbig-0.2-py3-none-any.whl", "gcsmall-0.1-py3-none-any.whl"]
-    assert wheels["incomplete"] == {} and wheels["bad_sha256"] == []
+def test_smoke_installs_the_wheelhouse_and_runs_the_parts_with_it(smoke):
+    report = smoke[0]
+    install = report["parts"]["install"]
+    assert install["status"] == "ok", install
+    assert install["installed"] == ["gcdep-0.2", "gcsmall-0.1"] and install["install_failed"] == []
+    assert "--no-index" in install["pip"]["command"] and "--find-links" in install["pip"]["command"]
+    assert report["python"] == install["python"] and install["python"].startswith(install["venv"])
+    # That environment sees this Python's packages (torch, from a venv here): the later parts ran with it.
+    assert report["parts"]["pretrain"]["status"] == "ok"
+    assert not _imports(sys.executable, "gcsmall")  # this Python is unchanged
 
 
 def test_smoke_runs_the_gpu_tests_which_skip_on_cpu(smoke):
@@ -114,32 +126,33 @@ def test_smoke_pretrain_runs_and_counts_compile_lines(smoke):
     assert isinstance(pretrain["resolved"], dict)  # what config.json says it ran with
 
 
-def test_spent_budget_skips_every_part_with_a_note(tmp_path):
-    _, report = _run(["--smoke", "--budget-s", "0", "--out", str(tmp_path)], timeout=120)
+def test_spent_limit_skips_every_part_with_a_note(tmp_path):
+    _, report = _run(["--smoke", "--limit-s", "0", "--out", str(tmp_path)], timeout=120)
     for name in gpu_check.PARTS:
         part = report["parts"][name]
-        assert part["status"] == "skipped" and "budget" in part["note"], name
+        assert part["status"] == "skipped" and "time limit" in part["note"], name
 
 
-def test_missing_or_corrupt_parts_are_recorded_not_installed(carried, tmp_path):
-    folders = sorted(carried.glob("carry-*"))
-    big = [f for f in folders[1:] if any(".part-" in p.name for p in f.iterdir())]
-    # Without the last folder of parts: gcbig is incomplete, gcsmall still installs.
-    result = gpu_check.install_wheels(folders[:-1], tmp_path / "site", tmp_path / "joined", 60, tmp_path / "log")
-    assert result["installed"] == ["gcsmall-0.1-py3-none-any.whl"] and result["status"] == "partial"
-    assert "gcbig-0.2-py3-none-any.whl" in result["incomplete"] and "missing" in result["note"]
-    assert (tmp_path / "site" / "gcsmall" / "__init__.py").exists()
-    # A corrupted part: the joined wheel fails its sha256 and is not installed.
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for folder in folders:
-        for f in folder.iterdir():
-            (bad / f.name).write_bytes(f.read_bytes())
-    part = sorted(bad.glob("gcbig*.part-*"))[0]
-    part.write_bytes(b"x" + part.read_bytes()[1:])
-    result = gpu_check.install_wheels([bad], tmp_path / "site2", tmp_path / "joined2", 60, tmp_path / "log2")
-    assert result["bad_sha256"] == ["gcbig-0.2-py3-none-any.whl"] and result["status"] == "partial"
-    assert big, "the test wheel must have been split"
+def test_a_missing_wheelhouse_is_one_line_and_exit_2(tmp_path):
+    result, _ = _run(["--smoke", "--wheelhouse", str(tmp_path / "nowhere"), "--out", str(tmp_path)], returncode=2)
+    assert "make wheelhouse" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_install_is_offline_into_its_own_venv_and_names_what_failed(tmp_path):
+    house = make_wheelhouse(tmp_path / "house", "gcsmall==0.1\ngcmissing==1.0\n")
+    venv = tmp_path / "venv"
+    result = gpu_check.install_wheelhouse(house, venv, 120, tmp_path / "logs" / "install.log")
+    assert result["status"] == "partial" and result["install_failed"] == ["gcmissing==1.0"], result
+    assert result["installed"] == ["gcdep-0.2", "gcsmall-0.1"] and "gcmissing" in result["note"]
+    assert _imports(result["python"], "gcsmall") and _imports(result["python"], "pytest")  # its own + this Python's
+    assert not _imports(sys.executable, "gcsmall")
+    # Again into the same environment: everything is there already.
+    (house / wheelhouse.REQUIREMENTS).write_text("gcsmall==0.1\n")
+    again = gpu_check.install_wheelhouse(house, venv, 120, tmp_path / "logs" / "again.log")
+    assert again["status"] == "ok" and again["installed"] == [] and "nothing to install" in again["note"]
+    # A folder that is no wheelhouse: said so, nothing made.
+    empty = gpu_check.install_wheelhouse(tmp_path / "logs", tmp_path / "venv2", 60, tmp_path / "x.log")
+    assert empty["status"] == "failed" and "make wheelhouse" in empty["error"] and not (tmp_path / "venv2").exists()
 
 
 def test_parse_pretrain_counts_recompiles_and_takes_the_steady_rate(tmp_path):
@@ -156,16 +169,75 @@ def test_parse_pretrain_counts_recompiles_and_takes_the_steady_rate(tmp_path):
     assert parsed["recompile_lines"] == 1 and parsed["graph_break_lines"] == 1
 
 
-def test_gpu_wheels_pins_dali_for_cuda13_and_packs_under_the_carry_limit(carried):
-    assert "nvidia-dali-cuda130==2.4.0" in gpu_wheels.DALI and "webdataset==1.0.2" in gpu_wheels.ESSENTIAL
-    manifest = json.loads((carried / "carry-1" / gpu_wheels.MANIFEST).read_text())
-    big = manifest["gcbig-0.2-py3-none-any.whl"]
-    assert len(big["parts"]) >= 3 and manifest["gcsmall-0.1-py3-none-any.whl"]["parts"] == []
-    for folder in carried.glob("carry-*"):
-        assert sum(f.stat().st_size for f in folder.iterdir() if f.name != gpu_wheels.MANIFEST) <= 2048
-    joined = b"".join((next(carried.glob(f"carry-*/{p}"))).read_bytes() for p in big["parts"])
-    assert gpu_wheels.sha256_file(carried / "download" / "gcbig-0.2-py3-none-any.whl") == big["sha256"]
-    assert joined == (carried / "download" / "gcbig-0.2-py3-none-any.whl").read_bytes()
+def test_wheelhouse_takes_the_project_pins_the_node_lacks():
+    wanted = wheelhouse.plan(wheelhouse.read_requirements(ROOT / "requirements.txt"))
+    names = {wheelhouse.name_of(r) for r in wanted["install"]}
+    assert {"webdataset", "nvidia-dali-cuda130", "timm", "typer", "rich", "safetensors", "pytest"} <= names
+    assert not names & {"torch", "torchvision", "pillow-simd", "scikit-image"}
+    pins = dict(r.split("==") for r in wheelhouse.read_requirements(ROOT / "requirements.txt"))
+    assert f"webdataset=={pins['webdataset']}" in wanted["resolved"]  # the project's pins, resolved
+    assert wanted["no_deps"] == [f"timm=={pins['timm']}"]  # its dependencies include torch
+    assert {"huggingface_hub", "pyyaml"} <= set(wanted["resolved"])  # what timm needs besides torch
+    no_dali = wheelhouse.plan(wheelhouse.read_requirements(ROOT / "requirements.txt"), dali=False,
+                              add=("scikit-image==0.26.0",))
+    assert "nvidia-dali-cuda130" not in {wheelhouse.name_of(r) for r in no_dali["install"]}
+    assert "scikit-image==0.26.0" in no_dali["install"]
+
+
+def test_wheelhouse_download_command_targets_the_node():
+    tags = wheelhouse.platform_tags("manylinux_2_28_x86_64")
+    assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in tags and "manylinux2014_x86_64" in tags
+    assert "manylinux_2_29_x86_64" not in tags
+    assert wheelhouse.platform_tags("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
+    command = wheelhouse.download_command(["typer==1"], Path("/wh"), "3.12", "manylinux_2_28_aarch64", deps=False,
+                                          python="py")
+    assert command[:4] == ["py", "-m", "pip", "download"] and "--only-binary=:all:" in command
+    for flag, value in (("--python-version", "3.12"), ("--implementation", "cp"), ("-d", "/wh")):
+        assert command[command.index(flag) + 1] == value
+    assert ["--platform", "manylinux_2_28_aarch64"] == command[command.index("--platform"):][:2]
+    assert "--no-deps" in command and command[-1] == "typer==1"
+
+
+def test_wheelhouse_build_runs_two_downloads_and_writes_the_install_list(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(wheelhouse.subprocess, "run", lambda command, check: calls.append(command))
+    wheelhouse.main(["--dest", str(tmp_path / "wh"), "--python-version", "3.11", "--no-dali"])
+    assert len(calls) == 2 and "--no-deps" not in calls[0] and "--no-deps" in calls[1]
+    assert all(c[c.index("--python-version") + 1] == "3.11" for c in calls)
+    listed = wheelhouse.read_requirements(tmp_path / "wh" / wheelhouse.REQUIREMENTS)
+    assert any(r.startswith("webdataset==") for r in listed) and not any("dali" in r for r in listed)
+
+
+def _pypi_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _pypi_reachable(), reason="needs network to PyPI")
+def test_wheelhouse_downloads_a_real_wheel_for_another_python(tmp_path):
+    command = wheelhouse.download_command(["braceexpand==0.1.7"], tmp_path, "3.12", "manylinux_2_28_x86_64")
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    assert [p.name for p in tmp_path.glob("*.whl")] == ["braceexpand-0.1.7-py2.py3-none-any.whl"]
+
+
+def _make_n(*args: str) -> str:
+    result = subprocess.run(["make", "-n", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_targets_form_the_commands(tmp_path):
+    text = _make_n("wheelhouse", f"WHEELHOUSE={tmp_path}/wh", "PYTHON_VERSION=3.11", "PLATFORM=manylinux_2_17_aarch64")
+    assert "tools/wheelhouse.py" in text and f"--dest {tmp_path}/wh" in text
+    assert "--python-version 3.11" in text and "--platform manylinux_2_17_aarch64" in text
+    named = _make_n("gpu-check", f"WHEELHOUSE={tmp_path}/wh", "GPU_CHECK_OUT=o")
+    assert "benchmarks/gpu_check.py --out o" in named and f"--wheelhouse {tmp_path}/wh" in named
+    default = _make_n("gpu-check")  # the default folder only when it is there
+    assert ("--wheelhouse wheelhouse" in default) == (ROOT / "wheelhouse").is_dir()
 
 
 def test_verbose_lines_count_the_tests_of_a_stopped_run():
