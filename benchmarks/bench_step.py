@@ -27,7 +27,7 @@ and graph breaks.
 On CPU with glibc the script first tells malloc to serve large blocks from the heap and never give them back
 (--keep-heap, on by default): otherwise every step mmaps and unmaps its activations and pays their page faults
 again (docs/measurements.md). Training processes on the CPU make the same call (fastpaths.keep_heap, from
-runtime.run_worker).
+launch.run_worker).
 
 Usage:  python benchmarks/bench_step.py [--model droppos_vit_tiny_patch16 | --preset cpu-demo] [--img-size 224]
             [--batch-sizes 32,64] [--dtypes fp32,bf16] [--modes eager,compiled] [--attentive on|off|both]
@@ -59,7 +59,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import droppos.model  # noqa: F401  (registers the droppos_vit_* names with timm)
-from droppos import fastpaths, runtime
+from droppos import environment, fastpaths
 from droppos.model import DropPosViT, compile_step
 
 _ATEN = torch.ops.aten
@@ -168,10 +168,9 @@ def _build(args: argparse.Namespace, device: torch.device, attentive: bool) -> D
     torch.manual_seed(0)
     if args.preset:
         from droppos.model import create_from_config
-        from droppos.recipes import PRETRAIN_PRESETS, PretrainConfig, to_dict
+        from droppos.recipes import PretrainConfig, make_config
 
-        config = to_dict(PretrainConfig(**PRETRAIN_PRESETS[args.preset]))
-        config.update(img_size=args.img_size, attentive=attentive)
+        config = make_config(PretrainConfig, {"preset": args.preset, "img_size": args.img_size, "attentive": attentive})
         model = create_from_config(config)
     else:
         model = timm.create_model(args.model, img_size=args.img_size, attentive=attentive)
@@ -533,7 +532,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 row["cpu_time_peak_fraction"] = row["achieved_flops_per_cpu_s"] / cpu_peaks[row["dtype"]]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        (runtime.run_card()["hardware"]["cpu"] or platform.machine())
+        (environment.run_card()["hardware"]["cpu"] or platform.machine())
     model_name = f"preset {args.preset}" if args.preset else args.model
     print(f"\n{model_name} img {args.img_size} on {device.type} ({name}), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}" + (f", CPU flags {' '.join(_cpu_flags())}, heap kept: {heap_kept}"

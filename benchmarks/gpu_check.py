@@ -416,7 +416,7 @@ def parse_pretrain(run: Path, log_text: str) -> dict[str, Any]:
         "val_pos_acc": next((r["val_pos_acc"] for r in reversed(records) if "val_pos_acc" in r), None),
         "recompile_lines": len(recompiles), "graph_break_lines": len(breaks),
         "recompile_examples": recompiles[:5], "graph_break_examples": breaks[:5],
-        "resolved": {k: config.get(k) for k in ("loader", "precision", "compile", "device") if k in config},
+        "environment": config.get("environment") or {},  # what every `auto` became
     }
 
 
@@ -459,7 +459,7 @@ def _cuda() -> bool:
 def machine(python: str, env: dict[str, str], log: Path) -> dict[str, Any]:
     """droppos's run card (package versions, hardware) as the parts' python sees it, and nvidia-smi's view."""
     card: dict[str, Any] = {"python": platform.python_version(), "host": platform.node()}
-    code = "import json; from droppos import runtime; print('CARD', json.dumps(runtime.run_card(), default=str))"
+    code = "import json; from droppos import environment; print('CARD', json.dumps(environment.run_card(), default=str))"
     result = run_command([python, "-c", code], 120.0, log, env=env)
     found = [line for line in result["tail"] if line.startswith("CARD ")]
     if found:

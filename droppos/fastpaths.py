@@ -25,7 +25,7 @@ Private calls with no plain path (the switch does not touch them):
 Kept where they are used (look there too when a library changes):
 - cli.py: `typer._click` (the click that typer vendors: its exception types);
 - droppos/pretrain.py: `torch._foreach_norm` and `torch._foreach_mul_` (per-parameter gradient clipping);
-- droppos/runtime.py: torch.compile's `_orig_mod` attribute and key prefix (`unwrap`, `WRAPPER_PREFIXES`,
+- droppos/distributed.py: torch.compile's `_orig_mod` attribute and key prefix (`unwrap`, `WRAPPER_PREFIXES`,
   which droppos/weights.py strips with);
 - benchmarks/bench_step.py: `torch._dynamo.utils.counters` and `torch.utils._python_dispatch.TorchDispatchMode`;
 - tests/test_model.py: `torch._dynamo.explain` and `torch._dynamo.config`.
