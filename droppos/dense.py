@@ -150,7 +150,7 @@ def prediction_grid(images: np.ndarray, masks: np.ndarray, predictions: np.ndarr
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Normalised float images [B, 3, H, W] (droppos.data.normalize) back to uint8 [B, H, W, 3] for display."""
-    from droppos.data.recipe import IMAGENET_MEAN, IMAGENET_STD
+    from droppos.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)

@@ -24,7 +24,7 @@ import torch
 
 from droppos import UserError
 from droppos.data.plan import COMPONENTS, SHUFFLE_BUFFER, Plan, read_segment, segments
-from droppos.data.recipe import CROP_RATIO, EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RECIPES
+from droppos.data.transforms import CROP_RATIO, EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, RECIPES
 
 # DALI's `auto_aug.rand_augment` (finetune mode) is not timm's `rand-m9-mstd0.5-inc1` (the recipe, and the `pil`
 # backend), read against timm 1.0 `rand_augment_transform` and DALI 2.4 `rand_augment`. They differ in:

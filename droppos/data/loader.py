@@ -5,7 +5,7 @@ The stages call `resolve_backend` once (to record the backend `auto` became in c
 int64 [B] labels) per step, and with `masks=True` (a segmentation dataset) also int64 [B,H,W]
 label maps (IGNORE = -1 for unlabelled pixels and padding); what it guarantees about samples,
 ranks, padding and determinism is in `droppos.data.plan`, what each mode does to a sample in
-`droppos.data.recipe`.
+`droppos.data.transforms`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from droppos import UserError
 from droppos.data import dali
 from droppos.data.pil import PilBackend
 from droppos.data.plan import PAD_LABEL, Plan, Shard
-from droppos.data.recipe import MODES, RECIPES
+from droppos.data.transforms import MODES, RECIPES
 from droppos.labelmaps import IGNORE, BadManifest, SegSpec, spec_from_manifest
 
 log = logging.getLogger("droppos.data")
@@ -144,7 +144,7 @@ def build_loader(
 ) -> Loader:
     """A loader of `split` of the dataset in `data_dir` for one rank.
 
-    `mode` is one of `MODES` (see `droppos.data.recipe`), `backend` one of `BACKENDS` (`auto` is
+    `mode` is one of `MODES` (see `droppos.data.transforms`), `backend` one of `BACKENDS` (`auto` is
     resolved by `resolve_backend`; `Loader.backend` is the result). `workers` are the pil backend's
     DataLoader workers (0: decode in this process) or DALI's threads; by default the cores this
     process may use, shared among the ranks. `labels_to_device=False` leaves the labels on the

@@ -30,7 +30,7 @@ import torch
 
 from droppos import UserError, fastpaths
 from droppos.data.plan import Plan, Role, components, read_segments, sample_seed, shuffled
-from droppos.data.recipe import CROP_RATIO, EVAL_CROP_PCT, RAND_AUGMENT, RECIPES, normalize, rand_augment_hparams
+from droppos.data.transforms import CROP_RATIO, EVAL_CROP_PCT, RAND_AUGMENT, RECIPES, normalize, rand_augment_hparams
 from droppos.labelmaps import MASK_COMPONENT, label_array
 
 PIL_PREFETCH = 2  # batches queued per DataLoader worker

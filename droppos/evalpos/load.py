@@ -26,7 +26,7 @@ from droppos.environment import file_sha256
 
 __all__ = ["IMAGE_CROP_PCT", "INITS", "ImageSource", "Subject", "list_images", "load_subject", "load_subjects", "random_like"]
 
-from droppos.data.recipe import EVAL_CROP_PCT as IMAGE_CROP_PCT  # noqa: E402 - --images: the shards' eval crop
+from droppos.data.transforms import EVAL_CROP_PCT as IMAGE_CROP_PCT  # noqa: E402 - --images: the shards' eval crop
 from droppos.recipes import POOLS  # noqa: E402 - the one list of pools
 # Each random initialisation: key -> (short name, what it is). See `random_like` and the report's baseline text.
 INITS = {
