@@ -18,6 +18,7 @@ import torch
 
 from droppos import UserError
 from droppos.distributed import strip_prefixes
+from droppos.recipes import TrainingConfig
 
 FORMAT = "droppos-checkpoint/3"
 _PREFIX = "droppos-checkpoint/"
@@ -112,7 +113,7 @@ def resume(out: Path, device: torch.device, parts: dict[str, Any]) -> Optional[d
     return saved
 
 
-def check_resumable(out: Path, config: Any, stage: str, accum: int, world_size: int) -> None:
+def check_resumable(out: Path, config: TrainingConfig, stage: str, accum: int, world_size: int) -> None:
     """Refuse to resume OUT's checkpoint when it belongs to another stage or architecture; refuse another
     schedule or data unless --force-resume (config.json then keeps the earlier record).
 

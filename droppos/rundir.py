@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: this module is read by torch-free code too
+    from droppos.environment import Environment
+    from droppos.loop import Schedule
+    from droppos.recipes import TrainingConfig
 
 CONFIG_NAME = "config.json"
 
 
-def config_record(config: Any, environment: Any, schedule: Any) -> dict[str, Any]:
+def config_record(config: "TrainingConfig", environment: "Environment", schedule: "Schedule") -> dict[str, Any]:
     """config.json's content: the sectioned options (recipes.to_record), `environment` (every `auto` resolved),
     the schedule and the run card."""
     from droppos import recipes
