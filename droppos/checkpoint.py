@@ -2,7 +2,10 @@
 
 A checkpoint is a plain dict (loadable with `torch.load(weights_only=True)`): each part's state (modules
 without DDP/compile prefixes), the step, the stage, the run's config record (sectioned, as config.json),
-its environment and schedule, and `format`. Reading upgrades what older versions wrote:
+its environment and schedule, `format`, and `digest`: the sha256 of everything else (tensor bytes
+included), checked on every read, since torch.load does not check its zip records' CRC and a flipped
+bit would load. Writing `last.pt` moves the one before it to `previous.pt`: a damaged last one leaves
+a good one to resume from. Reading upgrades what older versions wrote:
 - format 1 (no tag): no `stage` (a config that names a `model` is a pretrain run's, else finetune's);
 - format 2: the config flat, by option name;
 so every reader sees the current form. A tag this version does not know is refused in one line.
@@ -10,6 +13,7 @@ so every reader sees the current form. A tag this version does not know is refus
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +33,11 @@ def path(out: Path) -> Path:
     return Path(out) / "checkpoints" / "last.pt"
 
 
+def previous_path(source: Path) -> Path:
+    """Where the checkpoint before `source` (a last.pt) is kept."""
+    return Path(source).with_name("previous.pt")
+
+
 def state(parts: dict[str, Any], **entries: Any) -> dict:
     """A checkpoint: each part's state by key (modules without wrapper prefixes, optimizers as they are) and
     the run's `entries` (step, stage, config, ...)."""
@@ -38,20 +47,75 @@ def state(parts: dict[str, Any], **entries: Any) -> dict:
 
 
 def save(target: Path, checkpoint: dict) -> None:
-    """Write atomically (files.atomic_write): a full disk leaves the previous checkpoint and no temporary file."""
+    """Write atomically with its digest (files.atomic_write: a full disk leaves the previous checkpoint and no
+    temporary file); a last.pt moves the one it replaces to previous.pt."""
     from droppos.files import atomic_write
 
-    atomic_write(target, lambda handle: torch.save(checkpoint, handle))
+    entries = {k: v for k, v in checkpoint.items() if k != "digest"}
+    sealed = {**entries, "digest": digest(entries)}
+    keep = previous_path(target) if Path(target).name == "last.pt" else None
+    atomic_write(target, lambda handle: torch.save(sealed, handle), keep_previous=keep)
 
 
-def load(source: Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
-    """Read with weights_only=True (mmap: tensors read lazily), check the tag, upgrade older forms; an
-    unreadable or foreign file is a one-line UserError."""
+def digest(entries: Any) -> str:
+    """sha256 of a checkpoint's content: every key, number and string, and every tensor's dtype, shape and bytes."""
+    hasher = hashlib.sha256()
+    _feed(hasher, entries)
+    return hasher.hexdigest()
+
+
+def _feed(hasher: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"T{tensor.dtype}{tuple(value.shape)}:".encode())
+        hasher.update(tensor.view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        hasher.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            _feed(hasher, key)
+            _feed(hasher, value[key])
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(hasher, item)
+    else:
+        text = repr(value)
+        hasher.update(f"S{len(text)}:{text}".encode())
+
+
+def load(source: Path, map_location: Any = "cpu", mmap: bool = False, verify: bool = True) -> dict:
+    """Read with weights_only=True (mmap: tensors read lazily), check the tag and (`verify`) the digest, upgrade
+    older forms; an unreadable, damaged or foreign file is a one-line UserError."""
+    from droppos.files import regular_file
+
     try:
+        regular_file(source, "checkpoint")
         raw = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
-        raise UserError(f"cannot read checkpoint {source}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
-    return upgrade(raw, source)
+        raise _damaged(source, f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    raw = upgrade(raw, source)
+    if verify:
+        check_digest(raw, source)
+    return raw
+
+
+def check_digest(raw: Any, source: Path) -> None:
+    """A checkpoint of format 3 or later must match the digest written with it."""
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("_upgraded"):
+        return
+    if raw.get("digest") != digest({k: v for k, v in raw.items() if k != "digest"}):
+        raise _damaged(source, "does not match the digest written with it")
+
+
+def _damaged(source: Path, what: str) -> UserError:
+    """One line: what is wrong with `source` and, when a previous checkpoint is kept, how to resume from it."""
+    previous = previous_path(source)
+    if Path(source).name == "last.pt" and previous.is_file():
+        return UserError(f"checkpoint {source} {what}: it is damaged. The one before it is kept: `mv {previous} "
+                         f"{source}`, then re-run the same command to resume from it")
+    return UserError(f"checkpoint {source} {what}: it is damaged or not a checkpoint")
 
 
 def upgrade(raw: Any, source: Path) -> Any:
@@ -70,7 +134,7 @@ def upgrade(raw: Any, source: Path) -> Any:
         return raw
     from droppos import recipes
 
-    raw = dict(raw)
+    raw = dict(raw, _upgraded=True)  # written before digests: nothing to check
     if version == 1:
         raw["stage"] = "pretrain" if "model" in raw["config"] else "finetune"
     stage_cls = recipes.STAGES.get(raw.get("stage"))
@@ -107,7 +171,7 @@ def resume(out: Path, device: torch.device, parts: dict[str, Any]) -> Optional[d
     source = path(out)
     if not source.exists():
         return None
-    saved = load(source, map_location=device)
+    saved = load(source, map_location=device, verify=False)  # verified by check_resumable before the launch
     for key, part in parts.items():
         part.load_state_dict(saved[key])
     return saved

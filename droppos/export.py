@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from droppos import UserError
-from droppos.files import atomic_write, write_bytes_atomic, write_text_atomic
+from droppos.files import atomic_write, json_text, write_bytes_atomic, write_text_atomic
 
 __all__ = ["FORMATS", "Encoder", "detectron2_state", "downstream_command", "encoder_meta", "export_encoder",
            "mmseg_state", "read_source", "run", "safetensors_bytes", "write_timm_folder"]
@@ -48,7 +48,7 @@ def safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and a final newline: the same object, the same bytes."""
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json_text(obj, indent=2, sort_keys=True) + "\n"
 
 
 def pretrained_cfg_for(model_args: dict) -> dict[str, Any]:

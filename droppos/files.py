@@ -21,8 +21,10 @@ import datetime
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
@@ -90,11 +92,12 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any], keep_previous: Optional[Path] = None) -> Path:
     """Write `path` through `write(binary_file)` atomically; an OSError becomes an `OutputError`.
 
     The temporary file is removed whatever goes wrong (also on KeyboardInterrupt), and `path`
-    keeps its previous content until the new one is complete and durable.
+    keeps its previous content until the new one is complete and durable. `keep_previous`: the
+    previous content moves there (replacing what was there) just before the new one takes its place.
     """
     path = Path(path)
     tmp = temporary_path(path)
@@ -104,6 +107,8 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -143,9 +148,24 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any, indent: Optional[int] = None, sort_keys: bool = False) -> str:
+    """Strict JSON (what every reader parses): a non-finite float, which JSON cannot hold, is written as null."""
+    return json.dumps(_finite(obj), indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path | str, obj: Any, indent: int = 1) -> Path:
-    """JSON (UTF-8, a final newline) written atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """JSON (UTF-8, a final newline, strict: `json_text`) written atomically."""
+    return write_text_atomic(path, json_text(obj, indent=indent) + "\n")
 
 
 def remove_stale_temporaries(folder: Path | str) -> int:
@@ -169,7 +189,7 @@ def remove_stale_temporaries(folder: Path | str) -> int:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True
@@ -200,9 +220,16 @@ class OutputLock:
     def acquire(self) -> None:
         try:
             make_dirs(self.out)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # Never through a link (a planted OUT/.droppos.lock -> any file would be truncated), never blocking.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UserError(f"{self.path} is a symbolic link, not droppos's lock file; remove it") from None
             raise output_error(err, self.out, "create the output directory" if not self.out.is_dir() else "lock") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise UserError(f"{self.path} is {_not_regular(mode)}, not droppos's lock file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -216,7 +243,8 @@ class OutputLock:
         previous = _read_record(fd)
         if previous and previous.get("pid") != os.getpid():
             self.took_over = previous
-            if previous.get("host") == socket.gethostname() and not _pid_alive(int(previous.get("pid", 0) or 0)):
+            pid = previous.get("pid")
+            if previous.get("host") == socket.gethostname() and not (isinstance(pid, int) and 0 < pid and _pid_alive(pid)):
                 print(f"droppos: {self.out}: taking over the lock left by {_describe_holder(previous)}, which is no "
                       "longer running", file=sys.stderr)
         record = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(),
@@ -249,7 +277,122 @@ def _read_record(fd: int) -> dict:
 
 
 def _describe_holder(record: dict) -> str:
+    """Who holds a lock, from its record (which may hold anything: only short printable values are shown)."""
     if not record:
         return "another process"
-    return (f"`droppos {record.get('command', '?')}` (pid {record.get('pid', '?')} on {record.get('host', '?')}, "
-            f"since {record.get('since', '?')})")
+    shown = {key: str(record.get(key, "?"))[:80].encode("ascii", "replace").decode() for key in
+             ("command", "pid", "host", "since")}
+    return f"`droppos {shown['command']}` (pid {shown['pid']} on {shown['host']}, since {shown['since']})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The one way in: every file a user, a manifest, a list or a sidecar names is opened here
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _not_regular(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+class InputError(UserError):
+    """A named input that cannot be read as it must: `reason` says why, for a skip record."""
+
+    def __init__(self, what: str, path: Path | str, reason: str) -> None:
+        super().__init__(f"{what} {str(path)[:300]}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def regular_file(path: Path | str, what: str = "file") -> os.stat_result:
+    """Refuse anything but a regular file (links followed) without opening it: opening a FIFO blocks, and a
+    device reads forever. Long names, loops and permissions are one line too."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(what, path, "no such file") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise InputError(what, path, getattr(err, "strerror", None) or str(err)) from None
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(what, path, f"{_not_regular(status.st_mode)}, not a regular file; refused")
+    return status
+
+
+def read_input(path: Path | str, what: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, opened without blocking on a FIFO swapped in after
+    the check; anything else is a one-line `InputError`."""
+    regular_file(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise InputError(what, path, err.strerror or str(err)) from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise InputError(what, path, f"{_not_regular(status.st_mode)}, not a regular file; refused")
+        if status.st_size > max_bytes:
+            raise InputError(what, path, f"{status.st_size:,} bytes, more than the {max_bytes:,} it may be; refused")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise InputError(what, path, f"grew past the {max_bytes:,} bytes it may be; refused")
+        return b"".join(chunks)
+    except OSError as err:
+        raise InputError(what, path, err.strerror or str(err)) from None
+    finally:
+        os.close(fd)
+
+
+JSON_MAX_DEPTH = 32  # every JSON file the project reads is a few levels deep
+
+
+def parse_json(data: bytes, where: str, max_depth: int = JSON_MAX_DEPTH) -> Any:
+    """Strict JSON of bounded nesting (checked before parsing: deep nesting is a RecursionError in `json`);
+    NaN and Infinity literals refused."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where} is not UTF-8 text (byte {err.start}); refused") from None
+    if _json_depth(text) > max_depth:
+        raise UserError(f"{where} nests deeper than {max_depth} levels; refused")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError as err:
+        raise UserError(f"{where} is not valid JSON: {str(err)[:160]}") from None
+
+
+def read_json_input(path: Path | str, what: str, max_bytes: int = 64 << 20, max_depth: int = JSON_MAX_DEPTH) -> Any:
+    """A JSON file a user or another file names: `read_input`'s guarantees, then `parse_json`'s."""
+    return parse_json(read_input(path, what, max_bytes), f"{what} {path}", max_depth)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest

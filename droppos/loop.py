@@ -37,7 +37,7 @@ import torch
 from droppos import UserError, checkpoint, rundir
 from droppos.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from droppos.environment import Environment
-from droppos.files import output_error, write_text_atomic
+from droppos.files import json_text, output_error, write_text_atomic
 from droppos.progress import Progress
 from droppos.recipes import ScheduleOptions, TrainingConfig
 
@@ -288,7 +288,7 @@ class MetricsLog:
         if not self.enabled:
             return
         try:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json_text(record) + "\n")
             self._file.flush()
         except OSError as err:  # a full disk: one line, like every other write
             raise output_error(err, self.path) from None

@@ -14,14 +14,13 @@ path or a modified DALI index. A manifest written before index hashes were recor
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 from droppos import UserError
-from droppos.files import file_sha256
+from droppos.files import file_sha256, read_json_input
 
 FORMAT = "droppos-wds/1"
 MANIFEST_NAME = "manifest.json"
@@ -40,6 +39,9 @@ class ShardEntry(NamedTuple):
     index_sha256: Optional[str] = None  # None: a manifest written before index hashes were recorded
 
 
+MANIFEST_MAX_BYTES = 256 << 20  # a manifest lists shards, not samples: megabytes for ImageNet-21k
+
+
 def load_manifest(data_dir: Path) -> dict:
     """Read `data_dir/manifest.json`; a missing, unreadable or foreign manifest is a UserError."""
     data_dir = Path(data_dir)
@@ -48,10 +50,7 @@ def load_manifest(data_dir: Path) -> dict:
         raise UserError(f"dataset directory {data_dir} does not exist; write one with `droppos shard`")
     if not path.is_file():
         raise UserError(f"{path} is missing: {data_dir} is not a finished `droppos shard` dataset (re-run the shard command)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    manifest = read_json_input(path, "manifest", max_bytes=MANIFEST_MAX_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise UserError(f"{path} has format {found!r}, expected {FORMAT!r}; re-shard with this version of droppos")

@@ -1,27 +1,11 @@
-"""`droppos probe`: MAE's linear probe of a frozen encoder (a DropPos export or any timm ViT).
+"""`droppos probe`: a linear probe of a frozen encoder (MAE's protocol), or a linear segmentation head.
 
-The encoder is frozen; its [CLS] token (or, with `--pool avg`, the fc_norm-ed mean of its patch
-tokens) feeds BatchNorm1d(affine=False) + Linear, trained with LARS (timm's `Lars`; trust ratio on
-weight matrices, not on biases, as in MAE), lr = blr x effective batch / 256, warm-up then cosine
-per step, plain cross-entropy.
-
-Two ways to feed the head:
-- default: images through the training pipeline (random resized crop + flip), the encoder run
-  under no_grad every step, the head under DDP across ranks;
-- `--cached`: every train and val image goes through the encoder once, with eval transforms
-  (ranks split the work and gather the features), the features are saved to OUT/features.pt, and
-  rank 0 trains the head on them: seconds on a CPU. Re-running reuses the features.
-Both resume from OUT/checkpoints/last.pt and rewrite OUT/results.json after every epoch.
-
-`--task segmentation` (a dataset with label maps) probes the patch tokens instead, with the linear
-protocol of DINOv2 and iBOT (droppos.dense): the last block's patch tokens (`--seg-layers N`: the
-last N blocks' concatenated), BatchNorm + a 1x1 convolution, logits upsampled bilinearly to the
-label map, cross-entropy that ignores unlabelled pixels; the same LARS, schedule, two feature
-sources (`--cached` keeps the frozen patch-token maps and the full-resolution label maps of the eval
-transforms) and guarantees. Training images and their masks take the same crop and flip (the
-`segment` recipe); evaluation is exact over every val pixel across ranks (a confusion matrix on the
-device, summed once). results.json gives `miou`, `pixel_acc` and `per_class_iou` (percent, by class
-name), and OUT/predictions.png shows a few val images with their labels and the predictions.
+Classification: the [CLS] token (or, `--pool avg`, the mean of the patch tokens) -> BatchNorm without
+affine -> Linear, trained with LARS. Segmentation (`--task segmentation`, DINOv2/iBOT's linear protocol,
+droppos.dense): the last N blocks' patch tokens -> BatchNorm + 1x1 conv, upsampled to the label map;
+mIoU exact over every val pixel across ranks. The head sees either the frozen encoder's features of
+augmented images every step, or (`--cached`) features extracted once with eval transforms and kept in
+OUT/features.pt, on which rank 0 trains the head alone (seconds on a CPU). Both resume exactly.
 """
 
 from __future__ import annotations

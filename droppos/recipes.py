@@ -14,6 +14,7 @@ the CLI answers --help and option errors at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -50,6 +51,8 @@ EXPORT_FORMATS = ("timm", "detectron2", "mmseg")
 PROBE_TASKS = ("classification", "segmentation")
 PROBE_OPTIMIZERS = ("lars", "adamw")
 SHARD_LAYOUTS = ("auto", "imagenet", "ade20k", "masks")
+
+SEED_MAX = 2**32 - 1  # seeds are combined with a step into one 64-bit seed (distributed.step_seed)
 
 # Help panels, in the order --help shows them.
 RECIPE, DATA, SAMPLE, IMAGES, VERIFY, MODELS_PANEL, ENCODER, MODEL, PRETEXT, DIAGNOSTICS, AUGMENT, OPTIM, LAUNCH, \
@@ -176,7 +179,8 @@ class LaunchOptions:
     node_rank: int = option(0, "This node's rank (0 hosts the rendezvous).", LAUNCH, low=0)
     rdzv_endpoint: str = option("", "HOST:PORT of the rendezvous, the same on every node.", LAUNCH,
                                 default_text="none (one node)")
-    seed: int = option(0, "Seed of the initialisation, the data order and every random draw.", LAUNCH, resume="run")
+    seed: int = option(0, "Seed of the initialisation, the data order and every random draw.", LAUNCH, resume="run",
+                       low=0, high=SEED_MAX)
 
 
 @dataclass
@@ -538,7 +542,8 @@ class ShardConfig:
     verify: bool = option(False, "Re-check the shards of the dataset given as the only argument.", VERIFY,
                           flag="--verify")
     decode: bool = option(False, "With --verify: also decode every image.", VERIFY, flag="--decode")
-    seed: int = option(0, "Seed of the global shuffle (the same seed and input give byte-identical shards).", OUTPUT)
+    seed: int = option(0, "Seed of the global shuffle (the same seed and input give byte-identical shards).", OUTPUT,
+                       low=0, high=SEED_MAX)
     workers: int = option(0, "Worker processes (0: all cores).", LAUNCH, low=0)
     max_side: int = option(0, "Downscale images whose longer side exceeds PX pixels (0: keep the size).", IMAGES,
                            low=0)
@@ -611,7 +616,7 @@ class EvalPosConfig:
                                low=0)
     probe_steps: int = option(100, "Position probe: L-BFGS iterations.", DIAGNOSTICS, low=1)
     seed: int = option(0, "Seed of masks, permutations, the probe and random models (same seed: same numbers).",
-                       LAUNCH)
+                       LAUNCH, low=0, high=SEED_MAX)
     device: str = option("auto", "Device (auto: cuda when available).", LAUNCH, choices=DEVICES)
     out: str = option("", "Report folder: report.json, report.html, PNG figures.", OUTPUT, default_text="required")
 
@@ -678,19 +683,29 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) >= 1e6 else f"{value:g}"
+
+
 def bounds_text(spec: Spec) -> str:
     """'x >= 1', '0 <= x < 1', ... (empty without bounds)."""
-    low = "" if spec.low is None else f"{spec.low:g} {'<' if spec.low_open else '<='} "
-    high = "" if spec.high is None else f" {'<' if spec.high_open else '<='} {spec.high:g}"
+    low = "" if spec.low is None else f"{_number(spec.low)} {'<' if spec.low_open else '<='} "
+    high = "" if spec.high is None else f" {'<' if spec.high_open else '<='} {_number(spec.high)}"
     if not low and not high:
         return ""
     if low and not high:
-        return f"x {'>' if spec.low_open else '>='} {spec.low:g}"
+        return f"x {'>' if spec.low_open else '>='} {_number(spec.low)}"
     return f"{low}x{high}"
 
 
+# What an integer option may hold when its declaration names no upper bound: what every consumer of it (tensor
+# shapes and indices, numpy, DataLoader counts) can hold. Seeds have their own bound (SEED_MAX).
+INT_MAX = 2**31 - 1
+
+
 def check(config: Any) -> None:
-    """Every option's type, choices and bounds, from the declarations (one line per mistake)."""
+    """Every option's type, choices and bounds, from the declarations (one line per mistake). Floats must be
+    finite (NaN passes every comparison) and integers within their bounds, or within +-INT_MAX."""
     for opt in options(type(config)):
         spec, found, flag = opt.spec, value(config, opt), flag_name(opt.name)
         if found is None:
@@ -703,13 +718,17 @@ def check(config: Any) -> None:
         if base in (int, float) and (isinstance(found, bool) or not isinstance(found, (int, float))
                                      or (base is int and not isinstance(found, int))):
             raise UserError(f"{flag} must be a number ({base.__name__}), got {found!r}")
+        if base is float and not math.isfinite(found):
+            raise UserError(f"{flag} {found!r}: must be a finite number")
+        if base is int and spec.high is None and abs(found) > INT_MAX:
+            raise UserError(f"{flag} {found}: out of range (at most {INT_MAX})")
         if spec.choices is not None and found not in spec.choices:
             raise UserError(f"{flag} {found!r}: choose one of {', '.join(spec.choices)}")
         if spec.low is not None or spec.high is not None:
             too_low = spec.low is not None and (found <= spec.low if spec.low_open else found < spec.low)
             too_high = spec.high is not None and (found >= spec.high if spec.high_open else found > spec.high)
             if too_low or too_high:
-                raise UserError(f"{flag} {found:g} is out of range: need {bounds_text(spec)}")
+                raise UserError(f"{flag} {_number(found)} is out of range: need {bounds_text(spec)}")
 
 
 def _base_type(annotation: Any) -> Any:

@@ -30,14 +30,15 @@ def config_record(config: "TrainingConfig", environment: "Environment", schedule
 
 def write_config(out: Path, record: dict[str, Any]) -> None:
     """Write OUT/config.json; an earlier record of other options moves into its `history`."""
-    from droppos.files import write_json_atomic
+    from droppos import UserError
+    from droppos.files import read_json_input, write_json_atomic
 
     path = Path(out) / CONFIG_NAME
     history: list = []
     if path.exists():
         try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            previous = read_json_input(path, "config.json", max_bytes=64 << 20)
+        except UserError:  # unreadable, damaged or planted: started anew (the checkpoint holds the run's record)
             previous = None
         if isinstance(previous, dict):
             history = list(previous.pop("history", []) or [])

@@ -31,7 +31,6 @@ reaches timm other than as the six architecture numbers. `hub_weights_file` read
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 import re
@@ -45,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from droppos import UserError
-from droppos.files import file_sha256
+from droppos.files import file_sha256, read_json_input, regular_file
 from droppos.distributed import WRAPPER_PREFIXES, strip_prefixes
 
 __all__ = [
@@ -121,10 +120,10 @@ class Weights:
 
 def file_kind(path: Path) -> str:
     """'safetensors', 'torch-zip' or 'torch-pickle' from the first bytes; anything else is refused."""
+    size = regular_file(path, "weights file").st_size  # a FIFO or a device is never opened
     try:
         with open(path, "rb") as handle:
             head = handle.read(10)
-        size = path.stat().st_size
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     # safetensors first: its 8-byte header length may begin with any byte (0x80, 'PK'); then '{"'.
@@ -227,6 +226,14 @@ def _drop_non_encoder(state: dict, dropped: Counter) -> dict:
     return kept
 
 
+def require_finite(state: dict, path: Union[str, Path]) -> None:
+    """Refuse weights holding NaN or inf (a diverged run, a damaged file): every number computed from them would be
+    meaningless, so no result is produced from them at all."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{path}: tensor {key} holds non-finite values (NaN or inf); refused")
+
+
 def _require_encoder(state: dict, path: Path, layout: str) -> None:
     needed = ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"]
     missing = [k for k in needed if k not in state]
@@ -264,6 +271,7 @@ def read_weights(path: Union[str, Path]) -> Weights:
         layout = "droppos-export"
     state = _drop_non_encoder(state, dropped)
     _require_encoder(state, path, layout)
+    require_finite(state, path)
     return Weights(state, layout, path, file_sha256(path), dropped, branch, arch)
 
 
@@ -314,6 +322,7 @@ def droppos_model_from(raw: dict, path: Path) -> nn.Module:
         raise UserError(f"{path}: config describes {(sides[0] // patch) * (sides[1] // patch)} patches, above the "
                         f"{DROPPOS_MAX_TOKENS} a DropPos model may have; refused")
     state = strip_prefixes(raw["model"], WRAPPER_PREFIXES)
+    require_finite(state, path)
     try:
         with torch.device("meta"):
             shell = create_from_config(config)
@@ -529,13 +538,7 @@ def read_sidecar(path: Union[str, Path]) -> dict:
     if not sidecar.exists():
         raise UserError(f"{path} has no {sidecar.name} beside it (it names the timm model); "
                         "re-export it with `droppos pretrain --export-only --out RUN`")
-    try:
-        size = sidecar.stat().st_size
-        if size > BOUNDS["sidecar_bytes"][1]:
-            raise UserError(f"{where} is {size} bytes: a sidecar is a few hundred bytes; refused")
-        meta = json.loads(sidecar.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {sidecar}: {err}") from None
+    meta = read_json_input(sidecar, "sidecar", max_bytes=BOUNDS["sidecar_bytes"][1])
     _known_keys(meta, _SIDECAR_KEYS, "the sidecar", where)
     if "model" not in meta or "model_args" not in meta:
         raise UserError(f"{where} does not name a timm model and its model_args; re-export the encoder")
@@ -546,10 +549,6 @@ def read_sidecar(path: Union[str, Path]) -> dict:
         clean["droppos"] = _check_droppos(meta["droppos"], where)
     check_shapes(clean["model_args"], safetensors_shapes(path), where)
     return clean
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number")
 
 
 # ---------------------------------------------------------------------------------------------

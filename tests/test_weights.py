@@ -368,10 +368,10 @@ def test_sidecar_file_itself_is_bounded(exported_encoder, tmp_path, monkeypatch)
     path.write_bytes(exported_encoder.read_bytes())
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: (_ for _ in ()).throw(CreateCalled()))
     text = exported_encoder.with_suffix(".json").read_text()
-    for content, message in ((text.replace('"mlp_ratio": 4.0', '"mlp_ratio": NaN'), "NaN is not a number"),
+    for content, message in ((text.replace('"mlp_ratio": 4.0', '"mlp_ratio": NaN'), "NaN is not a JSON number"),
                              (text[:-3] + " " * (1 << 20) + text[-3:], "refused"),
                              ("[1, 2]", "the sidecar must be an object"),
-                             ("{not json", "cannot read")):
+                             ("{not json", "is not valid JSON")):
         path.with_suffix(".json").write_text(content)
         with pytest.raises(UserError, match=message):
             load_encoder(encoder=path)

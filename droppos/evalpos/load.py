@@ -13,6 +13,7 @@ measurements never index by a data-dependent count.
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from droppos import UserError, checkpoint, recipes
 from droppos.environment import file_sha256
+from droppos.files import InputError, read_input
 
 __all__ = ["IMAGE_CROP_PCT", "INITS", "ImageSource", "Subject", "list_images", "load_subject", "load_subjects", "random_like"]
 
@@ -208,11 +210,12 @@ def _from_finetune(path: Path, saved: dict, source: str, name: str) -> Subject:
     weights its own. Nothing is read from the paths the fine-tuning took its encoder from."""
     import timm
 
-    from droppos.weights import check_architecture
+    from droppos.weights import check_architecture, require_finite
 
     encoder, state = saved.get("encoder"), saved["model"]
     if not isinstance(encoder, dict) or "head.weight" not in state:
         raise UserError(f"{path} is neither a pretrain nor a finetune checkpoint of droppos")
+    require_finite(state, path)
     model_name, model_args = check_architecture(encoder.get("model"), encoder.get("model_args") or {}, str(path))
     pool = recipes.option_values(saved.get("config")).get("pool", "avg")
     if pool not in POOLS:
@@ -422,12 +425,19 @@ def list_images(root: Path) -> list[Path]:
     return files
 
 
+IMAGE_MAX_BYTES = 512 << 20  # a 16-bit 8k x 8k TIFF is 400 MB; anything larger is not a photo to evaluate
+
+
 def _open_rgb(path: Path):
     """(RGB PIL image, None) or (None, why not): orientation applied, 16-bit and float scaled to 8 bits."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
+        data = read_input(path, "image", IMAGE_MAX_BYTES)
+    except InputError as err:
+        return None, err.reason
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
