@@ -3,6 +3,7 @@ readability of the shards, --verify, and one-line user errors from the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -406,6 +407,86 @@ def test_webdataset_reads_every_sample(sample_shards: Path) -> None:
             assert {"jpg", "cls", "lbl", "json"} <= sample.keys()
             assert struct.unpack("<i", sample["lbl"])[0] == int(sample["cls"])
             assert json.loads(sample["json"])["class"] == manifest["classes"][int(sample["cls"])]
+
+
+# --------------------------------------------------------------------------------------------
+# The tar + index format: one module (droppos.tarindex) for the writer, --verify and the loaders
+
+
+def _members(tar_bytes: bytes) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every member, as the standard library reads the tar."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+
+
+def test_tars_are_the_bytes_webdatasets_tarwriter_writes() -> None:
+    import webdataset as wds
+
+    sizes = (0, 1, 511, 512, 513, 5000)
+    samples = [(f"train_{i:09d}", {"jpg": bytes([i]) * size, "cls": str(i).encode(), "lbl": struct.pack("<i", i),
+                                   "seg.png": b"\x89PNG" * (i + 1)}) for i, size in enumerate(sizes)]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    indexed = tarindex.IndexedTarWriter(ours)
+    reference = wds.TarWriter(theirs, encoder=False, mtime=tarindex.TAR_MTIME, user=tarindex.TAR_OWNER,
+                              group=tarindex.TAR_OWNER, mode=tarindex.TAR_MODE)
+    for key, components in samples:
+        indexed.add(key, components)
+        reference.write({"__key__": key, **components})
+    indexed.close()
+    reference.close()
+    assert ours.getvalue() == theirs.getvalue()
+    assert (indexed.size, indexed.sha256) == (len(ours.getvalue()), hashlib.sha256(ours.getvalue()).hexdigest())
+    # The index written beside the tar parses back to the tar's real members, sample by sample.
+    parsed = tarindex.parse_index(indexed.index_bytes())
+    assert [(e.name, e.offset, e.size) for entries in parsed for e in entries] == _members(ours.getvalue())
+    assert [{e.name.partition(".")[0] for e in entries} for entries in parsed] == [{key} for key, _ in samples]
+    assert [[e.ext for e in entries] for entries in parsed] == [sorted(components) for _, components in samples]
+
+
+def test_the_loaders_read_the_index_the_writer_wrote(sample_shards: Path) -> None:
+    from droppos.data import plan
+
+    assert plan.index_sample is tarindex.index_sample  # no parser of its own
+    for entry in split_shards(sample_shards, "train"):
+        samples = tarindex.read_index(entry.index)
+        members = _members(entry.tar.read_bytes())
+        assert [(e.name, e.offset, e.size) for entries in samples for e in entries] == members
+        assert tarindex.format_index(samples) == entry.index.read_bytes()
+        assert tarindex.index_problem(entry.index, members) is None
+        assert tarindex.index_sample(entry.index, 2) == samples[2]
+    # A segment that starts mid-shard starts at the sample the index says.
+    entry = split_shards(sample_shards, "train")[1]
+    samples = tarindex.read_index(entry.index)
+    got = list(plan.read_segment(plan.Segment(str(entry.tar), str(entry.index), 3, 7)))
+    assert [s["__key__"] for s in got] == [entries[0].name.partition(".")[0] for entries in samples[3:7]]
+
+
+@pytest.mark.parametrize("text", [b"v1.1 1\njpg 512 3 a.jpg\n", b"v1.2 2\njpg 512 3 a.jpg\n", b"v1.2 1\njpg 512 a.jpg\n",
+                                  b"v1.2 1\njpg x 3 a.jpg\n", b"v1.2 1\n\n", b"v1.2 1\njpg 512 3 \xe9.jpg\n"])
+def test_a_malformed_index_is_refused(text: bytes) -> None:
+    with pytest.raises(tarindex.BadIndex):
+        tarindex.parse_index(text)
+
+
+def test_shard_and_verify_do_not_import_torch(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / "src" / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "train" / "a" / f"{i}.jpg").write_bytes(_noise_jpeg(seed=i))
+    code = f"""
+import sys
+from cli import main
+for argv in (["shard", {str(tmp_path / "src")!r}, {str(tmp_path / "out")!r}, "--workers", "2", "--shard-size", "2"],
+             ["shard", "--verify", {str(tmp_path / "out")!r}, "--decode"]):
+    try:
+        main(argv)
+    except SystemExit as stop:
+        assert not stop.code, stop.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "webdataset"))
+assert not heavy, heavy
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout and load_manifest(tmp_path / "out")["written"] == 3
 
 
 # --------------------------------------------------------------------------------------------
