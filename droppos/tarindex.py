@@ -69,9 +69,9 @@ class _HashingWriter:
 class IndexedTarWriter:
     """Samples into a tar stream on `file` (a binary file open for writing), with their index lines.
 
-    The tar is the one webdataset's TarWriter writes with `encoder=False, mtime=TAR_MTIME,
-    user=group=TAR_OWNER, mode=TAR_MODE` (a streamed tarfile in its default format), byte for
-    byte. `sha256` and `size` describe the bytes written so far; `close()` ends the tar (the file
+    The tar is, byte for byte, the one webdataset's TarWriter writes with `encoder=False,
+    mtime=TAR_MTIME, user=group=TAR_OWNER, mode=TAR_MODE` (a streamed tarfile in Python's default
+    PAX format: plain USTAR headers for our ASCII names), so datasets written before stay valid. `sha256` and `size` describe the bytes written so far; `close()` ends the tar (the file
     stays open: its owner flushes, syncs and closes it).
     """
 
