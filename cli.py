@@ -156,13 +156,13 @@ def stage_command(name: str, config_cls: type, summary: str, actions: Sequence[i
 @stage_command("shard", ShardConfig, "Write validated WebDataset shards (+ DALI indexes, manifest.json) from "
                "ImageNet-style data.")
 def shard(config: ShardConfig) -> None:
-    from tools import shard_imagenet
+    import droppos.shard
 
     positional = [p for p in (config.source, config.out) if p is not None]
     if config.verify:
         if len(positional) != 1:
             raise UserError("--verify takes exactly one argument: the dataset directory")
-        shard_imagenet.verify(Path(positional[0]), decode=config.decode)
+        droppos.shard.verify(Path(positional[0]), decode=config.decode)
         return
     if config.decode:
         raise UserError("--decode only applies with --verify")
@@ -173,7 +173,7 @@ def shard(config: ShardConfig) -> None:
             raise UserError("--sample and --list cannot be combined")
     elif len(positional) != 2:
         raise UserError("expected SOURCE and OUT (or --sample OUT, or --verify DIR)")
-    shard_imagenet.run(
+    droppos.shard.run(
         source=None if config.sample else Path(positional[0]),
         out=Path(positional[-1]),
         sample=config.sample,

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools import shard_imagenet
+from droppos import shard
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SIZE = (500, 375)
@@ -78,7 +78,7 @@ def time_run(source: Path, workers: int, max_side: int, shard_size: int) -> tupl
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             cpu, start = _cpu_seconds(), time.perf_counter()
-            shard_imagenet.run(source, out, workers=workers, max_side=max_side, shard_size=shard_size)
+            shard.run(source, out, workers=workers, max_side=max_side, shard_size=shard_size)
             return time.perf_counter() - start, _cpu_seconds() - cpu
     finally:
         shutil.rmtree(out, ignore_errors=True)

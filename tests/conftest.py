@@ -34,10 +34,10 @@ def sample_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sample_shards(sample_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`sample_source` sharded with small shards (train has 5 shards); returns the dataset directory."""
-    from tools import shard_imagenet
+    from droppos import shard
 
     out = tmp_path_factory.mktemp("sample-shards")
-    shard_imagenet.run(sample_source, out, seed=0, workers=1, shard_size=SAMPLE_SHARD_SIZE)
+    shard.run(sample_source, out, seed=0, workers=1, shard_size=SAMPLE_SHARD_SIZE)
     return out
 
 
@@ -72,14 +72,14 @@ def corrupt_jpeg(sample_shards: Path, tmp_path: Path) -> Callable[..., tuple[Pat
     """corrupt_jpeg(split, shard, sample) -> (a copy of `sample_shards` whose shard `shard` of `split` has JPEG
     `sample` overwritten with garbage, sizes kept so the tar and its index stay valid; that tar's name)."""
     from droppos.manifest import split_shards
+    from droppos.tarindex import index_sample
 
     def corrupt(split: str = "train", shard: int = 1, sample: int = 1) -> tuple[Path, str]:
         copy = tmp_path / "corrupt"
         shutil.copytree(sample_shards, copy)
         entry = split_shards(copy, split)[shard]
-        fields = entry.index.read_text().splitlines()[1 + sample].split()
-        at = fields.index("jpg")
-        offset, size = int(fields[at + 1]), int(fields[at + 2])
+        jpg = next(e for e in index_sample(entry.index, sample) if e.ext == "jpg")
+        offset, size = jpg.offset, jpg.size
         with open(entry.tar, "r+b") as f:
             f.seek(offset + 16)
             f.write(b"\x00\xffgarbage" * ((size - 32) // 9))

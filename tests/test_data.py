@@ -50,7 +50,7 @@ def _epoch(loader, epoch: int = 0, start_step: int = 0) -> list[tuple[torch.Tens
 @pytest.fixture(scope="module")
 def flat_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """61 train / 21 val flat-colour images (odd counts: uneven rank ranges), sharded by `droppos shard`."""
-    from tools import shard_imagenet
+    from droppos import shard
 
     root = tmp_path_factory.mktemp("flat-source")
     for split, count, base in (("train", 61, 0), ("val", 21, 100)):
@@ -60,7 +60,7 @@ def flat_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             size = (40 + sample_id % 17, 36 + sample_id % 11)
             Image.new("RGB", size, _id_colour(sample_id)).save(folder / f"{sample_id:04d}.jpg", quality=95)
     out = tmp_path_factory.mktemp("flat-shards")
-    shard_imagenet.run(root, out, seed=0, workers=1, shard_size=9)
+    shard.run(root, out, seed=0, workers=1, shard_size=9)
     return out
 
 
@@ -392,7 +392,7 @@ GRADIENT_SIDE = 128
 @pytest.fixture(scope="module")
 def gradient_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 train / 8 val copies of a 128x128 image whose red is linear in x and green linear in y."""
-    from tools import shard_imagenet
+    from droppos import shard
 
     ramp = np.linspace(0, 255, GRADIENT_SIDE)
     pixels = np.stack([np.tile(ramp, (GRADIENT_SIDE, 1)), np.tile(ramp[:, None], (1, GRADIENT_SIDE)),
@@ -404,7 +404,7 @@ def gradient_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=95)
     out = tmp_path_factory.mktemp("gradient-shards")
-    shard_imagenet.run(root, out, seed=0, workers=1, shard_size=16)
+    shard.run(root, out, seed=0, workers=1, shard_size=16)
     return out
 
 

@@ -18,13 +18,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from droppos import UserError, checkpoint, dense, labelmaps, sample_data
+from droppos import UserError, checkpoint, dense, labelmaps, sample_data, shard
 from droppos.data import IMAGENET_MEAN, IMAGENET_STD, build_loader, resolve_backend
 from droppos.labelmaps import ADE20K_CLASSES, IGNORE, MASK_COMPONENT
 from droppos.manifest import load_manifest, split_shards
 from inprocess import droppos, process
 from test_loop import metrics, wait_for_step
-from tools import shard_imagenet
 
 CPU = ["--device", "cpu", "--no-compile", "--loader", "pil", "--workers", "0"]
 TINY_TIMM = ["--timm-model", "vit_tiny_patch16_224", "--img-size", "32", "--depth", "2"]
@@ -74,7 +73,7 @@ def seg_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def seg_shards(seg_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("seg-shards")
-    shard_imagenet.run(seg_source, out, seed=0, workers=1, shard_size=16)
+    shard.run(seg_source, out, seed=0, workers=1, shard_size=16)
     return out
 
 
@@ -110,7 +109,7 @@ def test_sample_shards_serve_classification_and_segmentation(seg_source: Path, s
     assert manifest["kept_original_label_maps"] == manifest["written"]
     # The same folder sharded as classification data: the same samples, JPEGs, labels and keys.
     plain = tmp_path / "plain"
-    shard_imagenet.run(seg_source, plain, seed=0, workers=1, shard_size=16, layout="imagenet")
+    shard.run(seg_source, plain, seed=0, workers=1, shard_size=16, layout="imagenet")
     assert "task" not in load_manifest(plain)
     with_masks, without = _samples(seg_shards), _samples(plain)
     assert with_masks.keys() == without.keys()
@@ -118,7 +117,7 @@ def test_sample_shards_serve_classification_and_segmentation(seg_source: Path, s
         assert {k: parts[k] for k in ("jpg", "cls", "lbl")} == {k: without[key][k] for k in ("jpg", "cls", "lbl")}
         meta = json.loads(parts["json"])
         assert (seg_source / meta["mask"]).read_bytes() == parts[MASK_COMPONENT]  # the source PNG, byte for byte
-    counts = shard_imagenet.verify(seg_shards, decode=True)
+    counts = shard.verify(seg_shards, decode=True)
     assert counts == {"train": 4 * SEG_TRAIN, "val": 4 * SEG_VAL}
 
 
@@ -192,7 +191,7 @@ ADE_SKIPPED = {
 @pytest.fixture(scope="module")
 def ade_shards(ade_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ade-shards")
-    shard_imagenet.run(ade_source, out, seed=0, workers=1, shard_size=4)
+    shard.run(ade_source, out, seed=0, workers=1, shard_size=4)
     return out
 
 
@@ -253,7 +252,7 @@ def test_generic_layout_with_16_bit_labels_a_palette_and_an_ignore_index(tmp_pat
         Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(src / "images" / "train" / f"{name}.png")
         (src / "masks" / "train" / f"{name}.png").write_bytes(mask)
     out = tmp_path / "out"
-    manifest = shard_imagenet.run(src, out, workers=1, ignore_index=0)
+    manifest = shard.run(src, out, workers=1, ignore_index=0)
     assert manifest["segmentation"]["ignore_index"] == 0 and not manifest["segmentation"]["reduce_zero_label"]
     assert len(manifest["segmentation"]["classes"]) == 301 and manifest["options"]["mode"] == "masks"
     assert _skipped(out) == {"images/train/over.png": "label map masks/train/over.png: labels out of range: 301 "
@@ -272,14 +271,14 @@ def test_segmentation_layout_mistakes_are_one_line(tmp_path: Path, seg_source: P
         (no_list / rel).mkdir(parents=True)
     (no_list / "images" / "train" / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
     with pytest.raises(UserError, match="no classes.txt"):
-        shard_imagenet.run(no_list, tmp_path / "o1", workers=1)
+        shard.run(no_list, tmp_path / "o1", workers=1)
     with pytest.raises(UserError, match="not ADE20K's layout"):
-        shard_imagenet.run(no_list, tmp_path / "o2", workers=1, layout="ade20k")
+        shard.run(no_list, tmp_path / "o2", workers=1, layout="ade20k")
     (no_list / "classes.txt").write_text("a\n\nb\n")
     with pytest.raises(UserError, match=r"classes.txt:2: a blank class name"):
-        shard_imagenet.run(no_list, tmp_path / "o3", workers=1)
+        shard.run(no_list, tmp_path / "o3", workers=1)
     with pytest.raises(UserError, match="must not lie inside"):
-        shard_imagenet.run(seg_source, seg_source / "masks" / "train" / "out", workers=1)
+        shard.run(seg_source, seg_source / "masks" / "train" / "out", workers=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +305,7 @@ def block_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
     out = tmp_path_factory.mktemp("block-shards")
-    shard_imagenet.run(src, out, workers=1, shard_size=5)
+    shard.run(src, out, workers=1, shard_size=5)
     return out
 
 

@@ -27,11 +27,12 @@ import torch
 from faultlib import Fault
 from PIL import Image, features
 
-from droppos import UserError
-from droppos.files import LOCK_NAME, OutputLock
+from droppos import UserError, shard
+from droppos.files import LOCK_NAME, OutputLock, file_sha256
 from droppos.manifest import load_manifest, split_shards
-from tools import shard_imagenet
-from tools.shard_imagenet import SkipImage, convert_image
+from droppos.shard import convert
+from droppos.shard.convert import convert_image
+from droppos.shard.inputs import SkipImage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 4
@@ -74,7 +75,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dataset(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`source` sharded without faults: the reference every faulty run is compared with."""
     out = tmp_path_factory.mktemp("faults-dataset") / "data"
-    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)
+    shard.run(source, out, workers=1, shard_size=SHARD_SIZE)
     return out
 
 
@@ -190,7 +191,7 @@ def test_paths_outside_the_dataset_are_refused_by_loaders_and_verify(dataset: Pa
     with pytest.raises(UserError, match=message):
         split_shards(data_dir, "train")
     with pytest.raises(UserError, match=message):
-        shard_imagenet.verify(data_dir, decode=True)
+        shard.verify(data_dir, decode=True)
     with pytest.raises(UserError, match=message):
         build_loader(data_dir, "train", "eval", batch_size=2, img_size=16, backend="pil", workers=0)
     split_shards(data_dir, "val")  # the other split is untouched and still loads
@@ -208,7 +209,7 @@ def test_a_symlink_that_stays_inside_is_accepted(dataset: Path, tmp_path: Path) 
     (data_dir / "train-000000.tar").rename(data_dir / "real.tar")
     (data_dir / "train-000000.tar").symlink_to("real.tar")
     assert split_shards(data_dir, "train")[0].tar == (data_dir / "real.tar").resolve()
-    shard_imagenet.verify(data_dir)
+    shard.verify(data_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,16 +242,16 @@ def test_swapped_label_offsets_are_refused(dataset: Path, source: Path, tmp_path
         split_shards(data_dir, "train")
 
     # An index edited together with its hash: loaders cannot tell, --verify --decode can.
-    new_hash = shard_imagenet.file_sha256(index)
+    new_hash = file_sha256(index)
     _edit_manifest(data_dir, lambda m: m["splits"]["train"]["shards"][1].__setitem__("index_sha256", new_hash))
     split_shards(data_dir, "train")
     with pytest.raises(UserError, match=rf"train-000001.idx: line {first_line}: lbl entry .* but the tar holds "
                                         r"train_\d+\.lbl \(4 bytes\) there"):
-        shard_imagenet.verify(data_dir, decode=True)
+        shard.verify(data_dir, decode=True)
 
     # The same shard command rewrites that shard (its index) and nothing else.
     capsys.readouterr()
-    shard_imagenet.run(source, data_dir, workers=1, shard_size=SHARD_SIZE)
+    shard.run(source, data_dir, workers=1, shard_size=SHARD_SIZE)
     assert "rewriting train-000001: train-000001.idx's sha256 differs" in capsys.readouterr().err
     assert _shard_bytes(data_dir) == _shard_bytes(dataset)
     assert load_manifest(data_dir)["splits"] == load_manifest(dataset)["splits"]
@@ -260,7 +261,7 @@ def test_verify_reports_a_bad_index_in_one_line(dataset: Path, tmp_path: Path) -
     data_dir = _copy(dataset, tmp_path)
     index = data_dir / "val-000000.idx"
     index.write_text(index.read_text().replace(" 4 ", " 5 ", 1))  # one size off
-    new_hash = shard_imagenet.file_sha256(index)
+    new_hash = file_sha256(index)
     _edit_manifest(data_dir, lambda m: m["splits"]["val"]["shards"][0].__setitem__("index_sha256", new_hash))
     line = _one_line_error(_cli("shard", "--verify", str(data_dir)))
     assert "val-000000.idx: line 2:" in line and "the index is corrupt or modified" in line
@@ -285,15 +286,15 @@ def test_an_older_manifest_is_upgraded_in_place(dataset: Path, source: Path, tmp
     capsys.readouterr()
     assert len(split_shards(data_dir, "train")) == 3  # still loads, with a warning
     assert "records no index sha256" in capsys.readouterr().err
-    shard_imagenet.verify(data_dir)  # --verify checks those indexes entry by entry all the same
+    shard.verify(data_dir)  # --verify checks those indexes entry by entry all the same
     # An index modified while no hash was recorded is caught when the tar is re-read.
     _swap_label_offsets(data_dir / "train-000002.idx", data_dir / "train-000002.tar")
     with pytest.raises(UserError, match="train-000002.idx: line"):
-        shard_imagenet.verify(data_dir)
+        shard.verify(data_dir)
     stamps = {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir() if p.suffix in (".tar", ".idx")}
 
     capsys.readouterr()
-    shard_imagenet.run(source, data_dir, workers=1, shard_size=SHARD_SIZE)
+    shard.run(source, data_dir, workers=1, shard_size=SHARD_SIZE)
     assert "rewriting train-000002: train-000002.idx: line" in capsys.readouterr().err
     assert load_manifest(data_dir) == load_manifest(dataset)  # index_sha256 recorded for every shard
     assert _shard_bytes(data_dir) == _shard_bytes(dataset)
@@ -312,7 +313,7 @@ def test_a_second_shard_on_the_same_out_exits_2_naming_the_holder(source: Path, 
         assert f"in use by `droppos shard` (pid {os.getpid()} on {socket.gethostname()}" in line
         assert not (out / "manifest.json").exists()
         # --verify only reads: it does not take the lock.
-    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)
+    shard.run(source, out, workers=1, shard_size=SHARD_SIZE)
     with OutputLock(out, "shard"):
         assert _cli("shard", "--verify", str(out)).returncode == 0
 
@@ -324,7 +325,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(source: Path, dataset: Path
     out.mkdir()
     record = {"command": "shard", "pid": int(dead.stdout), "host": socket.gethostname(), "since": "2026-01-01T00:00:00"}
     (out / LOCK_NAME).write_text(json.dumps(record) + "\n")
-    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)
+    shard.run(source, out, workers=1, shard_size=SHARD_SIZE)
     assert "taking over the lock" in capsys.readouterr().err
     assert _shard_bytes(out) == _shard_bytes(dataset)
 
@@ -404,7 +405,7 @@ def test_a_folder_without_permissions_is_one_skipped_entry(tmp_path: Path) -> No
     closed = root / "train" / "c"
     closed.chmod(0)
     try:
-        manifest = shard_imagenet.run(root, tmp_path / "out", workers=1, shard_size=SHARD_SIZE)
+        manifest = shard.run(root, tmp_path / "out", workers=1, shard_size=SHARD_SIZE)
     finally:
         closed.chmod(0o755)
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
@@ -414,14 +415,14 @@ def test_a_folder_without_permissions_is_one_skipped_entry(tmp_path: Path) -> No
 
 def test_a_source_that_cannot_be_listed_is_one_line(source: Path, tmp_path: Path) -> None:
     with faultlib.inject(Fault("list", source)), pytest.raises(UserError, match="cannot be listed: Permission denied"):
-        shard_imagenet.run(source, tmp_path / "out", workers=1)
+        shard.run(source, tmp_path / "out", workers=1)
 
 
 def test_out_inside_source_through_a_symlink_is_refused(source: Path, tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(source / "train")
     with pytest.raises(UserError, match=r"must not be SOURCE or lie inside its train/ or val/ folder"):
-        shard_imagenet.run(source, link / "out", workers=1)
+        shard.run(source, link / "out", workers=1)
     assert not (source / "train" / "out").exists()  # refused before anything was created
 
 
@@ -435,7 +436,7 @@ def test_list_entries_resolving_outside_source_are_not_read(source: Path, tmp_pa
     listing = tmp_path / "train.txt"
     listing.write_text("a/0.jpg 0\na/escape.jpg 0\na/fifo.jpg 0\nb/0.jpg 1\n")
     with faultlib.inject(Fault("read", secret)):  # reading it would be refused loudly, not skipped
-        manifest = shard_imagenet.run(root, tmp_path / "out", lists={"train": listing}, workers=1)
+        manifest = shard.run(root, tmp_path / "out", lists={"train": listing}, workers=1)
     skipped = {json.loads(line)["path"]: json.loads(line)["reason"]
                for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()}
     assert skipped == {"a/escape.jpg": "resolves outside SOURCE (through a symlink): not read",
@@ -490,7 +491,7 @@ def test_a_full_disk_stops_cleanly_and_a_rerun_finishes_byte_identical(
     reference = _shard_bytes(dataset)
     assert {name: data for name, data in _shard_bytes(out).items()} == {n: reference[n] for n in _shard_bytes(out)}
 
-    shard_imagenet.run(source, out, workers=1, shard_size=SHARD_SIZE)  # with space again
+    shard.run(source, out, workers=1, shard_size=SHARD_SIZE)  # with space again
     assert _shard_bytes(out) == reference
     assert load_manifest(out)["splits"] == load_manifest(dataset)["splits"]
 
@@ -501,7 +502,7 @@ def test_a_full_disk_in_a_worker_pool_stops_cleanly(source: Path, dataset: Path,
     line = _one_line_error(_cli("shard", str(source), str(out), "--workers", "2", "--shard-size", "4", env=env))
     assert "No space left on device" in line and str(out) in line
     assert _temporaries(out) == []
-    shard_imagenet.run(source, out, workers=2, shard_size=SHARD_SIZE)
+    shard.run(source, out, workers=2, shard_size=SHARD_SIZE)
     assert _shard_bytes(out) == _shard_bytes(dataset)
 
 
@@ -584,7 +585,7 @@ def test_a_missing_codec_is_named_whatever_this_build_has(codec: str, monkeypatc
         from PIL import WebPImagePlugin
 
         monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)
-        monkeypatch.setattr(shard_imagenet.features, "check", lambda feature: feature != "webp")
+        monkeypatch.setattr(convert.features, "check", lambda feature: feature != "webp")
     else:
         monkeypatch.delattr(Image.core, "libtiff_decoder", raising=False)
     with pytest.raises(SkipImage, match=rf"^needs the {name} codec"):
@@ -614,5 +615,5 @@ def test_a_huge_jpeg_is_admitted_by_max_side_else_skipped_naming_it(tmp_path: Pa
 
     root = _make_source(tmp_path / "src")
     _write(root / "train" / "a" / "huge.jpg", data)
-    shard_imagenet.run(root, tmp_path / "out", workers=1, max_side=240, max_pixels=limit)
+    shard.run(root, tmp_path / "out", workers=1, max_side=240, max_pixels=limit)
     assert (tmp_path / "out" / "skipped.jsonl").read_text() == ""  # admitted, not skipped

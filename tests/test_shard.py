@@ -3,6 +3,7 @@ readability of the shards, --verify, and one-line user errors from the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from droppos import UserError
+from droppos import UserError, shard, tarindex
 from droppos.manifest import FORMAT, load_manifest, split_shards
-from tools import shard_imagenet
-from tools.shard_imagenet import SkipImage, convert_image
+from droppos.shard import convert, verifier, writer
+from droppos.shard.convert import convert_image
+from droppos.shard.inputs import SkipImage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +87,7 @@ def _decoded(data: bytes) -> Image.Image:
 def _assert_rgb_baseline_jpeg(data: bytes) -> Image.Image:
     im = _decoded(data)
     assert (im.format, im.mode) == ("JPEG", "RGB")
-    assert shard_imagenet._jpeg_frame_marker(data) == 0xC0
+    assert convert._jpeg_frame_marker(data) == 0xC0
     assert not im.info.get("progressive")
     assert im.getexif().get(0x0112, 1) == 1
     return im
@@ -193,7 +195,7 @@ MIXED_MAX_PIXELS = 300 * 300
 @pytest.fixture(scope="module")
 def mixed_shards(mixed_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mixed-shards")
-    shard_imagenet.run(mixed_source, out, seed=3, shard_size=4, max_pixels=MIXED_MAX_PIXELS)
+    shard.run(mixed_source, out, seed=3, shard_size=4, max_pixels=MIXED_MAX_PIXELS)
     return out
 
 
@@ -221,7 +223,7 @@ def test_samples_have_the_contract_components(mixed_shards: Path, mixed_source: 
         for entry in split_shards(mixed_shards, split, manifest):
             with tarfile.open(entry.tar) as tar:
                 members = tar.getmembers()
-                assert {m.mtime for m in members} == {shard_imagenet.TAR_MTIME}
+                assert {m.mtime for m in members} == {tarindex.TAR_MTIME}
                 contents = {m.name: tar.extractfile(m).read() for m in members}
             keys = sorted({name.split(".", 1)[0] for name in contents})
             assert len(keys) == entry.num_samples
@@ -239,7 +241,7 @@ def test_samples_have_the_contract_components(mixed_shards: Path, mixed_source: 
 
 
 def test_tally_is_printed(mixed_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    shard_imagenet.run(mixed_source, tmp_path / "out", shard_size=100, max_pixels=MIXED_MAX_PIXELS)
+    shard.run(mixed_source, tmp_path / "out", shard_size=100, max_pixels=MIXED_MAX_PIXELS)
     out = capsys.readouterr().out
     found = sum(1 for p in mixed_source.rglob("*") if p.is_file())
     assert f"total: found {found}, written {found - len(MIXED_SKIPPED)}, skipped {len(MIXED_SKIPPED)}" in out
@@ -248,8 +250,8 @@ def test_tally_is_printed(mixed_source: Path, tmp_path: Path, capsys: pytest.Cap
 def test_plain_progress_lines_when_not_a_terminal(
     mixed_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shard_imagenet, "LOG_EVERY_S", 0.0)
-    shard_imagenet.run(mixed_source, tmp_path / "out", shard_size=100, max_pixels=MIXED_MAX_PIXELS)
+    monkeypatch.setattr(writer, "LOG_EVERY_S", 0.0)
+    shard.run(mixed_source, tmp_path / "out", shard_size=100, max_pixels=MIXED_MAX_PIXELS)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("shard: ")]
     assert lines and "images/s" in lines[-1]
 
@@ -264,11 +266,11 @@ def _shard_bytes(data_dir: Path) -> dict[str, bytes]:
 
 def test_same_input_and_options_give_byte_identical_shards(sample_source: Path, sample_shards: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    shard_imagenet.run(sample_source, again, seed=0, workers=2, shard_size=24)  # parallel == serial
+    shard.run(sample_source, again, seed=0, workers=2, shard_size=24)  # parallel == serial
     assert _shard_bytes(again) == _shard_bytes(sample_shards)
     assert load_manifest(again)["splits"] == load_manifest(sample_shards)["splits"]
     reseeded = tmp_path / "reseeded"
-    shard_imagenet.run(sample_source, reseeded, seed=1, workers=1, shard_size=24)
+    shard.run(sample_source, reseeded, seed=1, workers=1, shard_size=24)
     assert _shard_bytes(reseeded)["train-000000.tar"] != _shard_bytes(sample_shards)["train-000000.tar"]
 
 
@@ -281,7 +283,7 @@ def test_shards_are_globally_shuffled(sample_shards: Path) -> None:
 
 def _interrupt_the_third_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make the third shard commit raise KeyboardInterrupt; returns the names of the shards committed before it."""
-    real_commit = shard_imagenet._ShardWriter.commit
+    real_commit = writer.ShardWriter.commit
     commits: list[str] = []
 
     def crash_on_third_commit(self):
@@ -290,7 +292,7 @@ def _interrupt_the_third_commit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         commits.append(self.name)
         return real_commit(self)
 
-    monkeypatch.setattr(shard_imagenet._ShardWriter, "commit", crash_on_third_commit)
+    monkeypatch.setattr(writer.ShardWriter, "commit", crash_on_third_commit)
     return commits
 
 
@@ -300,7 +302,7 @@ def test_resume_after_an_interrupted_run(
     out = tmp_path / "out"
     commits = _interrupt_the_third_commit(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        shard_imagenet.run(sample_source, out, seed=0, workers=1, shard_size=24)
+        shard.run(sample_source, out, seed=0, workers=1, shard_size=24)
     monkeypatch.undo()
     assert not (out / "manifest.json").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
@@ -310,14 +312,14 @@ def test_resume_after_an_interrupted_run(
     damaged = out / "train-000001.tar"
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
 
-    shard_imagenet.run(sample_source, out, seed=0, workers=1, shard_size=24)
+    shard.run(sample_source, out, seed=0, workers=1, shard_size=24)
     assert _shard_bytes(out) == _shard_bytes(sample_shards)
     assert (out / "train-000000.tar").stat().st_mtime_ns == before["train-000000"]  # not rewritten
     assert load_manifest(out)["splits"] == load_manifest(sample_shards)["splits"]
 
     # A run on a finished directory verifies and rewrites nothing.
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    shard_imagenet.run(sample_source, out, seed=0, workers=1, shard_size=24)
+    shard.run(sample_source, out, seed=0, workers=1, shard_size=24)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamps
 
 
@@ -325,7 +327,7 @@ def test_other_options_on_an_existing_dataset_are_refused(sample_source: Path, s
     out = tmp_path / "copy"
     shutil.copytree(sample_shards, out)
     with pytest.raises(UserError, match="other input or options"):
-        shard_imagenet.run(sample_source, out, seed=5, shard_size=24)
+        shard.run(sample_source, out, seed=5, shard_size=24)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,11 +410,91 @@ def test_webdataset_reads_every_sample(sample_shards: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The tar + index format: one module (droppos.tarindex) for the writer, --verify and the loaders
+
+
+def _members(tar_bytes: bytes) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every member, as the standard library reads the tar."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+
+
+def test_tars_are_the_bytes_webdatasets_tarwriter_writes() -> None:
+    import webdataset as wds
+
+    sizes = (0, 1, 511, 512, 513, 5000)
+    samples = [(f"train_{i:09d}", {"jpg": bytes([i]) * size, "cls": str(i).encode(), "lbl": struct.pack("<i", i),
+                                   "seg.png": b"\x89PNG" * (i + 1)}) for i, size in enumerate(sizes)]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    indexed = tarindex.IndexedTarWriter(ours)
+    reference = wds.TarWriter(theirs, encoder=False, mtime=tarindex.TAR_MTIME, user=tarindex.TAR_OWNER,
+                              group=tarindex.TAR_OWNER, mode=tarindex.TAR_MODE)
+    for key, components in samples:
+        indexed.add(key, components)
+        reference.write({"__key__": key, **components})
+    indexed.close()
+    reference.close()
+    assert ours.getvalue() == theirs.getvalue()
+    assert (indexed.size, indexed.sha256) == (len(ours.getvalue()), hashlib.sha256(ours.getvalue()).hexdigest())
+    # The index written beside the tar parses back to the tar's real members, sample by sample.
+    parsed = tarindex.parse_index(indexed.index_bytes())
+    assert [(e.name, e.offset, e.size) for entries in parsed for e in entries] == _members(ours.getvalue())
+    assert [{e.name.partition(".")[0] for e in entries} for entries in parsed] == [{key} for key, _ in samples]
+    assert [[e.ext for e in entries] for entries in parsed] == [sorted(components) for _, components in samples]
+
+
+def test_the_loaders_read_the_index_the_writer_wrote(sample_shards: Path) -> None:
+    from droppos.data import plan
+
+    assert plan.index_sample is tarindex.index_sample  # no parser of its own
+    for entry in split_shards(sample_shards, "train"):
+        samples = tarindex.read_index(entry.index)
+        members = _members(entry.tar.read_bytes())
+        assert [(e.name, e.offset, e.size) for entries in samples for e in entries] == members
+        assert tarindex.format_index(samples) == entry.index.read_bytes()
+        assert tarindex.index_problem(entry.index, members) is None
+        assert tarindex.index_sample(entry.index, 2) == samples[2]
+    # A segment that starts mid-shard starts at the sample the index says.
+    entry = split_shards(sample_shards, "train")[1]
+    samples = tarindex.read_index(entry.index)
+    got = list(plan.read_segment(plan.Segment(str(entry.tar), str(entry.index), 3, 7)))
+    assert [s["__key__"] for s in got] == [entries[0].name.partition(".")[0] for entries in samples[3:7]]
+
+
+@pytest.mark.parametrize("text", [b"v1.1 1\njpg 512 3 a.jpg\n", b"v1.2 2\njpg 512 3 a.jpg\n", b"v1.2 1\njpg 512 a.jpg\n",
+                                  b"v1.2 1\njpg x 3 a.jpg\n", b"v1.2 1\n\n", b"v1.2 1\njpg 512 3 \xe9.jpg\n"])
+def test_a_malformed_index_is_refused(text: bytes) -> None:
+    with pytest.raises(tarindex.BadIndex):
+        tarindex.parse_index(text)
+
+
+def test_shard_and_verify_do_not_import_torch(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / "src" / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "train" / "a" / f"{i}.jpg").write_bytes(_noise_jpeg(seed=i))
+    code = f"""
+import sys
+from cli import main
+for argv in (["shard", {str(tmp_path / "src")!r}, {str(tmp_path / "out")!r}, "--workers", "2", "--shard-size", "2"],
+             ["shard", "--verify", {str(tmp_path / "out")!r}, "--decode"]):
+    try:
+        main(argv)
+    except SystemExit as stop:
+        assert not stop.code, stop.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "webdataset"))
+assert not heavy, heavy
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout and load_manifest(tmp_path / "out")["written"] == 3
+
+
+# --------------------------------------------------------------------------------------------
 # --verify
 
 
 def test_verify_passes_on_a_good_dataset(sample_shards: Path, capsys: pytest.CaptureFixture) -> None:
-    counts = shard_imagenet.verify(sample_shards, decode=True)
+    counts = shard.verify(sample_shards, decode=True)
     assert counts == {"train": 120, "val": 40}
     assert "verified" in capsys.readouterr().out
 
@@ -425,7 +507,7 @@ def test_verify_catches_one_flipped_byte(sample_shards: Path, tmp_path: Path) ->
     data[len(data) // 3] ^= 0x01
     tar.write_bytes(bytes(data))
     with pytest.raises(UserError, match="train-000002.tar: sha256"):
-        shard_imagenet.verify(data_dir)
+        shard.verify(data_dir)
 
 
 def test_verify_catches_a_wrong_count_and_a_missing_shard(sample_shards: Path, tmp_path: Path) -> None:
@@ -435,10 +517,10 @@ def test_verify_catches_a_wrong_count_and_a_missing_shard(sample_shards: Path, t
     manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="samples"):
-        shard_imagenet.verify(data_dir)
+        shard.verify(data_dir)
     (data_dir / "train-000003.tar").unlink()
     with pytest.raises(UserError, match="train-000003.tar .*missing"):
-        shard_imagenet.verify(data_dir)
+        shard.verify(data_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +539,8 @@ def test_list_mode_keeps_the_given_indices(mixed_source: Path, tmp_path: Path) -
     val_list = tmp_path / "val.txt"
     val_list.write_text("../val/b/ok.JPEG 2\n")
     with pytest.raises(UserError, match=r"val.txt:1: .*relative"):
-        shard_imagenet.run(mixed_source / "train", tmp_path / "out", lists={"train": train_list, "val": val_list})
-    manifest = shard_imagenet.run(mixed_source / "train", tmp_path / "out", lists={"train": train_list})
+        shard.run(mixed_source / "train", tmp_path / "out", lists={"train": train_list, "val": val_list})
+    manifest = shard.run(mixed_source / "train", tmp_path / "out", lists={"train": train_list})
     assert len(manifest["classes"]) == 8 and manifest["classes"][7] == "a" and manifest["classes"][2] == "b"
     assert manifest["classes"][0] == "0"
     assert (manifest["written"], manifest["skipped"]) == (3, 1)
@@ -475,7 +557,7 @@ def test_bad_list_lines_name_file_and_line(mixed_source: Path, tmp_path: Path, l
     list_file = tmp_path / "list.txt"
     list_file.write_text(f"a/baseline_rgb.JPEG 0\n{line}\n")
     with pytest.raises(UserError, match=f"list.txt:2: .*{message}"):
-        shard_imagenet.run(mixed_source / "train", tmp_path / "out", lists={"train": list_file})
+        shard.run(mixed_source / "train", tmp_path / "out", lists={"train": list_file})
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,35 +648,35 @@ def test_segmentation_shards_resume_byte_identical_and_refuse_a_classification_t
     seg_sample_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = tmp_path / "reference"
-    shard_imagenet.run(seg_sample_source, reference, seed=0, workers=2, shard_size=5)
+    shard.run(seg_sample_source, reference, seed=0, workers=2, shard_size=5)
     out = tmp_path / "out"
     _interrupt_the_third_commit(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=5)
+        shard.run(seg_sample_source, out, seed=0, workers=1, shard_size=5)
     monkeypatch.undo()
-    shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=5)
+    shard.run(seg_sample_source, out, seed=0, workers=1, shard_size=5)
     assert _shard_bytes(out) == _shard_bytes(reference)  # parallel == serial == resumed
     with pytest.raises(UserError, match="other input or options"):  # the same folder as classification data
-        shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=5, layout="imagenet")
+        shard.run(seg_sample_source, out, seed=0, workers=1, shard_size=5, layout="imagenet")
 
 
 def test_verify_decode_checks_label_maps(seg_sample_source: Path, tmp_path: Path) -> None:
     from droppos.labelmaps import SegSpec, encode_label_map
 
     out = tmp_path / "out"
-    shard_imagenet.run(seg_sample_source, out, seed=0, workers=1, shard_size=100)
-    shard_imagenet.verify(out, decode=True)
+    shard.run(seg_sample_source, out, seed=0, workers=1, shard_size=100)
+    shard.verify(out, decode=True)
     entry = split_shards(out, "val")[0]
     with tarfile.open(entry.tar) as tar:
         sample = {m.name.partition(".")[2]: tar.extractfile(m).read() for m in tar.getmembers()
                   if m.name.startswith("val_000000000.")}
     spec = SegSpec(("sky", "ground", "a", "b", "c"))
-    shard_imagenet._verify_sample("val-000000.tar", "val_000000000", sample, spec)
+    verifier._verify_sample("val-000000.tar", "val_000000000", sample, spec)
     width, height = Image.open(io.BytesIO(sample["jpg"])).size
     for labels, message in ((np.zeros((height, width + 1), np.uint8), "label map"),
                             (np.full((height, width), 9, np.uint8), "not classes")):
         with pytest.raises(UserError, match=message):
-            shard_imagenet._verify_sample("val-000000.tar", "val_000000000", {**sample, "seg.png": encode_label_map(labels)},
+            verifier._verify_sample("val-000000.tar", "val_000000000", {**sample, "seg.png": encode_label_map(labels)},
                                           spec)
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
@@ -602,4 +684,4 @@ def test_verify_decode_checks_label_maps(seg_sample_source: Path, tmp_path: Path
     del manifest["segmentation"]["classes"]
     (damaged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="segmentation classes"):
-        shard_imagenet.verify(damaged)
+        shard.verify(damaged)

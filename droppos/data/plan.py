@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from droppos.labelmaps import MASK_COMPONENT
+from droppos.tarindex import index_sample, sample_start
 
 PAD_LABEL = -1
 COMPONENTS = ("jpg", "lbl")  # what each sample is read as; `droppos shard` writes both
@@ -211,12 +212,7 @@ def read_segment(segment: Segment, components: Sequence[str] = COMPONENTS) -> It
     """Samples of one segment, streamed from the tar with webdataset from the first one's header."""
     from droppos import fastpaths
 
-    with open(segment.index, "r", encoding="ascii") as f:
-        f.readline()  # "v1.2 <count>"
-        for _ in range(segment.start):
-            f.readline()
-        fields = f.readline().split()
-    header = min(int(fields[i]) for i in range(1, len(fields), 4)) - 512
+    header = sample_start(index_sample(segment.index, segment.start))
     remaining = segment.stop - segment.start
     suffixes = tuple(f".{c}" for c in components)
     with open(segment.tar, "rb") as stream:
