@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -196,8 +197,9 @@ def _parse_lists(values: Sequence[str]) -> dict:
         split, sep, path = value.partition("=")
         if not sep:
             split, path = "train", value
-        if not split.isidentifier() or not path:
-            raise UserError(f"--list {value!r}: expected FILE or SPLIT=FILE")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,31}", split) or not path:
+            raise UserError(f"--list {value!r}: expected FILE or SPLIT=FILE (SPLIT: up to 32 ASCII letters, digits "
+                            "and underscores: it names the shard files)")
         if split in lists:
             raise UserError(f"--list given twice for split {split!r}")
         lists[split] = Path(path)

@@ -148,7 +148,7 @@ class FinetuneStage(loop.Stage):
         return [self.loader, self.val_loader]
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
-        return self.loader.epoch(epoch, start_step=start_batch)
+        return self.loader.epoch(epoch, start_batch=start_batch)
 
     def step(self, step: int, micro: list[Any], window: loop.MetricWindow) -> None:
         seed_step(self.seed, self.info.rank, step)

@@ -151,7 +151,7 @@ class PretrainStage(loop.Stage):
         return [self.loader]
 
     def batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
-        return self.loader.epoch(epoch, start_step=start_batch)
+        return self.loader.epoch(epoch, start_batch=start_batch)
 
     def sigma_at(self, step: int) -> float:
         return sigma_at_step(step, self.schedule.total_steps, self.pretext.sigma, self.pretext.sigma_decay)

@@ -189,8 +189,8 @@ class EncoderSource:
         self.device, self.precision = device, precision
         self.steps_per_epoch = train_loader.steps_per_epoch
 
-    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        batches = self.train_loader.epoch(epoch, start_step=start_step)
+    def train_epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        batches = self.train_loader.epoch(epoch, start_batch=start_batch)
         try:
             for images, *targets in batches:
                 yield _features(self.frozen, images, self.device, self.precision), *targets
@@ -212,11 +212,11 @@ class CachedSource:
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = len(self.train[0]) // batch_size  # full batches: BatchNorm sees no tiny one
 
-    def train_epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def train_epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         order = torch.randperm(len(self.train[0]), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         order = order.to(self.train[0].device)
-        for step in range(start_step, self.steps_per_epoch):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+        for batch in range(start_batch, self.steps_per_epoch):
+            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield tuple(_targets(t[index]) for t in self.train)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:

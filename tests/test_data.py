@@ -43,8 +43,8 @@ def _denormalise(images: torch.Tensor) -> torch.Tensor:
     return images * std + mean
 
 
-def _epoch(loader, epoch: int = 0, start_step: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(loader.epoch(epoch, start_step))
+def _epoch(loader, epoch: int = 0, start_batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(loader.epoch(epoch, start_batch))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_order_is_deterministic_new_each_epoch_and_resumable(flat_shards: Path, 
         assert torch.equal(a, b) and torch.equal(la, lb)
     ids = lambda batches: [i for images, _ in batches for i in _ids(images)]  # noqa: E731
     assert ids(_epoch(loader(), epoch=1)) != ids(first)
-    resumed = _epoch(loader(), epoch=0, start_step=5)
+    resumed = _epoch(loader(), epoch=0, start_batch=5)
     assert len(resumed) == len(first) - 5
     for (a, la), (b, lb) in zip(first[5:], resumed, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
@@ -247,8 +247,8 @@ def test_user_mistakes_are_user_errors(sample_shards: Path, tmp_path: Path) -> N
     with pytest.raises(UserError):
         build_loader(tmp_path / "nowhere", "train", "pretrain", batch_size=8)
     loader = build_loader(sample_shards, "train", "pretrain", batch_size=8, backend="pil", workers=0)
-    with pytest.raises(UserError, match="start_step"):
-        next(loader.epoch(0, start_step=99))
+    with pytest.raises(UserError, match="start_batch"):
+        next(loader.epoch(0, start_batch=99))
 
 
 def test_batch_augment_gives_soft_targets() -> None:
@@ -347,7 +347,7 @@ def test_finetune_resume_is_exact_and_leaves_global_rngs_alone(sample_shards: Pa
     assert _global_rng_states() == before
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     before = _global_rng_states()
-    resumed = _epoch(loader(), epoch=2, start_step=3)
+    resumed = _epoch(loader(), epoch=2, start_batch=3)
     assert _global_rng_states() == before
     assert len(resumed) == len(full) - 3
     for (a, la), (b, lb) in zip(full[3:], resumed, strict=True):

@@ -353,7 +353,7 @@ def test_eval_resizes_the_mask_alike_and_pads_with_ignore(block_shards: Path) ->
 def test_mask_batches_resume_exactly(block_shards: Path) -> None:
     loader = build_loader(block_shards, "train", "segment", 4, img_size=16, workers=2, masks=True, seed=1)
     full = list(loader.epoch(1))
-    resumed = list(loader.epoch(1, start_step=2))
+    resumed = list(loader.epoch(1, start_batch=2))
     assert len(resumed) == len(full) - 2
     for got, want in zip(resumed, full[2:]):
         for a, b in zip(got, want):

@@ -2,7 +2,7 @@
 
 It follows the plan (`droppos.data.plan`): a fresh pipeline per epoch reads the epoch's shard order, sharded by
 sample over the plan's rank ranges and shuffled through `SHUFFLE_BUFFER` samples with a seed of (seed, epoch,
-rank), so it replays exactly; DALI cannot seek, so resuming decodes and drops the batches before `start_step`.
+rank), so it replays exactly; DALI cannot seek, so resuming decodes and drops the batches before `start_batch`.
 JPEGs are decoded on the GPU ('mixed') for a CUDA device and on the CPU (`device_id=None`) otherwise; training
 decodes only the random crop's region, and `crop_mirror_normalize` fuses flip, crop, normalisation and the
 HWC->CHW float conversion in DALI's threads. DALI stops at the first undecodable sample (it has no per-sample
@@ -115,8 +115,8 @@ class DaliBackend:
         self.plan, self.mode, self.img_size, self.device = plan, mode, img_size, device
         self.threads, self.labels_to_device, self.split, self.data_dir = threads, labels_to_device, split, data_dir
 
-    def epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """(normalised images on the device, labels, no skipped keys) of `epoch` from `start_step` on."""
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """(normalised images on the device, labels, no skipped keys) of `epoch` from `start_batch` on."""
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -146,7 +146,7 @@ class DaliBackend:
                     labels = torch.zeros(0, dtype=torch.int64)
                 else:
                     images, labels = out["images"], out["labels"].view(-1).to(torch.int64)
-                if step < start_step:  # DALI cannot seek: resuming replays the skipped batches
+                if step < start_batch:  # DALI cannot seek: resuming replays the skipped batches
                     continue
                 if self.labels_to_device:
                     labels = labels.to(self.device, non_blocking=True)

@@ -82,18 +82,18 @@ class Loader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Batches of `epoch` from `start_step` on: (float32 [B,3,H,W] on the device, int64 [B]), and
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of `epoch` from `start_batch` on: (float32 [B,3,H,W] on the device, int64 [B]), and
         int64 [B,H,W] label maps third when the loader reads masks.
 
         Labels are on the device unless the loader was built with `labels_to_device=False`.
-        Resuming with `start_step` yields the batches the uninterrupted epoch yields from there.
+        Resuming with `start_batch` yields the batches the uninterrupted epoch yields from there.
         """
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise UserError(f"start_step {start_step} is outside this epoch's 0..{self.steps_per_epoch} steps")
-        if start_step == self.steps_per_epoch:
+        if not 0 <= start_batch <= self.steps_per_epoch:
+            raise UserError(f"start_batch {start_batch} is outside this epoch's 0..{self.steps_per_epoch} steps")
+        if start_batch == self.steps_per_epoch:
             return
-        batches = self._backend.epoch(epoch, start_step)
+        batches = self._backend.epoch(epoch, start_batch)
         try:
             for images, labels, skipped, *masks in batches:
                 self._note_skipped(skipped)

@@ -417,10 +417,10 @@ class PilBackend:
         self._pool = BatchPool()
         self._staging = PinnedStaging(device) if device.type == "cuda" else None
 
-    def epoch(self, epoch: int, start_step: int) -> Iterator[tuple]:
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple]:
         """(normalised images on the device, labels, skipped keys[, int64 masks on the device]) of `epoch`
-        from `start_step` on."""
-        roles = self.plan.roles(epoch, start_step, self.workers)
+        from `start_batch` on."""
+        roles = self.plan.roles(epoch, start_batch, self.workers)
         # Workers are forked each epoch: import the transforms' modules here, once per process, rather
         # than in every worker of every epoch (timm's import is slow: docs/measurements.md).
         import timm.data.auto_augment  # noqa: F401
@@ -452,8 +452,8 @@ class PilBackend:
         finally:
             del batches  # the last reference: DataLoader's iterator stops its workers before the ring is free
             ring.busy = False
-        if produced != self.plan.steps_per_epoch - start_step:
-            raise RuntimeError(f"pil loader produced {produced} batches, expected {self.plan.steps_per_epoch - start_step}")
+        if produced != self.plan.steps_per_epoch - start_batch:
+            raise RuntimeError(f"pil loader produced {produced} batches, expected {self.plan.steps_per_epoch - start_batch}")
 
     def _masks_to_device(self, masks: torch.Tensor) -> torch.Tensor:
         """A ring slot's int16 labels -> int64 [B, H, W] on the device (a copy: the slot is free after)."""

@@ -19,7 +19,7 @@ The guarantees of `droppos.data`, in one place (tests/test_data.py checks each, 
   (seed, epoch, rank, the sample's position in its stream) only; for `pil` the streams are the
   workers' roles, so the worker count is part of the seed. The loader neither reads nor changes
   the main process's global RNGs (python's `random`, numpy's, torch's). So
-  `epoch(e, start_step=s)` yields exactly the batches the uninterrupted epoch yields from step s:
+  `epoch(e, start_batch=s)` yields exactly the batches the uninterrupted epoch yields from step s:
   `pil` skips the first samples of each role undecoded (it replays only the shuffle), `dali`
   decodes and drops the first s batches (it cannot seek).
 - Components. A sample is read as the components named in `COMPONENTS`: the JPEG and its int32
@@ -150,20 +150,20 @@ class Plan:
         """The seed of a backend's own random streams for (seed, epoch, rank)."""
         return stable_seed(self.seed, epoch, self.rank, salt)
 
-    def roles(self, epoch: int, start_step: int, workers: int) -> list[Role]:
-        """This rank's epoch from `start_step` on, split into per-worker roles (`max(1, workers)` of them).
+    def roles(self, epoch: int, start_batch: int, workers: int) -> list[Role]:
+        """This rank's epoch from `start_batch` on, split into per-worker roles (`max(1, workers)` of them).
 
         Role w serves batches w, w+R, ...; the returned list is rotated so that its first role
-        serves batch `start_step`, and a DataLoader (which takes batches from its workers in turn)
+        serves batch `start_batch`, and a DataLoader (which takes batches from its workers in turn)
         returns them in epoch order.
         """
         num_roles, batch, steps = max(1, workers), self.batch_size, self.steps_per_epoch
         shards, (lo, hi) = self.epoch_shards(epoch), self.range
         if not self.training:
             roles = []
-            for i in range(min(num_roles, steps - start_step)):
+            for i in range(min(num_roles, steps - start_batch)):
                 groups = []
-                for step in range(start_step + i, steps, num_roles):
+                for step in range(start_batch + i, steps, num_roles):
                     begin = min(hi, lo + step * batch)
                     groups.append(tuple(segments(shards, begin, min(hi, begin + batch))))
                 roles.append(Role(num_batches=len(groups), eval_batches=tuple(groups)))
@@ -177,9 +177,9 @@ class Plan:
             pieces.append((begin, end))
             begin = end
         roles = []
-        for i in range(min(num_roles, steps - start_step)):
-            w = (start_step + i) % num_roles
-            roles.append(Role(num_batches=counts[w], skip=len(range(w, start_step, num_roles)),
+        for i in range(min(num_roles, steps - start_batch)):
+            w = (start_batch + i) % num_roles
+            roles.append(Role(num_batches=counts[w], skip=len(range(w, start_batch, num_roles)),
                               seed=self.pipeline_seed(epoch, w), segments=tuple(segments(shards, *pieces[w]))))
         return roles
 
