@@ -281,6 +281,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         _fail(err.format_message())
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as err:  # what the file system said where no check turned it into words: still one line
+        where = f" ({err.filename})" if err.filename else ""
+        _fail(f"{err.strerror or type(err).__name__}{where}")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -48,7 +48,7 @@ def load_manifest(data_dir: Path) -> dict:
     path = data_dir / MANIFEST_NAME
     if not data_dir.is_dir():
         raise UserError(f"dataset directory {data_dir} does not exist; write one with `droppos shard`")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():  # anything else there is read (and refused) by read_json_input
         raise UserError(f"{path} is missing: {data_dir} is not a finished `droppos shard` dataset (re-run the shard command)")
     manifest = read_json_input(path, "manifest", max_bytes=MANIFEST_MAX_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -83,6 +84,7 @@ class Spec:
     flag: Optional[str] = None  # the option's spelling when not derived from its name
     positional: bool = False  # a command-line argument rather than an option
     metavar: Optional[str] = None  # how --help names the value
+    path: bool = False  # a file or folder: bounded like one (no NUL, names of at most 255 bytes) before any use
 
 
 def option(default: Any, help: str, panel: str, **spec: Any) -> Any:
@@ -156,7 +158,7 @@ class DataOptions:
     """Where the samples come from and how they are decoded."""
 
     path: str = option("", "Dataset directory written by `droppos shard`.", DATA, name="data",
-                       default_text="required")
+                       default_text="required", path=True)
     loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' on CUDA; Pillow on a CPU and "
                          "for fine-tuning, whose RandAugment DALI does not match).",
                          DATA, choices=LOADERS)
@@ -188,7 +190,7 @@ class OutputOptions:
     """The run directory and its checkpoints."""
 
     out: str = option("", "Run directory: created, or resumed when it holds a checkpoint.", OUTPUT,
-                      default_text="required")
+                      default_text="required", path=True)
     ckpt_every: int = option(1000, "Checkpoint every N steps (also at every epoch end).", OUTPUT, low=1)
     ckpt_minutes: float = option(30.0, "...and at least every M minutes (with several ranks: at the first log step "
                                  "after M minutes; 0: every step).", OUTPUT, low=0)
@@ -373,9 +375,10 @@ class PretrainConfig(TrainingConfig):
 class EncoderOptions:
     """Where the encoder of finetune/probe comes from (exactly one of encoder, run, timm_model) and its input."""
 
-    encoder: Optional[str] = option(None, "An exported encoder (RUN/encoder.safetensors).", ENCODER, resume="arch")
+    encoder: Optional[str] = option(None, "An exported encoder (RUN/encoder.safetensors).", ENCODER, resume="arch",
+                                    path=True)
     run: Optional[str] = option(None, "A `droppos pretrain` run directory (its encoder.safetensors).", ENCODER,
-                                resume="arch")
+                                resume="arch", path=True)
     timm_model: Optional[str] = option(None, "A timm ViT by name: randomly initialised, or with --pretrained or "
                                        "--weights.", ENCODER, resume="arch")
     pretrained: bool = option(False, "With --timm-model: timm's pretrained weights from the Hugging Face cache "
@@ -383,7 +386,7 @@ class EncoderOptions:
                               resume="arch")
     weights: Optional[str] = option(None, "A local checkpoint: timm (.safetensors/.pth), MAE/DeiT {'model'}, MoCo v3, "
                                     "DINO (teacher), or a droppos export or checkpoint; add --timm-model NAME for "
-                                    "foreign layouts.", ENCODER, resume="arch")
+                                    "foreign layouts.", ENCODER, resume="arch", path=True)
     random_init: bool = option(False, "Keep --encoder/--run's architecture, not its weights (a baseline).",
                                ENCODER, resume="arch")
     depth: Optional[int] = option(None, "With --timm-model: override the depth (small experiments).", ENCODER,
@@ -531,13 +534,13 @@ class ShardConfig:
     """`droppos shard`: an ImageNet-style folder or list files -> validated WebDataset shards."""
 
     source: Optional[str] = option(None, "ImageNet-style folder (train/<class>/*, val/<class>/*) or the root of the "
-                                   "--list paths.", DATA, positional=True)
+                                   "--list paths.", DATA, positional=True, path=True)
     out: Optional[str] = option(None, "Output dataset directory (created; a re-run finishes an interrupted one).",
-                                OUTPUT, positional=True)
+                                OUTPUT, positional=True, path=True)
     sample: bool = option(False, "Shard the built-in procedural sample data set (then the only argument is OUT).",
                           DATA, flag="--sample")
     lists: tuple[str, ...] = option((), "A list file of `relative/path class_index` lines: FILE is the train split, "
-                                    "SPLIT=FILE names another (repeatable).", DATA, flag="--list",
+                                    "SPLIT=FILE names another (repeatable).", DATA, flag="--list", path=True,
                                     metavar="[SPLIT=]FILE")
     verify: bool = option(False, "Re-check the shards of the dataset given as the only argument.", VERIFY,
                           flag="--verify")
@@ -579,13 +582,13 @@ class EvalPosConfig:
 
     sources: tuple[str, ...] = option((), "Pretrain run directory or checkpoint (it has the position head), finetune "
                                       "run, or encoder .safetensors. Several only with --compare.", MODELS_PANEL,
-                                      positional=True, metavar="[SOURCE]...")
+                                      positional=True, metavar="[SOURCE]...", path=True)
     timm_models: tuple[str, ...] = option((), "A timm ViT by name (repeatable): random init, seeded by --seed, "
                                           "unless --pretrained or --weights.", MODELS_PANEL, flag="--timm-model")
     pretrained: bool = option(False, "With --timm-model: timm's pretrained weights from the Hugging Face cache "
                               "(HF_HUB_OFFLINE is honoured).", MODELS_PANEL)
     weights: Optional[str] = option(None, "A local checkpoint for the one --timm-model (or a droppos export alone): "
-                                    "timm, MAE/DeiT, MoCo v3, DINO layouts.", MODELS_PANEL)
+                                    "timm, MAE/DeiT, MoCo v3, DINO layouts.", MODELS_PANEL, path=True)
     compare: bool = option(False, "Evaluate every model given side by side in one report.", MODELS_PANEL,
                            flag="--compare")
     random_baseline: bool = option(False, "Add the first model's architecture with fresh random weights, initialised "
@@ -595,10 +598,10 @@ class EvalPosConfig:
                                      default_text="folder or file names")
     img_size: Optional[int] = option(None, "Input size for encoders and timm models.", MODELS_PANEL, low=16,
                                      default_text="the model's own")
-    data: Optional[str] = option(None, "Dataset directory written by `droppos shard`.", DATA)
+    data: Optional[str] = option(None, "Dataset directory written by `droppos shard`.", DATA, path=True)
     split: str = option("val", "Split of --data to evaluate on.", DATA)
     images: Optional[str] = option(None, "Instead of --data: a folder of images in any format Pillow reads "
-                                   "(recursive).", DATA)
+                                   "(recursive).", DATA, path=True)
     max_images: int = option(0, "Evaluate at most N images (0: all).", DATA, low=0)
     batch_size: int = option(64, "Images per batch.", DATA, low=1)
     loader: str = option("auto", "Input pipeline for --data.", DATA, choices=LOADERS)
@@ -618,7 +621,8 @@ class EvalPosConfig:
     seed: int = option(0, "Seed of masks, permutations, the probe and random models (same seed: same numbers).",
                        LAUNCH, low=0, high=SEED_MAX)
     device: str = option("auto", "Device (auto: cuda when available).", LAUNCH, choices=DEVICES)
-    out: str = option("", "Report folder: report.json, report.html, PNG figures.", OUTPUT, default_text="required")
+    out: str = option("", "Report folder: report.json, report.html, PNG figures.", OUTPUT, default_text="required",
+                      path=True)
 
     @property
     def ratio_pairs(self) -> list[tuple[float, float]]:
@@ -630,11 +634,11 @@ class ExportConfig:
     """`droppos export`: an encoder in the layout another library loads."""
 
     source: str = option("", "A pretrain run directory, its checkpoint (.pt) or an encoder .safetensors.", DATA,
-                         positional=True, default_text="required")
+                         positional=True, default_text="required", path=True)
     format: str = option("timm", "timm: a local-dir/Hub folder; detectron2: a ViTDet .pth; mmseg: an MMSegmentation "
                          "MAE-backbone .pth.", OUTPUT, choices=EXPORT_FORMATS)
     out: str = option("", "Where to write: a folder for timm, a .pth (or a folder) for the others.", OUTPUT,
-                      default_text="required")
+                      default_text="required", path=True)
 
 
 PRESETS: dict[type, dict[str, dict[str, Any]]] = {
@@ -683,6 +687,11 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def shown_name(opt: Option) -> str:
+    """How a message names an option: its flag as typed, or its argument's name."""
+    return opt.spec.flag or (opt.name.upper() if opt.spec.positional else flag_name(opt.name))
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) >= 1e6 else f"{value:g}"
 
@@ -707,7 +716,7 @@ def check(config: Any) -> None:
     """Every option's type, choices and bounds, from the declarations (one line per mistake). Floats must be
     finite (NaN passes every comparison) and integers within their bounds, or within +-INT_MAX."""
     for opt in options(type(config)):
-        spec, found, flag = opt.spec, value(config, opt), flag_name(opt.name)
+        spec, found, flag = opt.spec, value(config, opt), shown_name(opt)
         if found is None:
             if opt.field.default is not None:
                 raise UserError(f"{flag} must be given a value")
@@ -722,6 +731,9 @@ def check(config: Any) -> None:
             raise UserError(f"{flag} {found!r}: must be a finite number")
         if base is int and spec.high is None and abs(found) > INT_MAX:
             raise UserError(f"{flag} {found}: out of range (at most {INT_MAX})")
+        if spec.path:
+            for each in (found if isinstance(found, tuple) else (found,)):
+                _check_path(flag, each)
         if spec.choices is not None and found not in spec.choices:
             raise UserError(f"{flag} {found!r}: choose one of {', '.join(spec.choices)}")
         if spec.low is not None or spec.high is not None:
@@ -729,6 +741,21 @@ def check(config: Any) -> None:
             too_high = spec.high is not None and (found >= spec.high if spec.high_open else found > spec.high)
             if too_low or too_high:
                 raise UserError(f"{flag} {_number(found)} is out of range: need {bounds_text(spec)}")
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: what Linux file systems take in one name and one path
+
+
+def _check_path(flag: str, text: Any) -> None:
+    """A path option holds no NUL and no name the file system cannot take (else every use is an OSError)."""
+    if not isinstance(text, str):
+        raise UserError(f"{flag} must be a path, got {text!r}")
+    raw = os.fsencode(text)
+    if b"\0" in raw:
+        raise UserError(f"{flag}: a path cannot hold a NUL byte")
+    if len(raw) > PATH_MAX or any(len(name) > NAME_MAX for name in raw.split(b"/")):
+        raise UserError(f"{flag} {text[:48]!r}...: no such path can exist (a name over {NAME_MAX} bytes or a path "
+                        f"over {PATH_MAX}); check it")
 
 
 def _base_type(annotation: Any) -> Any:
