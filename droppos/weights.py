@@ -306,6 +306,7 @@ def droppos_model_from(raw: dict, path: Path) -> nn.Module:
     from droppos.recipes import MODELS
 
     raw = checkpoint.upgrade(raw, path)
+    checkpoint.check_digest(raw, path)  # torch.load does not check the zip's CRC: a flipped bit would load
     stage = raw.get("stage")
     if stage != "pretrain":
         raise UserError(f"{path} is a `droppos {stage}` checkpoint: only pre-training checkpoints hold the DropPos model")

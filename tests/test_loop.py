@@ -285,6 +285,30 @@ def test_checkpoints_of_earlier_formats_resume_and_a_newer_one_is_refused(sample
     assert "newer droppos (droppos-checkpoint/9" in line and str(path) in line
 
 
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes(sample_shards, tmp_path):
+    """One flipped bit in last.pt (torch.load would load it: it does not check the zip's CRC) stops the resume with
+    one line naming the file and the command that puts previous.pt back; after it, the run resumes exactly."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert droppos(*command("pretrain", sample_shards, straight, "--max-steps", "6", "--log-every", "1")).returncode == 0
+    for steps in ("2", "4"):
+        assert droppos(*command("pretrain", sample_shards, run, "--max-steps", steps, "--log-every", "1")).returncode == 0
+    last, previous = run / "checkpoints" / "last.pt", run / "checkpoints" / "previous.pt"
+    assert torch.load(previous, weights_only=True)["step"] == 2
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    last.write_bytes(bytes(data))
+    for reader in (["pretrain", *command("pretrain", sample_shards, run, "--max-steps", "6")[1:]],
+                   ["export", str(last), "--out", str(tmp_path / "exported")]):
+        result = droppos(*reader)
+        assert result.returncode == 2, result.stderr
+        line, = result.stderr.strip().splitlines()
+        assert f"checkpoint {last}" in line and "damaged" in line and f"`mv {previous} {last}`" in line, line
+    previous.replace(last)
+    result = droppos(*command("pretrain", sample_shards, run, "--max-steps", "6", "--log-every", "1"))
+    assert result.returncode == 0, result.stderr
+    assert [r["loss"] for r in metrics(run) if "loss" in r] == [r["loss"] for r in metrics(straight) if "loss" in r]
+
+
 def test_config_records_what_auto_became(sample_shards, tmp_path):
     run = tmp_path / "run"
     result = droppos("pretrain", "--data", str(sample_shards), "--out", str(run), *STAGES["pretrain"],
