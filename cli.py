@@ -19,7 +19,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Sequence
 import typer
 from typer._click import exceptions as click_exceptions  # typer vendors its own click
 
-from droppos import UserError
+from droppos import UserError, error_line
 from droppos.recipes import EvalPosConfig, ExportConfig, FinetuneConfig, PretrainConfig, ProbeConfig, ShardConfig
 
 app = typer.Typer(
@@ -258,7 +258,7 @@ def export(config: ExportConfig) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"droppos: error: {message}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     sys.exit(2)
 
 

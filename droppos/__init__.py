@@ -19,3 +19,10 @@ def check_all(checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def error_line(message: object) -> str:
+    """The one line a user mistake is reported in: what the message quotes (a path with a newline or a
+    terminal escape in it) is shown escaped, so it can neither break the line nor drive the terminal."""
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message))
+    return f"droppos: error: {shown}"

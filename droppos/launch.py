@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from droppos import UserError, check_all  # noqa: F401 - check_all: the stages' one-line checks
+from droppos import UserError, error_line
 from droppos.environment import Environment, launched_externally, usable_cores
 from droppos.files import write_text_atomic
 from droppos.recipes import TrainingConfig
@@ -226,7 +226,7 @@ def run_worker(env: Environment, body: Callable[[Any], None]) -> None:
         if errors:
             write_text_atomic(Path(errors, f"rank-{info.rank:06d}.txt"), str(err))  # never read half-written
         elif info.is_main:
-            print(f"droppos: error: {err}", file=sys.stderr)
+            print(error_line(err), file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         distributed.shutdown()
