@@ -651,12 +651,36 @@ def test_shard_filesystem_shapes(shape: str, tmp_path: Path, monkeypatch: pytest
         assert "train/x/secret.jpg" in paths and manifest["classes"] == ["a", "b", "x"]
 
 
+def test_segmentation_inputs_outside_source_are_not_read(tmp_path: Path) -> None:
+    """The masks layout: an image and a label map that links take out of SOURCE are skipped, each with its reason;
+    --follow-links reads them."""
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    label_map = io.BytesIO()
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(label_map, "PNG")
+    for i in range(3):
+        _write(root / "images" / "train" / f"{i}.jpg", _jpeg(900 + i))
+        _write(root / "masks" / "train" / f"{i}.png", label_map.getvalue())
+    (root / "classes.txt").write_text("ground\nsky\n")
+    _write(outside / "o.jpg", SECRET)
+    _write(outside / "o.png", label_map.getvalue())
+    _link(root / "images" / "train" / "3.jpg", outside / "o.jpg")
+    _link(root / "masks" / "train" / "3.png", root / "masks" / "train" / "0.png")
+    _write(root / "images" / "train" / "4.jpg", _jpeg(904))
+    _link(root / "masks" / "train" / "4.png", outside / "o.png")
+    manifest = shard.run(root, tmp_path / "out", workers=1)
+    skipped = {s["path"]: s["reason"] for s in map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())}
+    assert skipped == {"images/train/3.jpg": OUTSIDE, "images/train/4.jpg": f"label map masks/train/4.png: {OUTSIDE}"}
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (5, 3, 2)
+    manifest = shard.run(root, tmp_path / "followed", workers=1, follow_links=True)
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (5, 5, 0)
+
+
 def test_a_folder_nested_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> None:
-    """1,100 nested folders (within the system's path length): listed without recursion, the image at the bottom
+    """1,000 nested folders (within the system's path length): listed without recursion, the image at the bottom
     written (made and removed through folder descriptors: shutil.rmtree recurses)."""
     root = tmp_path / "src"
     _make_source(root)
-    depth, fds = 1100, [os.open(root / "train" / "a", os.O_RDONLY | os.O_DIRECTORY)]
+    depth, fds = 1000, [os.open(root / "train" / "a", os.O_RDONLY | os.O_DIRECTORY)]
     try:
         for _ in range(depth):
             os.mkdir("d", dir_fd=fds[-1])

@@ -157,6 +157,21 @@ def test_decompression_bombs_are_skipped(monkeypatch: pytest.MonkeyPatch) -> Non
         convert_image(data)
 
 
+def test_an_input_over_the_size_bound_is_a_counted_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from droppos.shard import inputs
+
+    small, large = _noise_jpeg(16, 16, seed=1), _noise_jpeg(64, 48, seed=2)
+    for name, data in (("small.jpg", small), ("large.jpg", large)):
+        (tmp_path / "src" / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "train" / "a" / name).write_bytes(data)
+    monkeypatch.setattr(inputs, "IMAGE_MAX_BYTES", len(small))  # 1 GiB in earnest: no test writes that much
+    manifest = shard.run(tmp_path / "src", tmp_path / "out", workers=1)
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (2, 1, 1)
+    skipped = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())
+    assert skipped == {"path": "train/a/large.jpg",
+                       "reason": f"too large: {len(large):,} bytes, more than the {len(small):,} it may be; refused"}
+
+
 # --------------------------------------------------------------------------------------------
 # A folder with every kind of input
 

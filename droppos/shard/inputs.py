@@ -30,10 +30,11 @@ def source_confinement(source: Path | str, follow_links: bool = False) -> Confin
     return None if follow_links else Confinement.of(source, "SOURCE", FOLLOW_LINKS)
 
 
-def read_input(path: str, within: Confinement | None = None, max_bytes: int = IMAGE_MAX_BYTES) -> bytes:
-    """The bytes of one input file; raises SkipImage, with droppos.files' reason, for anything else."""
+def read_input(path: str, within: Confinement | None = None) -> bytes:
+    """The bytes of one input file (at most IMAGE_MAX_BYTES); raises SkipImage, with droppos.files' reason,
+    for anything else."""
     try:
-        return files.read_input(path, "input", max_bytes, within)
+        return files.read_input(path, "input", IMAGE_MAX_BYTES, within)
     except InputError as err:
         raise SkipImage(err.reason) from None
 
