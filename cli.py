@@ -187,6 +187,7 @@ def shard(config: ShardConfig) -> None:
         sample_options=dict(num_classes=config.sample_classes, train_per_class=config.sample_train,
                             val_per_class=config.sample_val),
         layout=config.layout, ignore_index=config.ignore_index, reduce_zero_label=config.reduce_zero_label,
+        follow_links=config.follow_links,
     )
 
 

@@ -287,14 +287,91 @@ def _describe_holder(record: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The one way in: every file a user, a manifest, a list or a sidecar names is opened here
+#
+# `read_input` (bytes) and `regular_file` (a stat) are the only doors: regular files only (a FIFO or a device
+# is never opened), names the system can take, a size bound, and with a `Confinement` nothing that resolves
+# outside a folder (checked before opening and, where the system tells, on what was opened). Each refusal is
+# an `InputError` whose `reason` is the same words wherever it is met: a one-line error for a file a user
+# names, a skip reason for one input among many (the shard stage's skipped.jsonl).
 
+from typing import NamedTuple  # noqa: E402 - kept with the part of this module that uses it
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
 
 
 def _not_regular(mode: int) -> str:
+    """What a file that is not regular is, in two words (the lock file's refusal; inputs: `not_regular_reason`)."""
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+NAME_MAX = 255  # bytes in one path component (Linux, macOS and most file systems)
+PATH_MAX = 4096  # bytes in a path given to the system, its final NUL included (Linux)
+
+
+def name_too_long(path: Path | str) -> Optional[str]:
+    """Why the system would refuse `path` as too long (a component over NAME_MAX bytes, or the whole over
+    PATH_MAX), or None: checked before any system call, so that the reason is the same everywhere."""
+    raw = os.fsencode(path)
+    longest = max((len(part) for part in raw.split(b"/")), default=0)
+    if longest > NAME_MAX:
+        return f"name too long: a name of {longest:,} bytes (at most {NAME_MAX})"
+    if len(raw) >= PATH_MAX:
+        return f"name too long: a path of {len(raw):,} bytes (at most {PATH_MAX - 1:,})"
+    return None
+
+
+def not_regular_reason(mode: int) -> Optional[str]:
+    """Why a file of this st_mode is not an input (None: a regular file). Never opened: opening a FIFO blocks
+    until a writer appears, and a device may read forever."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a regular file: not read"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file: not read"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file, not a regular file: not read"
+    return "not a regular file: not read"
+
+
+def _os_reason(err: OSError, path: Path | str) -> str:
+    """An OSError met while looking at or opening an input, as a skip reason."""
+    if isinstance(err, FileNotFoundError):
+        return "broken symlink (its target does not exist)" if os.path.islink(path) else "file not found"
+    if err.errno == errno.ENAMETOOLONG:
+        return f"name too long: {err.strerror}: not read"
+    if err.errno == errno.ELOOP:
+        return "a symlink loop: not read"
+    return f"unreadable file: {err.strerror or type(err).__name__}"
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class Confinement(NamedTuple):
+    """The folder inputs must stay in once links are resolved: `root` (resolved), `name` (how reasons call it)
+    and `admit` (what a user can do to admit a file outside it). Picklable: workers get it with their task."""
+
+    root: str
+    name: str = "its folder"
+    admit: str = ""
+
+    @classmethod
+    def of(cls, folder: Path | str, name: str = "its folder", admit: str = "") -> "Confinement":
+        return cls(os.path.realpath(folder), name, admit)
+
+    def holds(self, path: Path | str) -> bool:
+        """Whether `path`, its links resolved, lies in `root`."""
+        return _inside(os.path.realpath(path), self.root)
+
+    @property
+    def outside(self) -> str:
+        """The reason for a path that resolves outside."""
+        return f"resolves outside {self.name} through a symlink: not read" + (f" ({self.admit})" if self.admit else "")
 
 
 class InputError(UserError):
@@ -305,34 +382,49 @@ class InputError(UserError):
         self.path, self.reason = path, reason
 
 
-def regular_file(path: Path | str, what: str = "file") -> os.stat_result:
+def regular_file(path: Path | str, what: str = "file", within: Optional[Confinement] = None) -> os.stat_result:
     """Refuse anything but a regular file (links followed) without opening it: opening a FIFO blocks, and a
-    device reads forever. Long names, loops and permissions are one line too."""
+    device reads forever. Long names, NUL bytes, loops, permissions and, with `within`, a path resolving
+    outside that folder, are one `InputError` each (its `reason` is the skip reason)."""
+    problem = name_too_long(path)
+    if problem is not None:
+        problem += ": not read"
+    elif "\0" in os.fsdecode(path):
+        problem = "a NUL byte in its name: not read"
+    if problem is None and within is not None and not within.holds(path):
+        problem = within.outside
+    if problem is not None:
+        raise InputError(what, path, problem)
     try:
         status = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(what, path, "no such file") from None
-    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
-        raise InputError(what, path, getattr(err, "strerror", None) or str(err)) from None
-    if not stat.S_ISREG(status.st_mode):
-        raise InputError(what, path, f"{_not_regular(status.st_mode)}, not a regular file; refused")
+    except OSError as err:
+        raise InputError(what, path, _os_reason(err, path)) from None
+    problem = not_regular_reason(status.st_mode)
+    if problem is not None:
+        raise InputError(what, path, problem)
     return status
 
 
-def read_input(path: Path | str, what: str, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most `max_bytes`, opened without blocking on a FIFO swapped in after
-    the check; anything else is a one-line `InputError`."""
-    regular_file(path, what)
+def read_input(path: Path | str, what: str, max_bytes: int, within: Optional[Confinement] = None) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (and, with `within`, inside that folder once links are
+    resolved), opened without blocking on a FIFO swapped in after the check, and checked again once open (what
+    was opened, where the system says so); anything else is a one-line `InputError` whose `reason` says why."""
+    regular_file(path, what, within)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
-        raise InputError(what, path, err.strerror or str(err)) from None
+        raise InputError(what, path, _os_reason(err, path)) from None
     try:
         status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise InputError(what, path, f"{_not_regular(status.st_mode)}, not a regular file; refused")
-        if status.st_size > max_bytes:
-            raise InputError(what, path, f"{status.st_size:,} bytes, more than the {max_bytes:,} it may be; refused")
+        problem = not_regular_reason(status.st_mode)  # replaced between the check and the open
+        if problem is None and within is not None:
+            opened = _opened_path(fd)
+            if opened is not None and not _inside(opened, within.root):
+                problem = within.outside
+        if problem is None and status.st_size > max_bytes:
+            problem = f"too large: {status.st_size:,} bytes, more than the {max_bytes:,} it may be; refused"
+        if problem is not None:
+            raise InputError(what, path, problem)
         chunks, size = [], 0
         while size <= max_bytes:
             chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
@@ -341,12 +433,21 @@ def read_input(path: Path | str, what: str, max_bytes: int) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
         if size > max_bytes:
-            raise InputError(what, path, f"grew past the {max_bytes:,} bytes it may be; refused")
+            raise InputError(what, path, f"too large: grew past the {max_bytes:,} bytes it may be; refused")
         return b"".join(chunks)
     except OSError as err:
-        raise InputError(what, path, err.strerror or str(err)) from None
+        raise InputError(what, path, _os_reason(err, path)) from None
     finally:
         os.close(fd)
+
+
+def _opened_path(fd: int) -> Optional[str]:
+    """The resolved path of an open file where the system tells it (Linux), else None: a link swapped after the
+    confinement check is caught here."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 JSON_MAX_DEPTH = 32  # every JSON file the project reads is a few levels deep

@@ -542,6 +542,10 @@ class ShardConfig:
     lists: tuple[str, ...] = option((), "A list file of `relative/path class_index` lines: FILE is the train split, "
                                     "SPLIT=FILE names another (repeatable).", DATA, flag="--list", path=True,
                                     metavar="[SPLIT=]FILE")
+    follow_links: bool = option(False, "Read files and class folders that symlinks inside SOURCE point to outside "
+                                "it (subsets such as ImageNet-100 are made so); without it each is skipped and "
+                                "counted. Regular files only; recorded paths stay relative to SOURCE.", DATA,
+                                flag="--follow-links")
     verify: bool = option(False, "Re-check the shards of the dataset given as the only argument.", VERIFY,
                           flag="--verify")
     decode: bool = option(False, "With --verify: also decode every image.", VERIFY, flag="--decode")

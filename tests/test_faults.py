@@ -361,7 +361,7 @@ def _awkward_source(root: Path) -> dict[str, str]:
         "train/a/.cache": "hidden folder (not searched)",
         "train/a/fifo.jpg": "a FIFO (named pipe), not a regular file: not read",
         "train/a/sock.jpg": "a socket, not a regular file: not read",
-        "train/a/dev.jpg": "a device file, not a regular file: not read",
+        "train/a/dev.jpg": "resolves outside SOURCE through a symlink",  # /dev/null; with --follow-links: a device file
         "train/a/loop": "a symlink to a folder (not followed)",
         "train/a/broken.jpg": "broken symlink",
         "train/b/unlistable": "folder cannot be listed: Permission denied",
@@ -439,9 +439,268 @@ def test_list_entries_resolving_outside_source_are_not_read(source: Path, tmp_pa
         manifest = shard.run(root, tmp_path / "out", lists={"train": listing}, workers=1)
     skipped = {json.loads(line)["path"]: json.loads(line)["reason"]
                for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()}
-    assert skipped == {"a/escape.jpg": "resolves outside SOURCE (through a symlink): not read",
+    assert skipped == {"a/escape.jpg": "resolves outside SOURCE through a symlink: not read (--follow-links admits it)",
                        "a/fifo.jpg": "a FIFO (named pipe), not a regular file: not read"}
     assert (manifest["found"], manifest["written"]) == (4, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# 12.5b Filesystem shapes for `shard`, in folder and --list mode: what resolves outside SOURCE, what
+# is not a regular file, names too long, and list lines listed twice, with two labels or malformed.
+# Each shape: exit 0 with exactly the expected counted skips (or exit 2 with one line where the whole
+# command must stop), nothing opened or listed outside SOURCE unless --follow-links admits it, and
+# written + skipped = found for every split.
+
+OUTSIDE = "resolves outside SOURCE through a symlink: not read (--follow-links admits it)"
+FIFO = "a FIFO (named pipe), not a regular file: not read"
+SECRET = _jpeg(4242)  # the bytes of every file planted outside SOURCE (kept as they are when read)
+BASE_LIST = "train/a/0.jpg 0\ntrain/a/1.jpg 0\ntrain/b/0.jpg 1\ntrain/b/1.jpg 1\n"
+
+
+def _shape_source(root: Path, outside: Path) -> None:
+    """SOURCE: train/{a,b}/{0,1}.jpg (4 images). Outside it: cls/secret.jpg and secret.jpg (SECRET)."""
+    for i, rel in enumerate(("train/a/0.jpg", "train/a/1.jpg", "train/b/0.jpg", "train/b/1.jpg")):
+        _write(root / rel, _jpeg(500 + i))
+    _write(outside / "cls" / "secret.jpg", SECRET)
+    _write(outside / "secret.jpg", SECRET)
+
+
+def _deep_folders(root: Path, outside: Path) -> dict:
+    """Folders of 250-byte names under train/a down to the system's path length: a short file name there is
+    read, a longer one and a folder one level deeper are names too long (made through folder descriptors)."""
+    fd = os.open(root / "train" / "a", os.O_RDONLY | os.O_DIRECTORY)
+    rel, length = "train/a", len(os.fsencode(root / "train" / "a"))
+    try:
+        while length + 1 + 250 < 4095:
+            os.mkdir("n" * 250, dir_fd=fd)
+            inner = os.open("n" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, rel, length = inner, f"{rel}/{'n' * 250}", length + 251
+        long_file = "f" * (4096 - length - 1 - 4) + ".jpg"  # this folder + '/' + it: 4096 bytes, one too many
+        too_deep = "s" * (4096 - length - 1)
+        for name, data in (("0.jpg", _jpeg(600)), (long_file, _jpeg(601))):
+            handle = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(handle, data)
+            os.close(handle)
+        os.mkdir(too_deep, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return {f"{rel}/{long_file}": "name too long: a path of 4,096 bytes (at most 4,095): not read",
+            f"{rel}/{too_deep}": "name too long: a path of 4,096 bytes (at most 4,095): not listed"}
+
+
+def _link(path: Path, target: Path | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+# name: (mode, extra args, build(root, outside) -> expected extra skips or None, list text(s),
+#        expected skips {path or list line: reason fragment}, written, error fragment (exit 2) or None)
+SHAPES = {
+    # a symlink out of SOURCE: a class folder, a file, a split folder, a list entry; admitted by --follow-links
+    "dir-class-folder-link-out": ("dir", (), lambda r, o: _link(r / "train" / "x", o / "cls"), None,
+                                  {"train/x": OUTSIDE}, 4, None),
+    "dir-class-folder-link-out-followed": ("dir", ("--follow-links",), lambda r, o: _link(r / "train" / "x", o / "cls"),
+                                           None, {}, 5, None),
+    "dir-file-link-out": ("dir", (), lambda r, o: _link(r / "train" / "a" / "escape.jpg", o / "secret.jpg"), None,
+                          {"train/a/escape.jpg": OUTSIDE}, 4, None),
+    "dir-file-link-out-followed": ("dir", ("--follow-links",),
+                                   lambda r, o: _link(r / "train" / "a" / "escape.jpg", o / "secret.jpg"), None, {}, 5,
+                                   None),
+    "dir-split-folder-link-out": ("dir", (), lambda r, o: _link(r / "val", o), None, {"val": OUTSIDE}, 4, None),
+    "dir-link-inside-source": ("dir", (), lambda r, o: _link(r / "train" / "a" / "again.jpg", "0.jpg"), None, {}, 5,
+                               None),
+    "list-entry-link-out": ("list", (), lambda r, o: _link(r / "train" / "a" / "escape.jpg", o / "secret.jpg"),
+                            BASE_LIST + "train/a/escape.jpg 0\n", {"train/a/escape.jpg": OUTSIDE}, 4, None),
+    "list-entry-link-out-followed": ("list", ("--follow-links",),
+                                     lambda r, o: _link(r / "train" / "a" / "escape.jpg", o / "secret.jpg"),
+                                     BASE_LIST + "train/a/escape.jpg 0\n", {}, 5, None),
+    # not a regular file: never opened, also through --follow-links; a --list that is not one stops the command
+    "dir-fifo-image": ("dir", (), lambda r, o: os.mkfifo(r / "train" / "a" / "fifo.jpg"), None,
+                       {"train/a/fifo.jpg": FIFO}, 4, None),
+    "list-fifo-image": ("list", (), lambda r, o: os.mkfifo(r / "train" / "a" / "fifo.jpg"),
+                        BASE_LIST + "train/a/fifo.jpg 0\n", {"train/a/fifo.jpg": FIFO}, 4, None),
+    "dir-device-link": ("dir", (), lambda r, o: _link(r / "train" / "a" / "null.jpg", "/dev/null"), None,
+                        {"train/a/null.jpg": OUTSIDE}, 4, None),
+    "dir-device-link-followed": ("dir", ("--follow-links",), lambda r, o: _link(r / "train" / "a" / "null.jpg", "/dev/null"),
+                                 None, {"train/a/null.jpg": "a device file, not a regular file: not read"}, 4, None),
+    "list-file-is-a-fifo": ("list", (), None, "FIFO", {}, 0, "a FIFO (named pipe), not a regular file: not read"),
+    "list-file-is-a-folder": ("list", (), None, "FOLDER", {}, 0, "a directory, not a file"),
+    # names too long: a counted skip in both modes, never a traceback
+    "dir-path-too-long": ("dir", (), _deep_folders, None, {}, 5, None),
+    "list-names-too-long": ("list", (), None,
+                            BASE_LIST + f"train/a/{'x' * 300}.jpg 0\n" + "d" * 200 + "/" + "e" * 200 + "/" * 0
+                            + "".join(f"/{'d' * 250}" for _ in range(17)) + "/0.jpg 0\n",
+                            {5: "name too long: a name of 304 bytes (at most 255): not read",
+                             6: "name too long: a path of"}, 4, None),
+    # the same file twice, with two labels, in two splits: the first listing stands
+    "list-listed-twice": ("list", (), None, BASE_LIST + "train/a/0.jpg 0\n./train//a/1.jpg 0\n",
+                          {5: "listed again (line 1)", 6: "listed again (line 2)"}, 4, None),
+    "list-conflicting-labels": ("list", (), None, BASE_LIST + "train/a/0.jpg 1\n",
+                                {5: "listed with label 0 and 1: conflicting labels (first: line 1, kept)"}, 4, None),
+    "list-across-splits": ("list", (), None, (BASE_LIST, "train/b/1.jpg 1\ntrain/a/0.jpg 1\ntrain/b/0.jpg 1\n"),
+                           {("val", 1): "listed again (line 4 of the train list)",
+                            ("val", 2): "listed with label 0 and 1: conflicting labels (first: line 1 of the train list",
+                            ("val", 3): "listed again (line 3 of the train list)"}, 4, None),
+    # malformed lines: counted with their line number; a list with no usable line at all is the wrong list
+    "list-bad-lines": ("list", (), lambda r, o: _write(r / "train" / "a" / "sp ace.jpg", _jpeg(700)),
+                       BASE_LIST.replace("\n", "\r\n") + "train/a/1.jpg \u00b2\ntrain/a/1.jpg \u0661\n"
+                       "train/a/\x001.jpg 0\ntrain/a/1.jpg 99999999999999999999999\ntrain/a/1.jpg 2147483648\n"
+                       "train/a/1.jpg 32767\ntrain/a/1.jpg\ntrain/a/1.jpg 0 0\n/etc/passwd 0\n~/x.jpg 0\n"
+                       "../outside/secret.jpg 0\n#comment\n\ntrain/a/sp ace.jpg 0\ntrain/a/sp ace.jpg\t0\n",
+                       {5: "class index '\u00b2' is not a non-negative integer (ASCII digits)",
+                        6: "class index '\u0661' is not a non-negative integer",
+                        7: "a NUL byte in the line: not read",
+                        8: "class index 99999999999999999999... (23 digits) is beyond the 32,767 classes",
+                        9: "class index 2147483648 is beyond the 32,767 classes a dataset can hold (0..32766)",
+                        10: "class index 32767 is beyond", 11: "1 field, expected 2: `relative/path class_index`",
+                        12: "3 fields, expected 2", 13: "not relative to SOURCE", 14: "not relative to SOURCE",
+                        15: "'..' in the path (list paths stay inside SOURCE): not read",
+                        18: "3 fields, expected 2: `relative/path class_index` (separate them by a tab"}, 5, None),
+    "list-not-utf8-line": ("list", (), None, BASE_LIST.encode() + b"train/a/caf\xe9.jpg 0\n",
+                           {5: "not UTF-8 text (byte 12): not read"}, 4, None),
+    "list-no-usable-line": ("list", (), None, "train/a/0.jpg \u00b2\ntrain/a/1.jpg\n", {}, 0,
+                            "not one of its lines names an input as `relative/path class_index` (line 1: class index"),
+}
+
+
+def _spy_on_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path this process opens or lists from now on, resolved."""
+    seen: list[str] = []
+    real_open, real_scandir = os.open, os.scandir
+
+    def note(path: object) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            try:
+                seen.append(os.path.realpath(os.fsdecode(path)))
+            except ValueError:  # a NUL byte: the system refuses it anyway
+                pass
+
+    def spy_open(path, flags, *args, **kwargs):
+        if kwargs.get("dir_fd") is None:
+            note(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def spy_scandir(path="."):
+        note(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "scandir", spy_scandir)
+    return seen
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_shard_filesystem_shapes(shape: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hang) -> None:
+    mode, extra, build, lists, expected, written, error = SHAPES[shape]
+    root, outside, out = tmp_path / "src", tmp_path / "outside", tmp_path / "out"
+    _shape_source(root, outside)
+    expected = {**expected, **((build(root, outside) if build is not None else None) or {})}
+    args = ["shard", str(root), str(out), "--workers", "1", "--shard-size", "3", *extra]
+    if mode == "list":
+        texts = lists if isinstance(lists, tuple) else (lists,)
+        for split, text in zip(("train", "val"), texts):
+            list_file = tmp_path / f"{split}.txt"
+            if text == "FIFO":
+                os.mkfifo(list_file)
+            elif text == "FOLDER":
+                list_file.mkdir()
+            else:
+                list_file.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+            args += ["--list", f"{split}={list_file}"]
+    seen = _spy_on_reads(monkeypatch)
+    result = _cli(*args)
+    followed = "--follow-links" in extra
+    if error is not None:
+        assert error in _one_line_error(result)
+        return
+    assert result.returncode == 0, result.stderr
+    real_outside = os.path.realpath(outside)
+    read_outside = [p for p in seen if p == real_outside or p.startswith(real_outside + os.sep)]
+    manifest = load_manifest(out)
+    records = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    split_of = {rec.get("list"): split for split in ("train", "val") for rec in records
+                if rec.get("list") == str(tmp_path / f"{split}.txt")}
+    keys = {}
+    for rec in records:
+        key = rec["path"] if "line" not in rec else rec["line"]
+        if "line" in rec and split_of.get(rec["list"]) == "val":
+            key = ("val", rec["line"])
+        keys[key] = rec["reason"]
+    assert keys.keys() == expected.keys(), keys
+    for key, fragment in expected.items():
+        assert fragment in keys[key], (key, keys[key])
+    assert (manifest["written"], manifest["skipped"]) == (written, len(expected))
+    assert manifest["written"] + manifest["skipped"] == manifest["found"]
+    assert f"total: found {manifest['found']}, written {written}, skipped {len(expected)}" in result.stdout
+    for split in ("train", "val"):
+        info = manifest["splits"].get(split)
+        if info is not None:
+            assert info["num_samples"] + info["skipped"] == info["found"]
+    stored, paths = b"", []
+    for split in manifest["splits"]:
+        for entry in split_shards(out, split, manifest):
+            stored += entry.tar.read_bytes()
+            with tarfile.open(entry.tar) as tar:
+                paths += [json.loads(tar.extractfile(m).read())["path"] for m in tar if m.name.endswith(".json")]
+    assert all(not p.startswith("/") and ".." not in Path(p).parts for p in paths), paths
+    reads_secret = followed and "link-out" in shape
+    assert (SECRET in stored) == reads_secret  # when read, its bytes are kept: the check can see it
+    assert bool(read_outside) == reads_secret, read_outside
+    if shape == "dir-class-folder-link-out-followed":
+        assert "train/x/secret.jpg" in paths and manifest["classes"] == ["a", "b", "x"]
+
+
+def test_segmentation_inputs_outside_source_are_not_read(tmp_path: Path) -> None:
+    """The masks layout: an image and a label map that links take out of SOURCE are skipped, each with its reason;
+    --follow-links reads them."""
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    label_map = io.BytesIO()
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(label_map, "PNG")
+    for i in range(3):
+        _write(root / "images" / "train" / f"{i}.jpg", _jpeg(900 + i))
+        _write(root / "masks" / "train" / f"{i}.png", label_map.getvalue())
+    (root / "classes.txt").write_text("ground\nsky\n")
+    _write(outside / "o.jpg", SECRET)
+    _write(outside / "o.png", label_map.getvalue())
+    _link(root / "images" / "train" / "3.jpg", outside / "o.jpg")
+    _link(root / "masks" / "train" / "3.png", root / "masks" / "train" / "0.png")
+    _write(root / "images" / "train" / "4.jpg", _jpeg(904))
+    _link(root / "masks" / "train" / "4.png", outside / "o.png")
+    manifest = shard.run(root, tmp_path / "out", workers=1)
+    skipped = {s["path"]: s["reason"] for s in map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())}
+    assert skipped == {"images/train/3.jpg": OUTSIDE, "images/train/4.jpg": f"label map masks/train/4.png: {OUTSIDE}"}
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (5, 3, 2)
+    manifest = shard.run(root, tmp_path / "followed", workers=1, follow_links=True)
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (5, 5, 0)
+
+
+def test_a_folder_nested_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> None:
+    """1,000 nested folders (within the system's path length): listed without recursion, the image at the bottom
+    written (made and removed through folder descriptors: shutil.rmtree recurses)."""
+    root = tmp_path / "src"
+    _make_source(root)
+    depth, fds = 1000, [os.open(root / "train" / "a", os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fds[-1])
+            fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        handle = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fds[-1])
+        os.write(handle, _jpeg(800))
+        os.close(handle)
+        manifest = shard.run(root, tmp_path / "out", workers=1, shard_size=SHARD_SIZE)
+        metas = []
+        for entry in split_shards(tmp_path / "out", "train", manifest):
+            with tarfile.open(entry.tar) as tar:
+                metas += [json.loads(tar.extractfile(m).read())["path"] for m in tar if m.name.endswith(".json")]
+        assert "train/a/" + "d/" * depth + "deep.jpg" in metas
+        assert (manifest["found"], manifest["written"], manifest["skipped"]) == (15, 15, 0)
+    finally:
+        os.unlink("deep.jpg", dir_fd=fds[-1])
+        for parent, child in zip(reversed(fds[:-1]), reversed(fds[1:])):
+            os.close(child)
+            os.rmdir("d", dir_fd=parent)
+        os.close(fds[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,6 +157,21 @@ def test_decompression_bombs_are_skipped(monkeypatch: pytest.MonkeyPatch) -> Non
         convert_image(data)
 
 
+def test_an_input_over_the_size_bound_is_a_counted_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from droppos.shard import inputs
+
+    small, large = _noise_jpeg(16, 16, seed=1), _noise_jpeg(64, 48, seed=2)
+    for name, data in (("small.jpg", small), ("large.jpg", large)):
+        (tmp_path / "src" / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "train" / "a" / name).write_bytes(data)
+    monkeypatch.setattr(inputs, "IMAGE_MAX_BYTES", len(small))  # 1 GiB in earnest: no test writes that much
+    manifest = shard.run(tmp_path / "src", tmp_path / "out", workers=1)
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (2, 1, 1)
+    skipped = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())
+    assert skipped == {"path": "train/a/large.jpg",
+                       "reason": f"too large: {len(large):,} bytes, more than the {len(small):,} it may be; refused"}
+
+
 # --------------------------------------------------------------------------------------------
 # A folder with every kind of input
 
@@ -537,8 +552,8 @@ def test_list_mode_keeps_the_given_indices(mixed_source: Path, tmp_path: Path) -
         "b/gone.JPEG 2\n"
     )
     val_list = tmp_path / "val.txt"
-    val_list.write_text("../val/b/ok.JPEG 2\n")
-    with pytest.raises(UserError, match=r"val.txt:1: .*relative"):
+    val_list.write_text("../val/b/ok.JPEG 2\n")  # a list naming no input at all is the wrong list: one line
+    with pytest.raises(UserError, match=r"val.txt: .*\(line 1: '\.\.' in the path"):
         shard.run(mixed_source / "train", tmp_path / "out", lists={"train": train_list, "val": val_list})
     manifest = shard.run(mixed_source / "train", tmp_path / "out", lists={"train": train_list})
     assert len(manifest["classes"]) == 8 and manifest["classes"][7] == "a" and manifest["classes"][2] == "b"
@@ -550,14 +565,17 @@ def test_list_mode_keeps_the_given_indices(mixed_source: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(
     "line, message",
-    [("a/cmyk.JPEG", "expected `relative/path class_index`"), ("a/cmyk.JPEG -1", "non-negative"),
-     ("/etc/passwd 1", "relative")],
+    [("a/cmyk.JPEG", "1 field, expected 2: `relative/path class_index`"), ("a/cmyk.JPEG -1", "non-negative"),
+     ("/etc/passwd 1", "not relative to SOURCE")],
 )
-def test_bad_list_lines_name_file_and_line(mixed_source: Path, tmp_path: Path, line: str, message: str) -> None:
+def test_bad_list_lines_are_counted_with_file_and_line(mixed_source: Path, tmp_path: Path, line: str,
+                                                       message: str) -> None:
     list_file = tmp_path / "list.txt"
     list_file.write_text(f"a/baseline_rgb.JPEG 0\n{line}\n")
-    with pytest.raises(UserError, match=f"list.txt:2: .*{message}"):
-        shard.run(mixed_source / "train", tmp_path / "out", lists={"train": list_file})
+    manifest = shard.run(mixed_source / "train", tmp_path / "out", lists={"train": list_file})
+    assert (manifest["found"], manifest["written"], manifest["skipped"]) == (2, 1, 1)
+    skipped = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())
+    assert message in skipped["reason"] and skipped["line"] == 2 and skipped["list"] == str(list_file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,14 +601,14 @@ def test_cli_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     (flat / "val").mkdir(parents=True)
     (flat / "val" / "x.JPEG").write_bytes(_noise_jpeg())
     bad_list = tmp_path / "bad.txt"
-    bad_list.write_text("cat/readme.txt 0\ncat/readme.txt zero\n")
+    bad_list.write_text("cat/readme.txt zero\n")
     cases = [
         ((str(tmp_path / "missing"), str(tmp_path / "out")), "does not exist"),
         ((str(empty), str(tmp_path / "out")), "is empty"),
         ((str(no_images), str(a_file)), "is a file"),
         ((str(no_images), str(tmp_path / "out"), "--quality", "0"), "quality"),
         ((str(no_images), str(tmp_path / "out"), "--shard-size", "0"), "shard-size"),
-        ((str(no_images / "train"), str(tmp_path / "out"), "--list", str(bad_list)), "bad.txt:2"),
+        ((str(no_images / "train"), str(tmp_path / "out"), "--list", str(bad_list)), "(line 1: class index 'zero'"),
         ((str(flat), str(tmp_path / "out")), "no class folders"),
         ((str(no_images), str(tmp_path / "out2")), "usable image"),
         ((str(a_file),), "expected SOURCE and OUT"),

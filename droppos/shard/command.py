@@ -19,7 +19,7 @@ from droppos.shard.convert import DEFAULT_MAX_PIXELS
 from droppos.shard.discover import (
     IMAGENET_SPLITS, SegLayout, detect_layout, discover_imagenet, discover_lists, discover_segmentation, rel_join,
 )
-from droppos.shard.inputs import path_fields
+from droppos.shard.inputs import path_fields, source_confinement
 
 def run(
     source: Path | None,
@@ -36,13 +36,15 @@ def run(
     layout: str = "auto",
     ignore_index: int | None = None,
     reduce_zero_label: bool | None = None,
+    follow_links: bool = False,
 ) -> dict:
     """Shard SOURCE (or the built-in sample data) into OUT; resumes a previous run; returns the manifest.
 
     `layout` says what SOURCE holds (auto: recognised; see `detect_layout`); `ignore_index` and
-    `reduce_zero_label` override a segmentation layout's convention. The sample data comes with its
-    label maps (`sample_options` may say `masks=False`). Holds OUT's lock for the whole run: a second
-    `shard` on the same OUT stops with one line.
+    `reduce_zero_label` override a segmentation layout's convention. Nothing that resolves outside
+    SOURCE through a symlink is read (each such entry is a counted skip) unless `follow_links`. The
+    sample data comes with its label maps (`sample_options` may say `masks=False`). Holds OUT's lock
+    for the whole run: a second `shard` on the same OUT stops with one line.
     """
     lists = dict(lists or {})
     _check_options(workers=workers, max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels)
@@ -67,7 +69,8 @@ def run(
         if seg is not None:
             _check_out_outside(out, [source / rel_join(root, folder) for folder in seg.splits.values()
                                      for root in (seg.images, seg.masks)])
-        return _run_locked(source, out, lists, seed, workers, max_side, quality, shard_size, max_pixels, sample, seg)
+        return _run_locked(source, out, lists, seed, workers, max_side, quality, shard_size, max_pixels, sample, seg,
+                           follow_links)
 
 
 def _checked_source(source: Path, out: Path) -> Path:
@@ -101,13 +104,14 @@ def _check_out_outside(out: Path, folders: list[Path]) -> None:
 
 def _run_locked(
     source: Path, out: Path, lists: dict[str, Path], seed: int, workers: int, max_side: int, quality: int,
-    shard_size: int, max_pixels: int, sample: bool, seg: SegLayout | None = None,
+    shard_size: int, max_pixels: int, sample: bool, seg: SegLayout | None = None, follow_links: bool = False,
 ) -> dict:
     """The run, with OUT locked and SOURCE checked."""
+    within = source_confinement(source, follow_links)  # what every listing and every read must stay in
     if seg is not None:
         listing = discover_segmentation(source, seg)
     else:
-        listing = discover_lists(source, lists) if lists else discover_imagenet(source)
+        listing = discover_lists(source, lists) if lists else discover_imagenet(source, within)
     found = listing.candidates
     splits = [s for s in _split_order({*found, *listing.refused}) if found.get(s) or listing.refused.get(s)]
     total_found = sum(len(found.get(s, ())) + len(listing.refused.get(s, ())) for s in splits)
@@ -127,6 +131,7 @@ def _run_locked(
         "max_side": max_side,
         "quality": quality,
         "max_pixels": max_pixels,
+        "follow_links": follow_links,
     }
     planned = [s for s in splits if found.get(s)]
     plans = writer.plan_shards(found, planned, seed, shard_size)
@@ -137,7 +142,6 @@ def _run_locked(
     if len(todo) < len(plans):
         print(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already complete and verified",
               file=sys.stderr, flush=True)
-    within = os.path.realpath(source) if lists else None  # a list's entries must stay inside SOURCE
     if todo:
         writer.write_shards(source, out, todo, listing.classes, options, workers, records, within, listing.segmentation)
 

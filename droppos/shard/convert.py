@@ -22,6 +22,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
+from droppos.files import Confinement
 from droppos.labelmaps import SegSpec, encode_label_map
 from droppos.shard.inputs import SkipImage, describe, read_input
 
@@ -255,7 +256,7 @@ def _jpeg_frame_marker(data: bytes) -> int | None:
     return None
 
 
-def convert_file(job: tuple[str, int, int, int], within: str | None = None) -> tuple[Converted | None, str]:
+def convert_file(job: tuple[str, int, int, int], within: Confinement | None = None) -> tuple[Converted | None, str]:
     """Worker: read and convert one file; returns (result, "") or (None, reason)."""
     path, max_side, quality, max_pixels = job
     try:
@@ -350,11 +351,11 @@ def _mask_orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def convert_mask_file(path: str, rel: str, image: Converted, spec: SegSpec,
-                      max_pixels: int) -> tuple[ConvertedMask | None, str]:
+def convert_mask_file(path: str, rel: str, image: Converted, spec: SegSpec, max_pixels: int,
+                      within: Confinement | None = None) -> tuple[ConvertedMask | None, str]:
     """Worker: read and check one label map; returns (result, "") or (None, reason naming the label map)."""
     try:
-        return convert_mask(read_input(path), image, spec, max_pixels), ""
+        return convert_mask(read_input(path, within), image, spec, max_pixels), ""
     except SkipImage as err:
         return None, f"label map {rel}: {err}"
     except MemoryError:

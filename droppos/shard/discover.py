@@ -1,10 +1,17 @@
 """Finding the inputs of `droppos shard`: an ImageNet-style folder, --list files, or segmentation layouts.
 
 Whatever the listing meets is either a candidate or refused with its reason, so that written +
-skipped = found always holds: hidden files and folders, symlinks to folders (not followed),
-folders that cannot be listed, files outside a class folder, the files of a class folder whose
-name is not valid UTF-8. Listings are sorted, so the file system's order never matters. Whether
-a candidate is a readable regular file is settled when it is read (droppos.shard.inputs).
+skipped = found always holds: hidden files and folders, symlinks to folders below a class folder
+(not followed), folders that cannot be listed, files outside a class folder, the files of a class
+folder whose name is not valid UTF-8, and (unless --follow-links) a split folder, class folder or
+file that resolves outside SOURCE through a symlink: one entry, never listed or read. Listings are
+sorted, so the file system's order never matters. Whether a candidate is a readable regular file
+inside SOURCE is settled when it is read (droppos.shard.inputs, through droppos.files' opener).
+
+A --list file is read through the same opener (a FIFO or a device is one line, never a hang). Each
+of its lines is one entry: a malformed line (fields, class index, NUL byte, not UTF-8, a path that
+leaves SOURCE or that no system could open) and a path listed again (in any list, with the same or
+another label: the first stands) is refused with its reason, its list and line number.
 
 Segmentation data (image + label-map pairs) is recognised by its layout: ADE20K's
 (`[ADEChallengeData2016/]images/{training,validation}/*.jpg` with `annotations/...png`: 150
@@ -16,14 +23,17 @@ unlabelled). A label map without an image is refused too.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Iterator, NamedTuple, Optional
 
 from droppos import UserError
+from droppos.files import Confinement, InputError, name_too_long, read_input
 from droppos.labelmaps import ADE20K_CLASSES, DEFAULT_IGNORE_INDEX, MAX_CLASSES, NO_IMAGE_CLASS, SegSpec
 from droppos.recipes import SHARD_LAYOUTS as LAYOUTS  # what SOURCE holds (auto: recognised from its folders)
-from droppos.shard.inputs import describe, is_text, skip_record
+from droppos.shard.inputs import LIST_MAX_BYTES, describe, is_text, path_fields, skip_record
 
 IMAGENET_SPLITS = ("train", "val")
 NOT_IN_A_CLASS = "not inside a class folder"
@@ -53,8 +63,12 @@ class Listing(NamedTuple):
     segmentation: Optional[SegSpec] = None
 
 
-def discover_imagenet(source: Path) -> Listing:
-    """SOURCE/{train,val}/<class>/** -> sorted class names, the candidates and the refused entries of each split."""
+def discover_imagenet(source: Path, within: Confinement | None = None) -> Listing:
+    """SOURCE/{train,val}/<class>/** -> sorted class names, the candidates and the refused entries of each split.
+
+    `within` (SOURCE's confinement; None with --follow-links): a split folder, class folder or file that
+    resolves outside it through a symlink is one refused entry, never listed or read.
+    """
     split_dirs = {split: source / split for split in IMAGENET_SPLITS if (source / split).is_dir()}
     if not split_dirs:
         raise UserError(
@@ -68,15 +82,20 @@ def discover_imagenet(source: Path) -> Listing:
         files: list[tuple[str, str | None]] = []
         refused[split] = []
         classes_here = 0
-        entries, error = _list_dir(split_dir)
+        if within is not None and not within.holds(split_dir):
+            entries, error = [], within.outside
+        else:
+            entries, error = _list_dir(split_dir)
         if error is not None:
             refused[split].append(skip_record(split, error))
         for entry in entries:
             rel = f"{split}/{entry.name}"
             if entry.name.startswith("."):
                 refused[split].append(skip_record(rel, _hidden(entry)))
+            elif _outside(entry, within):
+                refused[split].append(skip_record(rel, within.outside))
             elif _is_dir(entry):
-                found = _walk(rel, entry.path)
+                found = _walk(rel, entry.path, within)
                 if not is_text(entry.name):
                     refused[split].extend(skip_record(path, reason or BAD_CLASS_NAME) for path, reason in found)
                     continue
@@ -106,32 +125,56 @@ def discover_imagenet(source: Path) -> Listing:
     return Listing(classes, splits, refused)
 
 
-def _walk(rel: str, folder: str) -> Iterator[tuple[str, str | None]]:
+def _walk(rel: str, folder: str, within: Confinement | None = None) -> Iterator[tuple[str, str | None]]:
     """(path relative to SOURCE, None) for each file under `folder` that may be an input, (path,
     reason) for each entry refused while listing: hidden ones, symlinks to folders (not followed:
-    no cycles), a folder that cannot be listed (one entry). Symlinks to files are inputs."""
+    no cycles), a folder that cannot be listed (one entry), and with `within` a symlink to a file
+    that resolves outside it. Symlinks to files are inputs. Depth first, sorted, without recursion
+    (a folder may nest as deep as the system's path length allows)."""
     entries, error = _list_dir(folder)
     if error is not None:
         yield rel, error
         return
-    for entry in entries:
-        path = f"{rel}/{entry.name}"
+    stack = [(rel, iter(entries))]
+    while stack:
+        base, pending = stack[-1]
+        entry = next(pending, None)
+        if entry is None:
+            stack.pop()
+            continue
+        path = f"{base}/{entry.name}"
         if entry.name.startswith("."):
             yield path, _hidden(entry)
         elif _is_dir(entry, follow_symlinks=False):
-            yield from _walk(path, entry.path)
+            inner, error = _list_dir(entry.path)
+            if error is not None:
+                yield path, error
+            else:
+                stack.append((path, iter(inner)))
         elif entry.is_symlink() and _is_dir(entry):
             yield path, "a symlink to a folder (not followed)"
+        elif _outside(entry, within):
+            yield path, within.outside
         else:
             yield path, None  # what it is (regular, FIFO, device, broken link) is settled when it is read
 
 
+def _outside(entry: os.DirEntry, within: Confinement | None) -> bool:
+    """Whether `entry` is a symlink that resolves outside `within` (only links can: what is walked is inside)."""
+    return within is not None and entry.is_symlink() and not within.holds(entry.path)
+
+
 def _list_dir(folder: str | Path) -> tuple[list[os.DirEntry], str | None]:
     """The entries of `folder` sorted by name (the file system's order cannot matter), or the reason it cannot be listed."""
+    too_long = name_too_long(folder)
+    if too_long is not None:
+        return [], f"{too_long}: not listed"
     try:
         with os.scandir(folder) as listing:
             return sorted(listing, key=lambda e: e.name), None
     except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            return [], f"name too long: {err.strerror}: not listed"
         return [], f"folder cannot be listed: {err.strerror or describe(err)}"
 
 
@@ -146,43 +189,66 @@ def _hidden(entry: os.DirEntry) -> str:
     return "hidden folder (not searched)" if _is_dir(entry, follow_symlinks=False) else "hidden file"
 
 
+LIST_LINE = "`relative/path class_index`"
+SHOWN = 4200  # characters of a refused line kept in its record (a longer path is refused as too long anyway)
+
+
+class _Listed(NamedTuple):
+    """Where a path was first listed, and with which label."""
+
+    split: str
+    line: int
+    label: int
+
+
 def discover_lists(source: Path, lists: dict[str, Path]) -> Listing:
     """List files of `relative/path class_index` lines -> class names and candidates per split.
 
     The given indices stand. A class is named after the one folder its files live in
-    when that is unambiguous (e.g. ImageNet synsets), else after its index. Nothing is
-    refused while listing: what a listed path is (and whether it resolves inside SOURCE) is
-    settled when it is read.
+    when that is unambiguous (e.g. ImageNet synsets), else after its index. What each line holds is
+    checked here (`_parse_line`); a path listed again is refused, the first listing standing (also
+    across splits: an image in train and val is a leak). What a listed path is (and whether it
+    resolves inside SOURCE) is settled when it is read. Every refused line is a skipped.jsonl record
+    with its `list` and `line`, so that written + skipped = found counts every line that names an entry.
     """
     splits: dict[str, list[Candidate]] = {}
+    refused: dict[str, list[dict]] = {}
+    first: dict[str, _Listed] = {}  # path -> where it was first listed
     for split, list_file in lists.items():
         list_file = Path(list_file)
-        if not list_file.is_file():
-            raise UserError(f"--list {split}={list_file}: no such file")
         try:
-            lines = list_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"--list {split}={list_file}: cannot read it ({describe(err)})") from None
-        candidates = []
-        for number, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
+            data = read_input(list_file, f"--list {split}=", LIST_MAX_BYTES)
+        except InputError as err:
+            raise UserError(f"--list {split}={list_file}: {err.reason}") from None
+        candidates: list[Candidate] = []
+        refused[split] = []
+        well_formed, first_problem = 0, None
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            parsed = _parse_line(raw, source)
+            if parsed is None:
                 continue
-            where = f"{list_file}:{number}"
-            fields = text.rsplit(None, 1)
-            if len(fields) != 2:
-                raise UserError(f"{where}: expected `relative/path class_index`, got {text!r}")
-            path, label = fields
-            if not label.isdigit():
-                raise UserError(f"{where}: class index {label!r} is not a non-negative integer")
-            rel = PurePosixPath(path)
-            if rel.is_absolute() or ".." in rel.parts or path.startswith("~"):
-                raise UserError(f"{where}: path {path!r} must be relative to SOURCE, without '..'")
-            candidates.append(Candidate(rel.as_posix(), int(label)))
-        if not candidates:
-            raise UserError(f"--list {split}={list_file}: no `relative/path class_index` lines in it")
+            path, label, problem = parsed
+            if problem is None:
+                well_formed += 1
+                earlier = first.get(path)
+                if earlier is None:
+                    first[path] = _Listed(split, number, label)
+                    candidates.append(Candidate(path, label))
+                    continue
+                where = f"line {earlier.line}" + ("" if earlier.split == split else f" of the {earlier.split} list")
+                problem = (f"listed again ({where})" if earlier.label == label else
+                           f"listed with label {earlier.label} and {label}: conflicting labels (first: {where}, kept)")
+            elif first_problem is None:
+                first_problem = f"line {number}: {problem}"
+            refused[split].append({**path_fields(path), "reason": problem, "list": path_fields(str(list_file))["path"],
+                                   "line": number})
+        if not well_formed:
+            if first_problem is None:
+                raise UserError(f"--list {split}={list_file}: no {LIST_LINE} lines in it")
+            raise UserError(f"--list {split}={list_file}: not one of its lines names an input as {LIST_LINE} "
+                            f"({first_problem})")
         probe = candidates[: min(len(candidates), 100)]
-        if not any((source / c.path).exists() for c in probe):
+        if probe and not any(os.path.exists(source / c.path) for c in probe):  # never raises
             raise UserError(
                 f"none of the first {len(probe)} paths of {list_file} exists under {source}; "
                 "is SOURCE the folder the list's paths are relative to?"
@@ -198,7 +264,48 @@ def discover_lists(source: Path, lists: dict[str, Path]) -> Listing:
     names = [next(iter(folders[i])) if len(folders.get(i, ())) == 1 else str(i) for i in range(num_classes)]
     if len(set(names)) != len(names):
         names = [str(i) for i in range(num_classes)]
-    return Listing(names, splits, {split: [] for split in splits})
+    return Listing(names, splits, refused)
+
+
+def _parse_line(raw: bytes, source: Path) -> tuple[str, int, str | None] | None:
+    """One line of a list file: None for a blank or comment line, (normalised path, label, None) for an
+    entry, (what the line holds, -1, why) for a line that names no readable entry.
+
+    Fields are separated by a tab when the line holds one (then a path may hold spaces), else by spaces.
+    A class index is ASCII digits below MAX_CLASSES (int() also takes '²'-like digits of other scripts,
+    and would build millions of class names from a huge one).
+    """
+    line = raw[:-1] if raw.endswith(b"\r") else raw
+    try:
+        text = line.decode("utf-8").strip(" \t")
+    except UnicodeDecodeError as err:
+        return os.fsdecode(line.strip(b" \t"))[:SHOWN], -1, f"not UTF-8 text (byte {err.start + 1}): not read"
+    if not text or text.startswith("#"):
+        return None
+    if "\0" in text:
+        return text[:SHOWN], -1, "a NUL byte in the line: not read"
+    fields = [f.strip(" ") for f in text.split("\t")] if "\t" in text else text.split(" ")
+    fields = [f for f in fields if f]
+    if len(fields) != 2:
+        return text[:SHOWN], -1, (f"{len(fields)} field{'s' if len(fields) != 1 else ''}, expected 2: {LIST_LINE} "
+                                  "(separate them by a tab if the path holds spaces)")
+    path, label = fields
+    if not re.fullmatch(r"[0-9]+", label):
+        return path[:SHOWN], -1, f"class index {label[:20]!r} is not a non-negative integer (ASCII digits)"
+    digits = label.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_CLASSES)) or int(digits) >= MAX_CLASSES:
+        shown = digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits):,} digits)"
+        return path[:SHOWN], -1, (f"class index {shown} is beyond the {MAX_CLASSES:,} classes a dataset can hold "
+                                  f"(0..{MAX_CLASSES - 1})")
+    rel = PurePosixPath(path)
+    if rel.is_absolute() or path.startswith("~"):
+        return path[:SHOWN], -1, "not relative to SOURCE (list paths are relative to SOURCE): not read"
+    if ".." in rel.parts:
+        return path[:SHOWN], -1, "'..' in the path (list paths stay inside SOURCE): not read"
+    too_long = name_too_long(path) or name_too_long(source / rel)
+    if too_long is not None:
+        return path[:SHOWN], -1, f"{too_long}: not read"
+    return rel.as_posix(), int(digits), None
 
 
 class SegLayout(NamedTuple):

@@ -1,63 +1,42 @@
 """Reading one input file safely, and naming it in records.
 
-An input is read only when it is a regular file (a FIFO would block the read forever, a device
-may never end) and, for --list entries, only when it resolves inside SOURCE. A name that is not
-valid UTF-8 is still recorded: U+FFFD for the bad bytes in `path`, the original bytes in `path_bytes`.
+Every input is read through droppos.files' one opener (`read_input`): only a regular file (a FIFO
+would block the read forever, a device may never end), of at most IMAGE_MAX_BYTES, with a name the
+system can take and, unless --follow-links, only when it resolves inside SOURCE (`source_confinement`).
+Its refusal reasons are the skip reasons. A name that is not valid UTF-8 is still recorded: U+FFFD
+for the bad bytes in `path`, the original bytes in `path_bytes`.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import stat
+from pathlib import Path
+
+from droppos import files
+from droppos.files import Confinement, InputError
+
+IMAGE_MAX_BYTES = 1 << 30  # an image or label map larger than 1 GiB is no photo: skipped, never read
+LIST_MAX_BYTES = 1 << 30  # a --list file (ImageNet-1k's train list is about 40 MB)
+FOLLOW_LINKS = "--follow-links admits it"
 
 
 class SkipImage(Exception):
     """An input that cannot become a sample; the message is the reason written to skipped.jsonl."""
 
 
-def read_input(path: str, within: str | None = None) -> bytes:
-    """The bytes of one input file; raises SkipImage for anything that is not a readable regular file.
+def source_confinement(source: Path | str, follow_links: bool = False) -> Confinement | None:
+    """What every input must resolve inside: SOURCE, or nothing with --follow-links (links followed anywhere)."""
+    return None if follow_links else Confinement.of(source, "SOURCE", FOLLOW_LINKS)
 
-    What is not a regular file (FIFO, socket, device, folder) is refused from its stat, never
-    opened: opening a FIFO blocks until a writer appears, reading a device may never end.
-    `within` (a resolved folder): refuse, unread, a path that resolves outside it.
-    """
-    if within is not None and not _inside(os.path.realpath(path), within):
-        raise SkipImage("resolves outside SOURCE (through a symlink): not read")
+
+def read_input(path: str, within: Confinement | None = None) -> bytes:
+    """The bytes of one input file (at most IMAGE_MAX_BYTES); raises SkipImage, with droppos.files' reason,
+    for anything else."""
     try:
-        kind = _not_regular(os.stat(path).st_mode)
-        if kind is not None:
-            raise SkipImage(kind)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            kind = _not_regular(os.fstat(fd).st_mode)  # replaced between stat and open
-            if kind is not None:
-                raise SkipImage(kind)
-            return f.read()
-    except FileNotFoundError:
-        raise SkipImage("broken symlink (its target does not exist)" if os.path.islink(path) else "file not found") from None
-    except OSError as err:
-        raise SkipImage(f"unreadable file: {err.strerror or describe(err)}") from None
-
-
-def _not_regular(mode: int) -> str | None:
-    """Why a file of this st_mode is not an input (None: a regular file)."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a directory, not a file"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe), not a regular file: not read"
-    if stat.S_ISSOCK(mode):
-        return "a socket, not a regular file: not read"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file, not a regular file: not read"
-    return "not a regular file: not read"
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+        return files.read_input(path, "input", IMAGE_MAX_BYTES, within)
+    except InputError as err:
+        raise SkipImage(err.reason) from None
 
 
 def is_text(name: str) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from droppos import UserError
+from droppos.files import Confinement
 from droppos.files import fsync_dir, output_error, remove_stale_temporaries, temporary_path, write_bytes_atomic, \
     write_json_atomic, write_text_atomic
 from droppos.labelmaps import MASK_COMPONENT, TASK, SegSpec, spec_from_manifest
@@ -69,6 +70,8 @@ def dataset_fingerprint(classes: list[str], found: dict[str, list[Candidate]], s
     (for segmentation data also the label maps' paths and convention; classification data hashes as before)."""
     digest = hashlib.sha256()
     relevant = {k: options[k] for k in ("mode", "seed", "shard_size", "max_side", "quality", "max_pixels")}
+    if options.get("follow_links"):  # only when on: a dataset written before the option keeps its fingerprint
+        relevant["follow_links"] = True
     digest.update(json.dumps({"format": FORMAT, "classes": classes, "options": relevant}, sort_keys=True).encode())
     if seg is not None:
         digest.update(json.dumps({"segmentation": seg.record()}, sort_keys=True).encode())
@@ -161,7 +164,7 @@ def _shard_problem(out: Path, record: dict) -> str | None:
 
 def write_shards(
     source: Path, out: Path, todo: list[ShardPlan], classes: list[str], options: dict, workers: int,
-    records: dict[str, dict], within: str | None, seg: SegSpec | None = None,
+    records: dict[str, dict], within: Confinement | None, seg: SegSpec | None = None,
 ) -> None:
     """Write the shards of `todo`, one shard per task on `workers` processes, logging each when done.
 
@@ -278,7 +281,7 @@ def _write_shard(task: tuple, on_image: Callable[[], None] = _count_image) -> di
                 converted, reason = convert_file(job, within)
             if converted is not None and seg is not None:
                 checked, reason = convert_mask_file(str(source / candidate.mask), candidate.mask, converted, seg,
-                                                    max_pixels)
+                                                    max_pixels, within)
                 converted, mask = (converted, (candidate.mask, checked)) if checked is not None else (None, None)
             if converted is None:
                 skipped.append(skip_record(candidate.path, reason))
