@@ -27,7 +27,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, NamedTuple, Optional
 
 from droppos import UserError
 
@@ -294,7 +294,6 @@ def _describe_holder(record: dict) -> str:
 # an `InputError` whose `reason` is the same words wherever it is met: a one-line error for a file a user
 # names, a skip reason for one input among many (the shard stage's skipped.jsonl).
 
-from typing import NamedTuple  # noqa: E402 - kept with the part of this module that uses it
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))

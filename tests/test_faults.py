@@ -554,9 +554,9 @@ SHAPES = {
                         8: "class index 99999999999999999999... (23 digits) is beyond the 32,767 classes",
                         9: "class index 2147483648 is beyond the 32,767 classes a dataset can hold (0..32766)",
                         10: "class index 32767 is beyond", 11: "1 field, expected 2: `relative/path class_index`",
-                        12: "3 fields, expected 2", 13: "not relative to SOURCE", 14: "not relative to SOURCE",
+                        "train/a/1.jpg 0": "file not found", 13: "not relative to SOURCE", 14: "not relative to SOURCE",
                         15: "'..' in the path (list paths stay inside SOURCE): not read",
-                        18: "3 fields, expected 2: `relative/path class_index` (separate them by a tab"}, 5, None),
+                        19: "listed again (line 18)"}, 5, None),  # the index is the last field: paths hold spaces
     "list-not-utf8-line": ("list", (), None, BASE_LIST.encode() + b"train/a/caf\xe9.jpg 0\n",
                            {5: "not UTF-8 text (byte 12): not read"}, 4, None),
     "list-no-usable-line": ("list", (), None, "train/a/0.jpg \u00b2\ntrain/a/1.jpg\n", {}, 0,

@@ -271,7 +271,7 @@ def _parse_line(raw: bytes, source: Path) -> tuple[str, int, str | None] | None:
     """One line of a list file: None for a blank or comment line, (normalised path, label, None) for an
     entry, (what the line holds, -1, why) for a line that names no readable entry.
 
-    Fields are separated by a tab when the line holds one (then a path may hold spaces), else by spaces.
+    The class index is the last field (white space before it), so a path may hold spaces.
     A class index is ASCII digits below MAX_CLASSES (int() also takes '²'-like digits of other scripts,
     and would build millions of class names from a huge one).
     """
@@ -284,12 +284,10 @@ def _parse_line(raw: bytes, source: Path) -> tuple[str, int, str | None] | None:
         return None
     if "\0" in text:
         return text[:SHOWN], -1, "a NUL byte in the line: not read"
-    fields = [f.strip(" ") for f in text.split("\t")] if "\t" in text else text.split(" ")
-    fields = [f for f in fields if f]
+    fields = text.rsplit(None, 1)  # the class index is the last field: a path may hold spaces
     if len(fields) != 2:
-        return text[:SHOWN], -1, (f"{len(fields)} field{'s' if len(fields) != 1 else ''}, expected 2: {LIST_LINE} "
-                                  "(separate them by a tab if the path holds spaces)")
-    path, label = fields
+        return text[:SHOWN], -1, f"1 field, expected 2: {LIST_LINE}"
+    path, label = fields[0].strip(), fields[1]
     if not re.fullmatch(r"[0-9]+", label):
         return path[:SHOWN], -1, f"class index {label[:20]!r} is not a non-negative integer (ASCII digits)"
     digits = label.lstrip("0") or "0"
