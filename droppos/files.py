@@ -229,7 +229,8 @@ class OutputLock:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            raise UserError(f"{self.path} is {_not_regular(mode)}, not droppos's lock file; remove it")
+            raise UserError(f"{self.path} is {not_regular_reason(mode).split(',')[0]}, not droppos's lock file; "
+                            "remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -293,15 +294,6 @@ def _describe_holder(record: dict) -> str:
 # outside a folder (checked before opening and, where the system tells, on what was opened). Each refusal is
 # an `InputError` whose `reason` is the same words wherever it is met: a one-line error for a file a user
 # names, a skip reason for one input among many (the shard stage's skipped.jsonl).
-
-
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
-
-
-def _not_regular(mode: int) -> str:
-    """What a file that is not regular is, in two words (the lock file's refusal; inputs: `not_regular_reason`)."""
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS and most file systems)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -747,19 +746,17 @@ def check(config: Any) -> None:
                 raise UserError(f"{flag} {_number(found)} is out of range: need {bounds_text(spec)}")
 
 
-NAME_MAX, PATH_MAX = 255, 4096  # bytes: what Linux file systems take in one name and one path
-
-
 def _check_path(flag: str, text: Any) -> None:
     """A path option holds no NUL and no name the file system cannot take (else every use is an OSError)."""
+    from droppos.files import name_too_long
+
     if not isinstance(text, str):
         raise UserError(f"{flag} must be a path, got {text!r}")
-    raw = os.fsencode(text)
-    if b"\0" in raw:
+    if "\0" in text:
         raise UserError(f"{flag}: a path cannot hold a NUL byte")
-    if len(raw) > PATH_MAX or any(len(name) > NAME_MAX for name in raw.split(b"/")):
-        raise UserError(f"{flag} {text[:48]!r}...: no such path can exist (a name over {NAME_MAX} bytes or a path "
-                        f"over {PATH_MAX}); check it")
+    too_long = name_too_long(text)
+    if too_long is not None:
+        raise UserError(f"{flag} {text[:48]!r}...: {too_long}; no such path can exist")
 
 
 def _base_type(annotation: Any) -> Any:
