@@ -102,8 +102,11 @@ def load(source: Path, map_location: Any = "cpu", mmap: bool = False, verify: bo
 
 
 def check_digest(raw: Any, source: Path) -> None:
-    """A checkpoint of format 3 or later must match the digest written with it."""
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("_upgraded"):
+    """Whatever `save` sealed (a checkpoint of format 3, a feature cache) must match the digest written with it;
+    a format-3 checkpoint without one is damaged too."""
+    if not isinstance(raw, dict) or raw.get("_upgraded"):
+        return
+    if "digest" not in raw and raw.get("format") != FORMAT:
         return
     if raw.get("digest") != digest({k: v for k, v in raw.items() if k != "digest"}):
         raise _damaged(source, "does not match the digest written with it")
