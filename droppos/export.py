@@ -364,20 +364,26 @@ def run(source: Union[str, Path], fmt: str, out: Union[str, Path]) -> Path:
         real = Path(os.path.realpath(out))
         if real.parent == real:
             raise UserError(f"--out {out}: give a folder of its own for the timm files")
-        with files.claim_output(real.parent, "export", inputs, writes=out):
+
+        def replaceable() -> None:
             if os.path.lexists(real) and not is_timm_export(real):
                 raise UserError(f"--out {out} holds files a droppos timm export did not write (one holds exactly "
                                 "config.json and model.safetensors of its layout): refusing to replace them; give a "
                                 "new or empty folder")
+
+        with files.claim_output(real.parent, "export", inputs, writes=out, check=replaceable):
             write_timm_folder(encoder, real)
         return out
     _square_grid(encoder, fmt)
     target = _pth_path(out, fmt)
     folder = Path(os.path.realpath(target.parent))
-    with files.claim_output(folder, "export", inputs, writes=target):
+
+    def replaceable_pth() -> None:
         if os.path.lexists(target) and not is_export_pth(target):
             raise UserError(f"--out {target} exists and is not a droppos export (an export's .pth holds exactly the keys "
                             "of its layout): refusing to replace it; remove it or give another path")
+
+    with files.claim_output(folder, "export", inputs, writes=target, check=replaceable_pth):
         if fmt == "detectron2":
             _save_pth({"model": detectron2_state(encoder.state)}, folder / target.name)
         else:

@@ -438,7 +438,8 @@ def _check_kind(folder: Path, kind: Optional[str], command: str, shown: str, rec
 
 @contextlib.contextmanager
 def claim_output(out: Path | str, command: str, inputs: Iterable[tuple[str, Any]] = (), *,
-                 writes: Optional[Path | str] = None, label: str = "--out", lock: bool = True) -> Iterator[Optional[OutputLock]]:
+                 writes: Optional[Path | str] = None, label: str = "--out", lock: bool = True,
+                 check: Optional[Callable[[], None]] = None) -> Iterator[Optional[OutputLock]]:
     """The one way out: every command that writes holds this for as long as it writes into `out`.
 
     `out` is the folder the command writes into and locks: a run, a dataset, a report folder, or for `export` the
@@ -447,12 +448,13 @@ def claim_output(out: Path | str, command: str, inputs: Iterable[tuple[str, Any]
     1. `writes` must not be, lie inside or contain any input (resolved: links followed): one line naming both;
     2. `out` (and `writes`, when it is an existing folder of its own) must not be another kind of command's output
        (`folder_kinds`: the lock's record, kept after release, then marker files): one line naming it and why;
-    3. `OutputLock(out, command)` (never through a link, a regular file, any record tolerated, one holder; the
-       kind is checked again under the lock, before the record is written); `lock=False` (a training node other
-       than the first) does 1 and 2 only;
-    4. under the lock: temporaries a killed run left are removed (`remove_stale_temporaries`) and a publication
+    3. `check()`, the command's own last word (export: what is at --out is a previous export it may replace);
+    4. `OutputLock(out, command)` (never through a link, a regular file, any record tolerated, one holder; the
+       kind is checked again under the lock, before the record is written, and `check()` once it is held);
+       `lock=False` (a training node other than the first) does 1 to 3 only;
+    5. under the lock: temporaries a killed run left are removed (`remove_stale_temporaries`) and a publication
        it interrupted is rolled back (`publish`), so the previous good state is what the command starts from.
-    Nothing is created before 1 and 2 pass. Yields the lock (None when `lock` is False).
+    Nothing is created before 1 to 3 pass. Yields the lock (None when `lock` is False).
     """
     out = Path(out)
     writes = out if writes is None else Path(writes)
@@ -462,10 +464,14 @@ def claim_output(out: Path | str, command: str, inputs: Iterable[tuple[str, Any]
     _check_kind(out, kind, command, shown)
     if writes != out and writes.is_dir():
         _check_kind(writes, kind, command, f"{label} {writes}")
+    if check is not None:
+        check()
     if not lock:
         yield None
         return
     with OutputLock(out, command, check=lambda record: _check_kind(out, kind, command, shown, record)) as guard:
+        if check is not None:
+            check()
         remove_stale_temporaries(out)
         _recover(out)
         yield guard
