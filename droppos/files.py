@@ -186,10 +186,10 @@ def remove_stale_temporaries(folder: Path | str) -> int:
         if not (entry.name.startswith(".") and _TMP_MARK in entry.name):
             continue
         with contextlib.suppress(OSError):
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
                 removed += 1
-            elif entry.is_file():
+            elif entry.is_symlink() or entry.is_file():  # a link goes itself, never what it points to
                 entry.unlink()
                 removed += 1
     return removed

@@ -417,3 +417,22 @@ def test_an_error_while_staging_leaves_nothing_behind(tmp_path):
             staged.write_text("a.txt", "new")
             raise RuntimeError("a figure failed")
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME, "a.txt"] and (folder / "a.txt").read_text() == "old"
+
+
+def test_a_kill_while_staging_leaves_a_temporary_the_next_claim_removes(tmp_path):
+    from droppos import files
+
+    folder = tmp_path / "report"
+    staged = folder / ".droppos-publish.tmp-999999" / "new"  # what a process killed while staging leaves
+    staged.mkdir(parents=True)
+    (staged / "report.json").write_text("half")
+    (folder / ".report.html.tmp-999999").write_text("half")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "x").write_text("not a temporary")
+    (folder / ".linked.tmp-999999").symlink_to(keep, target_is_directory=True)
+    (folder / "report.json").write_text("the previous report")
+    with files.claim_output(folder, "eval-pos"):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME, "report.json"]
+    assert (keep / "x").read_text() == "not a temporary"  # a link is removed, never followed
