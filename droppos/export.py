@@ -5,11 +5,18 @@
 --out PATH`) reads a run directory, a pretrain checkpoint or an encoder, and writes one format. Neither Detectron2
 nor MMSegmentation installs here, so each format's function cites the library code its layout was read from;
 `downstream_command` gives the training command with the overrides a non-ViT-B/16 or non-224 encoder needs.
+
+Where an export goes (`run`): `files.claim_output` on the folder that receives it (the parent of --out, or --out
+when it is an existing folder for the .pth formats): apart from SOURCE, no other command's output, locked. A file
+or folder already there is replaced only when it is recognisably a droppos export (`is_export_pth`,
+`is_timm_export`); the timm folder is staged and swapped in whole (`files.publish`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -18,10 +25,12 @@ import torch
 import torch.nn as nn
 
 from droppos import UserError
+from droppos import files
 from droppos.files import atomic_write, json_text, write_bytes_atomic, write_text_atomic
 
 __all__ = ["FORMATS", "Encoder", "detectron2_state", "downstream_command", "encoder_meta", "export_encoder",
-           "mmseg_state", "read_source", "run", "safetensors_bytes", "write_timm_folder"]
+           "is_export_pth", "is_timm_export", "mmseg_state", "read_source", "run", "safetensors_bytes",
+           "timm_config", "write_timm_folder"]
 
 from droppos.recipes import EXPORT_FORMATS as FORMATS  # noqa: E402 - the one list of formats
 
@@ -176,15 +185,9 @@ def _square_grid(encoder: Encoder, fmt: str) -> int:
 # Formats
 
 
-def write_timm_folder(encoder: Encoder, out: Path) -> Path:
-    """OUT/config.json + OUT/model.safetensors: what `timm.create_model("local-dir:OUT", pretrained=True)` reads.
-
-    The Hugging Face Hub layout (timm >= 1.0.20), read from timm/models/_hub.py (load_model_config_from_path,
-    _parse_model_cfg, load_state_dict_from_path) and timm/models/_factory.py (_resolve_model_source).
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: the timm format is a folder (config.json + model.safetensors)")
-    config = {
+def timm_config(encoder: Encoder) -> dict[str, Any]:
+    """The timm folder's config.json."""
+    return {
         "architecture": encoder.meta["model"],
         "num_classes": 0,
         "num_features": int(encoder.meta["model_args"]["embed_dim"]),
@@ -192,9 +195,101 @@ def write_timm_folder(encoder: Encoder, out: Path) -> Path:
         "model_args": encoder.meta["model_args"],
         "pretrained_cfg": dict(encoder.meta["pretrained_cfg"], num_classes=0),
     }
-    write_bytes_atomic(out / "model.safetensors", safetensors_bytes(encoder.state))
-    write_text_atomic(out / "config.json", canonical_json(config))
+
+
+TIMM_FILES = ("config.json", "model.safetensors")
+
+
+def write_timm_folder(encoder: Encoder, out: Path) -> Path:
+    """OUT/config.json + OUT/model.safetensors: what `timm.create_model("local-dir:OUT", pretrained=True)` reads.
+
+    The Hugging Face Hub layout (timm >= 1.0.20), read from timm/models/_hub.py (load_model_config_from_path,
+    _parse_model_cfg, load_state_dict_from_path) and timm/models/_factory.py (_resolve_model_source).
+    Both files are staged beside OUT and the folder is swapped in whole (call it under `claim_output` of
+    OUT's parent): a full disk or a crash leaves the previous folder as it was.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: the timm format is a folder (config.json + model.safetensors)")
+    with files.publish(out.parent) as staged:
+        staged.write_bytes(f"{out.name}/model.safetensors", safetensors_bytes(encoder.state))
+        staged.write_text(f"{out.name}/config.json", canonical_json(timm_config(encoder)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising a previous export (the only thing an export replaces)
+
+_BLOCK_KEYS = tuple(f"{layer}.{param}" for layer in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                    for param in ("weight", "bias"))
+_CONFIG_KEYS = {"architecture", "num_classes", "num_features", "global_pool", "model_args", "pretrained_cfg"}
+
+
+def timm_layout_keys(depth: int) -> set[str]:
+    """The tensor names of an encoder in timm's ViT layout (what `encoder_state_dict` holds) of `depth` blocks."""
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    return keys | {f"blocks.{i}.{key}" for i in range(depth) for key in _BLOCK_KEYS}
+
+
+def _depth(keys: set[str], prefix: str) -> int:
+    return len({k.split(".")[1] for k in keys if k.startswith(prefix) and k.count(".") > 1})
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_export_pth(path: Path) -> bool:
+    """Whether `path` is a .pth a droppos export wrote: a regular file (no link) holding exactly the keys of the
+    Detectron2 layout ({'model': ...}) or of the MMSegmentation layout, for some depth >= 1, all tensors."""
+    if not _regular(path):
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint, not plain tensors: not ours  # noqa: BLE001
+        return False
+    if isinstance(saved, dict) and list(saved) == ["model"] and isinstance(saved["model"], dict):
+        state = saved["model"]
+        expected = {k for k in timm_layout_keys(_depth(set(state), "blocks.")) if not k.startswith("norm.")}
+    elif isinstance(saved, dict):
+        state = saved
+        expected = {_mmseg_name(k) for k in timm_layout_keys(_depth(set(state), "layers."))}
+    else:
+        return False
+    return len(expected) > 6 and set(state) == expected and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def is_timm_export(folder: Path) -> bool:
+    """Whether `folder` (a folder, not a link) holds nothing, or exactly a droppos timm export: config.json with
+    the keys `timm_config` writes (num_classes 0) and model.safetensors with the tensors of its depth."""
+    if os.path.islink(folder) or not folder.is_dir():
+        return False
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return False
+    if not names:
+        return True
+    if names != sorted(TIMM_FILES) or not all(_regular(folder / n) for n in names):
+        return False
+    try:
+        config = files.read_json_input(folder / "config.json", "config.json", max_bytes=1 << 20)
+    except UserError:
+        return False
+    if not (isinstance(config, dict) and set(config) == _CONFIG_KEYS and config["num_classes"] == 0
+            and isinstance(config["architecture"], str) and isinstance(config["model_args"], dict)
+            and isinstance(config["model_args"].get("depth"), int)):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+            keys, metadata = set(weights.keys()), weights.metadata()
+    except Exception:  # noqa: BLE001 - not a safetensors file
+        return False
+    return metadata == {"format": "pt"} and keys == timm_layout_keys(config["model_args"]["depth"])
 
 
 def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -221,24 +316,23 @@ def mmseg_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pos_embed. The final `norm` becomes `ln1.*`, the name beit.py gives it with final_norm=True: the MAE config
     (final_norm=False) ignores it, as it ignores the converter's `norm.*`, and final_norm=True uses it.
     """
-    out = {}
-    for key, value in state.items():
-        if key in ("cls_token", "pos_embed"):
-            new = key
-        elif key.startswith("patch_embed.proj."):
-            new = "patch_embed.projection." + key[len("patch_embed.proj."):]
-        elif key.startswith("norm."):
-            new = "ln1." + key[len("norm."):]  # the backbone's final norm when final_norm=True
-        elif key.startswith("blocks."):
-            _, index, rest = key.split(".", 2)
-            renamed = next((new_p + rest[len(old):] for old, new_p in _MMSEG_BLOCK_RENAMES if rest.startswith(old)), None)
-            if renamed is None:
-                raise UserError(f"no MMSegmentation name for {key}")
-            new = f"layers.{index}.{renamed}"
-        else:
-            raise UserError(f"no MMSegmentation name for {key}")
-        out[new] = value.contiguous()
-    return out
+    return {_mmseg_name(key): value.contiguous() for key, value in state.items()}
+
+
+def _mmseg_name(key: str) -> str:
+    """One timm ViT key's MMSegmentation name (`mmseg_state`)."""
+    if key in ("cls_token", "pos_embed"):
+        return key
+    if key.startswith("patch_embed.proj."):
+        return "patch_embed.projection." + key[len("patch_embed.proj."):]
+    if key.startswith("norm."):
+        return "ln1." + key[len("norm."):]  # the backbone's final norm when final_norm=True
+    if key.startswith("blocks.") and key.count(".") >= 2:
+        _, index, rest = key.split(".", 2)
+        renamed = next((new_p + rest[len(old):] for old, new_p in _MMSEG_BLOCK_RENAMES if rest.startswith(old)), None)
+        if renamed is not None:
+            return f"layers.{index}.{renamed}"
+    raise UserError(f"no MMSegmentation name for {key}")
 
 
 def _pth_path(out: Path, fmt: str) -> Path:
@@ -250,18 +344,51 @@ def _save_pth(obj: Any, path: Path) -> Path:
 
 
 def run(source: Union[str, Path], fmt: str, out: Union[str, Path]) -> Path:
-    """`droppos export SOURCE --format timm|detectron2|mmseg --out OUT`: the path written."""
+    """`droppos export SOURCE --format timm|detectron2|mmseg --out OUT`: the path written.
+
+    SOURCE is read first; then the folder receiving the export is claimed (`files.claim_output`: OUT apart from
+    SOURCE, not another command's output, locked), and what is already at OUT is replaced only when it is a
+    previous droppos export: a timm folder holding exactly its two files (`is_timm_export`), a .pth holding exactly
+    an export layout's keys (`is_export_pth`); anything else is one line, nothing written.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     encoder = read_source(source)
+    inputs = [("SOURCE", source), ("SOURCE", encoder.origin)]
+    if encoder.origin.suffix == ".safetensors":
+        inputs.append(("SOURCE's sidecar", encoder.origin.with_suffix(".json")))
     out = Path(out)
     if fmt == "timm":
-        return write_timm_folder(encoder, out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file: the timm format is a folder (config.json + model.safetensors)")
+        real = Path(os.path.realpath(out))
+        if real.parent == real:
+            raise UserError(f"--out {out}: give a folder of its own for the timm files")
+
+        def replaceable() -> None:
+            if os.path.lexists(real) and not is_timm_export(real):
+                raise UserError(f"--out {out} holds files a droppos timm export did not write (one holds exactly "
+                                "config.json and model.safetensors of its layout): refusing to replace them; give a "
+                                "new or empty folder")
+
+        with files.claim_output(real.parent, "export", inputs, writes=out, check=replaceable):
+            write_timm_folder(encoder, real)
+        return out
     _square_grid(encoder, fmt)
     target = _pth_path(out, fmt)
-    if fmt == "detectron2":
-        return _save_pth({"model": detectron2_state(encoder.state)}, target)
-    return _save_pth(mmseg_state(encoder.state), target)
+    folder = Path(os.path.realpath(target.parent))
+
+    def replaceable_pth() -> None:
+        if os.path.lexists(target) and not is_export_pth(target):
+            raise UserError(f"--out {target} exists and is not a droppos export (an export's .pth holds exactly the keys "
+                            "of its layout): refusing to replace it; remove it or give another path")
+
+    with files.claim_output(folder, "export", inputs, writes=target, check=replaceable_pth):
+        if fmt == "detectron2":
+            _save_pth({"model": detectron2_state(encoder.state)}, folder / target.name)
+        else:
+            _save_pth(mmseg_state(encoder.state), folder / target.name)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ Torch-free, so that the CLI, the shard stage and its worker processes can import
   process on the same OUT stops with one line naming the holder (command, pid, host, since when).
   The kernel drops the lock of a process that dies, so a lock left by a killed run is simply taken
   over (and said so).
+- `claim_output`: the one way out of every command that writes (shard, pretrain, finetune, probe,
+  eval-pos, export): OUT kept apart from the command's inputs and from other commands' outputs, then
+  `OutputLock`, then leftovers of a killed run cleaned up.
+- `publish`: several files (or a folder) staged in a temporary folder and moved into place together:
+  the previous good state stays whole until every new file is complete.
 - `output_error`: an OSError (full disk, read-only file system, permission, a parent that is a
   file) as a `UserError` naming the path, the cause and what to do.
 """
@@ -23,16 +28,18 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import stat
 import sys
-from pathlib import Path
-from typing import IO, Any, Callable, NamedTuple, Optional
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from droppos import UserError
 
 __all__ = [
-    "LOCK_NAME", "OutputError", "OutputLock", "atomic_write", "file_sha256", "fsync_dir", "make_dirs", "output_error", "remove_stale_temporaries",
+    "LOCK_NAME", "OUTPUT_KINDS", "OutputError", "OutputLock", "Publication", "atomic_write", "claim_output", "command_kind",
+    "file_sha256", "folder_kinds", "fsync_dir", "make_dirs", "output_error", "publish", "remove_stale_temporaries",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
 
@@ -169,14 +176,20 @@ def write_json_atomic(path: Path | str, obj: Any, indent: int = 1) -> Path:
 
 
 def remove_stale_temporaries(folder: Path | str) -> int:
-    """Delete temporary files that a killed process left in `folder` (call it while holding its lock)."""
+    """Delete temporary files (and `publish`'s staging folders) that a killed process left in `folder`
+    (call it while holding its lock). A folder is removed without following links inside it."""
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     for entry in folder.iterdir():
-        if entry.name.startswith(".") and _TMP_MARK in entry.name and entry.is_file():
-            with contextlib.suppress(OSError):
+        if not (entry.name.startswith(".") and _TMP_MARK in entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+                removed += 1
+            elif entry.is_symlink() or entry.is_file():  # a link goes itself, never what it points to
                 entry.unlink()
                 removed += 1
     return removed
@@ -200,13 +213,17 @@ class OutputLock:
     """An exclusive lock on an output directory for the life of a stage (a context manager).
 
     The lock is `flock` on `OUT/.droppos.lock`, whose content says who holds it. The file is left
-    in place (emptied) on release: removing it would let two processes lock two different files.
+    in place on release (removing it would let two processes lock two different files), holding
+    `{"command": ..., "released": ...}`: which command's output OUT is (`folder_kinds`).
+    `check(previous_record)`, when given, runs once the lock is held and before the record is
+    written: raising there leaves the file as it was.
     """
 
-    def __init__(self, out: Path | str, command: str) -> None:
+    def __init__(self, out: Path | str, command: str, check: Optional[Callable[[dict], None]] = None) -> None:
         self.out = Path(out)
         self.path = self.out / LOCK_NAME
         self.command = command
+        self.check = check
         self._fd: Optional[int] = None
         self.took_over: Optional[dict] = None  # the record of a dead holder this lock replaced
 
@@ -242,7 +259,13 @@ class OutputLock:
             print(f"droppos: warning: cannot lock {self.path} ({err.strerror}); make sure no other run writes "
                   f"to {self.out}", file=sys.stderr)
         previous = _read_record(fd)
-        if previous and previous.get("pid") != os.getpid():
+        if self.check is not None:
+            try:
+                self.check(previous)
+            except BaseException:
+                os.close(fd)
+                raise
+        if previous and "pid" in previous and previous.get("pid") != os.getpid():  # not a released record
             self.took_over = previous
             pid = previous.get("pid")
             if previous.get("host") == socket.gethostname() and not (isinstance(pid, int) and 0 < pid and _pid_alive(pid)):
@@ -262,8 +285,10 @@ class OutputLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
+        record = {"command": self.command, "released": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        with contextlib.suppress(OSError):  # no pid: nobody holds it; the command says what OUT is
             os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, (json.dumps(record) + "\n").encode(), 0)
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
@@ -284,6 +309,347 @@ def _describe_holder(record: dict) -> str:
     shown = {key: str(record.get(key, "?"))[:80].encode("ascii", "replace").decode() for key in
              ("command", "pid", "host", "since")}
     return f"`droppos {shown['command']}` (pid {shown['pid']} on {shown['host']}, since {shown['since']})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The output guard: the one way out of every command that writes
+
+#: The kind of output each command writes. A folder is one kind of output only: a command never writes
+#: into another kind's folder (an eval-pos report into a training run, an export into a dataset, ...).
+OUTPUT_KINDS = {"shard": "dataset", "pretrain": "run", "finetune": "run", "probe": "run", "eval-pos": "report",
+                "export": "export"}
+_KIND_NAMES = {"dataset": "a dataset", "run": "a training run", "report": "an eval-pos report folder",
+               "export": "a folder of droppos exports"}
+_CONFIG_MAX_BYTES = 64 << 20
+
+
+def command_kind(command: str) -> Optional[str]:
+    """The kind of output `command` ("eval-pos", "pretrain --export-only", ...) writes; None when unknown."""
+    words = str(command).split()
+    return OUTPUT_KINDS.get(words[0]) if words else None
+
+
+def folder_kinds(folder: Path | str, record: Optional[dict] = None) -> dict[str, str]:
+    """The kinds of output `folder` already is, each with the evidence that says so.
+
+    How a folder's kind is known:
+    - its lock file's record (`record`, else read from `folder/.droppos.lock` without following a link):
+      the command holding it, or the last one that held it (a released lock keeps its `command`);
+    - markers, for folders written before locks kept a record, or whose lock was removed or garbled:
+      `manifest.json` or `.shard-progress.jsonl` (a dataset), `checkpoints/` or a `config.json` that is a run's
+      record (`schedule`/`run_card`: a training run), `report.json` or `report.html` (an eval-pos report), a
+      `config.json` with `architecture` (a timm export folder).
+    A lock record of any other content (garbage, a JSON list, an unknown command) says nothing.
+    """
+    folder = Path(folder)
+    kinds: dict[str, str] = {}
+    if not folder.is_dir():
+        return kinds
+    if record is None:
+        record = _peek_record(folder / LOCK_NAME)
+    command = record.get("command")
+    if isinstance(command, str) and command_kind(command) is not None:
+        shown = command[:40].encode("ascii", "replace").decode()
+        kinds[command_kind(command)] = f"its {LOCK_NAME} names `droppos {shown}`"
+
+    def mark(kind: str, evidence: str) -> None:
+        kinds.setdefault(kind, evidence)
+
+    for name in ("manifest.json", ".shard-progress.jsonl"):
+        if os.path.lexists(folder / name):
+            mark("dataset", f"it holds {name}")
+    if (folder / "checkpoints").is_dir():
+        mark("run", "it holds checkpoints/")
+    config = _peek_json(folder / "config.json")
+    if isinstance(config, dict) and "architecture" in config:
+        mark("export", "its config.json is a timm export's")
+    elif isinstance(config, dict) and ("schedule" in config or "run_card" in config):
+        mark("run", "its config.json is a training run's record")
+    for name in ("report.json", "report.html"):
+        if os.path.lexists(folder / name):
+            mark("report", f"it holds {name}")
+    return kinds
+
+
+def _peek_record(path: Path) -> dict:
+    """A lock file's record, read without following a link or blocking; {} for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        return _read_record(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else {}
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+
+
+def _peek_json(path: Path) -> Any:
+    """A marker file's JSON through the input opener; None when absent or unreadable."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_json_input(path, path.name, max_bytes=_CONFIG_MAX_BYTES)
+    except UserError:
+        return None
+
+
+def _real(path: Path) -> Path:
+    try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError, RuntimeError):  # a link loop, a NUL byte
+        return Path(os.path.abspath(path))
+
+
+def _relation(out: Path, other: Path) -> Optional[str]:
+    if out == other:
+        return "be"
+    if out.is_relative_to(other):
+        return "lie inside"
+    if other.is_relative_to(out):
+        return "contain"
+    return None
+
+
+def _check_apart(writes: Path, label: str, inputs: Iterable[tuple[str, Any]]) -> None:
+    """`writes` is none of the inputs, lies inside none and contains none (compared resolved: links followed)."""
+    real_out = _real(writes)
+    for what, given in inputs:
+        if given is None or str(given) == "":
+            continue
+        relation = _relation(real_out, _real(Path(given)))
+        if relation is None:
+            continue
+        plain = _relation(Path(os.path.abspath(writes)), Path(os.path.abspath(given)))
+        resolved = "" if plain == relation else f" (resolved: {real_out} and {_real(Path(given))})"
+        raise UserError(f"{label} {writes} must not {relation} the input {what} {given}{resolved}: a command never "
+                        "writes where it reads; give an output path apart from every input")
+
+
+def _check_kind(folder: Path, kind: Optional[str], command: str, shown: str, record: Optional[dict] = None) -> None:
+    """`folder` is no other kind of output than the one `command` writes."""
+    if kind is None:
+        return
+    for other, evidence in folder_kinds(folder, record).items():
+        if other != kind:
+            raise UserError(f"{shown} is {_KIND_NAMES[other]} ({evidence}); `droppos {command.split()[0]}` writes "
+                            f"{_KIND_NAMES[kind]}, never into another command's output: give another path")
+
+
+@contextlib.contextmanager
+def claim_output(out: Path | str, command: str, inputs: Iterable[tuple[str, Any]] = (), *,
+                 writes: Optional[Path | str] = None, label: str = "--out", lock: bool = True,
+                 check: Optional[Callable[[], None]] = None) -> Iterator[Optional[OutputLock]]:
+    """The one way out: every command that writes holds this for as long as it writes into `out`.
+
+    `out` is the folder the command writes into and locks: a run, a dataset, a report folder, or for `export` the
+    folder that receives the .pth file or the timm folder. `writes` (default `out`) is what the user named (the
+    .pth file, the timm folder). `inputs` are `(option, path)` pairs: everything the command reads. In order:
+    1. `writes` must not be, lie inside or contain any input (resolved: links followed): one line naming both;
+    2. `out` (and `writes`, when it is an existing folder of its own) must not be another kind of command's output
+       (`folder_kinds`: the lock's record, kept after release, then marker files): one line naming it and why;
+    3. `check()`, the command's own last word (export: what is at --out is a previous export it may replace);
+    4. `OutputLock(out, command)` (never through a link, a regular file, any record tolerated, one holder; the
+       kind is checked again under the lock, before the record is written, and `check()` once it is held);
+       `lock=False` (a training node other than the first) does 1 to 3 only;
+    5. under the lock: temporaries a killed run left are removed (`remove_stale_temporaries`) and a publication
+       it interrupted is rolled back (`publish`), so the previous good state is what the command starts from.
+    Nothing is created before 1 to 3 pass. Yields the lock (None when `lock` is False).
+    """
+    out = Path(out)
+    writes = out if writes is None else Path(writes)
+    kind = command_kind(command)
+    _check_apart(writes, label, list(inputs))
+    shown = f"{label} {writes}" if writes == out else f"{out} (where {label} {writes} goes)"
+    _check_kind(out, kind, command, shown)
+    if writes != out and writes.is_dir():
+        _check_kind(writes, kind, command, f"{label} {writes}")
+    if check is not None:
+        check()
+    if not lock:
+        yield None
+        return
+    with OutputLock(out, command, check=lambda record: _check_kind(out, kind, command, shown, record)) as guard:
+        if check is not None:
+            check()
+        remove_stale_temporaries(out)
+        _recover(out)
+        yield guard
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing several files together
+
+_PUBLISH = ".droppos-publish"  # staging: `.droppos-publish.tmp-PID` (a temporary); committing: `.droppos-publish.journal`
+_JOURNAL = _PUBLISH + ".journal"
+
+
+class Publication:
+    """Files (or folders of files) staged in `FOLDER/.droppos-publish.tmp-PID/new/`, for `publish` to move into place."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.staging = self.folder / f"{_PUBLISH}{_TMP_MARK}{os.getpid()}"
+        self.entries: list[str] = []  # the top-level names written, in order
+
+    def write(self, name: str, write: Callable[[IO[bytes]], Any]) -> Path:
+        """Stage `name` (a file name, or `folder/file`) through `write(binary_file)`; returns where it will be.
+        An OSError (a full disk) becomes an `OutputError` naming the final path."""
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or any(p in (".", "..") for p in parts) \
+                or parts[0] in (LOCK_NAME, _JOURNAL) or parts[0].startswith(_PUBLISH):
+            raise ValueError(f"not a name to publish: {name!r}")
+        path = self.staging / "new" / name
+        try:
+            make_dirs(path.parent)
+            with open(path, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException as err:
+            os_err = _os_error_in(err)
+            if os_err is not None:
+                raise output_error(os_err, self.folder / name) from None
+            raise
+        if parts[0] not in self.entries:
+            self.entries.append(parts[0])
+        return self.folder / name
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        return self.write(name, lambda handle: handle.write(data))
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, obj: Any, indent: int = 1) -> Path:
+        return self.write_text(name, json_text(obj, indent=indent) + "\n")
+
+    def _commit(self, owns: Sequence[str]) -> None:
+        """Move every staged entry into place; entries of `owns` not written again go. All or nothing."""
+        new = self.staging / "new"
+        for root, dirs, _ in os.walk(new):
+            for name in dirs:
+                fsync_dir(Path(root) / name)
+        fsync_dir(new)
+        stale = [n for n in dict.fromkeys(owns) if n not in self.entries and _plain(n) and os.path.lexists(self.folder / n)]
+        plan = {"entries": self.entries, "stale": stale}
+        journal = self.folder / _JOURNAL
+        try:
+            with open(self.staging / "plan.json", "wb") as handle:
+                handle.write((json.dumps(plan) + "\n").encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.mkdir(self.staging / "old")
+            fsync_dir(self.staging)
+            os.rename(self.staging, journal)  # from here on, a crash is rolled back by the next claim_output
+            fsync_dir(self.folder)
+        except OSError as err:
+            raise output_error(err, self.folder / (self.entries[0] if self.entries else "")) from None
+        name = ""
+        try:
+            for name in self.entries:
+                target = self.folder / name
+                if os.path.lexists(target):
+                    os.replace(target, journal / "old" / name)
+                os.replace(journal / "new" / name, target)
+            for name in stale:
+                os.replace(self.folder / name, journal / "old" / name)
+        except BaseException as err:
+            _roll_back(self.folder, journal, plan)
+            os_err = _os_error_in(err)
+            if os_err is not None:
+                raise output_error(os_err, self.folder / name) from None
+            raise
+        fsync_dir(self.folder)
+        with contextlib.suppress(OSError):  # done: the journal is now a temporary like any other
+            os.rename(journal, self.staging)
+            shutil.rmtree(self.staging)
+
+
+def _plain(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
+def _roll_back(folder: Path, journal: Path, plan: dict) -> bool:
+    """Put back what a publication replaced, take out what it added; True when the journal could go."""
+    entries, stale = list(plan["entries"]), list(plan["stale"])
+    whole = True
+    for name in reversed(entries + stale):
+        old, target = journal / "old" / name, folder / name
+        try:
+            if os.path.lexists(old):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)  # a folder moved in (os.replace cannot replace a non-empty one)
+                os.replace(old, target)
+            elif name in entries and not os.path.lexists(journal / "new" / name) and os.path.lexists(target):
+                _remove(target)  # moved in, replacing nothing
+        except OSError:
+            whole = False
+    if whole:
+        fsync_dir(folder)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(journal)
+    return whole
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _recover(folder: Path) -> None:
+    """Roll back a publication that a killed process left half moved (called under the folder's lock)."""
+    journal = folder / _JOURNAL
+    if not os.path.lexists(journal):
+        return
+    if os.path.islink(journal) or not os.path.isdir(journal):
+        raise UserError(f"{journal} is not droppos's (not a folder); remove it")
+    try:
+        plan = read_json_input(journal / "plan.json", "publication record", max_bytes=1 << 20)
+    except UserError:
+        plan = None
+    if not (isinstance(plan, dict) and all(isinstance(plan.get(k), list) and all(_plain(n) for n in plan[k])
+                                           for k in ("entries", "stale"))):
+        raise UserError(f"{journal} holds no readable publication record; move it away (it may hold the previous "
+                        "files) and re-run")
+    if not _roll_back(folder, journal, plan):
+        raise UserError(f"{folder}: an interrupted publication could not be rolled back; the previous files are in "
+                        f"{journal / 'old'}")
+    print(f"droppos: {folder}: rolled back a publication a stopped run left half done; the previous files are back",
+          file=sys.stderr)
+
+
+@contextlib.contextmanager
+def publish(folder: Path | str, owns: Iterable[str] = ()) -> Iterator[Publication]:
+    """Files that appear together or not at all (call it under `claim_output(folder, ...)`).
+
+        with publish(out, owns=previous_report_files) as staged:
+            staged.write_bytes("figure.png", png)
+            staged.write_json("report.json", report)
+
+    Every file is written into a temporary folder inside `folder` and fsynced; when the block ends normally the
+    entries are moved into place, each previous one set aside in a journal first, and names of `owns` that were
+    not written again are set aside too (a previous run's files that this one does not have). When all moves
+    are done the journal goes. Any failure (a full disk while staging, an error in the block, a failed move)
+    leaves `folder` as it was and no temporary behind; a kill during the moves is rolled back by the next
+    `claim_output` of `folder`, and a kill while staging leaves a temporary that it removes.
+    """
+    publication = Publication(folder)
+    try:
+        try:
+            make_dirs(publication.staging / "new")
+        except OSError as err:
+            raise output_error(err, publication.folder, "create the output directory") from None
+        yield publication
+        publication._commit(list(owns))
+    finally:
+        if os.path.lexists(publication.staging):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(publication.staging)
+
 
 
 # ---------------------------------------------------------------------------------------------

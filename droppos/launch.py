@@ -8,7 +8,6 @@ worker finds is printed once, by the launcher. Only rank 0 prints, logs and writ
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import os
@@ -101,14 +100,15 @@ def start(stage: str, worker: Callable[[Any, Environment], Any], config: Trainin
     """What every training stage does once its own options are checked and its environment resolved: check the
     data fits a step, lock OUT, refuse a checkpoint of other options, launch `worker(config, env)` everywhere."""
     from droppos import checkpoint
-    from droppos.files import OutputLock, remove_stale_temporaries
+    from droppos.files import claim_output, remove_stale_temporaries
 
     launch_options, out = config.launch, check_out_dir(config.output.out)
     if launch_options.nnodes > 1 and not launch_options.rdzv_endpoint and not launched_externally():
         raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     check_train_data(config.data.path, config.optim.batch_size * accum, env.world_size, need_val=need_val)
-    lock = OutputLock(out, stage) if holds_output_lock(launch_options.node_rank) else contextlib.nullcontext()
-    with lock:
+    source = getattr(config, "encoder", None)  # finetune/probe: where the encoder comes from
+    inputs = [("--data", config.data.path), *((f"--{k}", getattr(source, k, None)) for k in ("encoder", "run", "weights"))]
+    with claim_output(out, stage, inputs, lock=holds_output_lock(launch_options.node_rank)):
         for folder in (out, out / "checkpoints"):
             remove_stale_temporaries(folder)  # left by a killed run (we hold the lock: nobody writes them)
         checkpoint.check_resumable(out, config, stage, accum, env.world_size)

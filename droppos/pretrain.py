@@ -79,13 +79,13 @@ def run(config: PretrainConfig, export_only: bool = False) -> None:
 
 def export_from_checkpoint(out: Path) -> Path:
     """RUN/encoder.safetensors from RUN's last checkpoint (validated like any checkpoint; RUN locked meanwhile)."""
-    from droppos.files import OutputLock
+    from droppos.files import claim_output
     from droppos.weights import read_droppos_checkpoint
 
     path = checkpoint.path(out)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: nothing to export (run `droppos pretrain --out {out} ...` first)")
-    with OutputLock(out, "pretrain --export-only"):
+    with claim_output(out, "pretrain --export-only"):
         target = _export(read_droppos_checkpoint(path), out)
     print(f"exported the encoder of {path} to {target}", file=sys.stderr)
     return target

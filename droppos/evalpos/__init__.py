@@ -208,8 +208,9 @@ def run(config: EvalPosConfig) -> Path:
     _validate(config)
     device = torch.device(environment.resolve_device(config.device))
     out = Path(config.out)
-    with files.OutputLock(out, "eval-pos"), exact_fp32() as precision:
-        files.remove_stale_temporaries(out)
+    inputs = [*(("SOURCE", s) for s in config.sources), ("--images", config.images), ("--data", config.data),
+              ("--weights", config.weights)]
+    with files.claim_output(out, "eval-pos", inputs), exact_fp32() as precision:
         subjects = load_subjects(config.sources, config.timm_models, config.img_size, config.random_baseline,
                                  config.seed, config.labels, pretrained=config.pretrained, weights=config.weights)
         _check_probe_fill(subjects, config.probe_fill)

@@ -3,7 +3,7 @@
 report.json holds every number with the settings that produced them (resolved: the device, precision
 and loader actually used), the units, the definitions and the run card. report.html reads on its own:
 each section defines its metrics (what, unit, what a ± is over), each figure has a title, labelled axes
-and a caption that says what to look at. Every file is written atomically through `droppos.files`.
+and a caption that says what to look at. The files are published together through `droppos.files.publish`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,19 +144,27 @@ def build(results: list[dict], images: Any, settings: dict, run_card: dict) -> d
     }
 
 
+# The files a report consists of: a new report replaces every one of a previous report's, never a user's file.
+REPORT_FILES = re.compile(r"report\.json|report\.html|skipped\.jsonl|"
+                          r"(position_accuracy|heatmap_\d+|error_distance|order_sensitivity|position_probe)\.png")
+
+
 def write(out: Path, report: dict) -> Path:
-    """skipped.jsonl, the PNGs, report.json and report.html under `out` (each atomically); returns report.html."""
-    if report["data"]["skipped"]:
-        files.write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in report["data"]["skipped"]))
+    """skipped.jsonl, the PNGs, report.json and report.html under `out`, all together or none (`files.publish`:
+    a full disk or a crash leaves the previous report whole); a previous report's files that this one does not
+    have (more heatmaps, skipped.jsonl) go with it. Returns report.html."""
     figures = make_figures(report["models"])
-    for figure in figures:
-        files.write_bytes_atomic(out / figure.name, figure.png)
     report["plots"] = [f.name for f in figures]
     report["figures"] = [{"file": f.name, "title": f.title, "caption": f.caption} for f in figures]
-    files.write_json_atomic(out / "report.json", report, indent=2)
-    page = out / "report.html"
-    files.write_text_atomic(page, write_html(report, figures))
-    return page
+    previous = [p.name for p in out.iterdir() if REPORT_FILES.fullmatch(p.name)] if out.is_dir() else []
+    with files.publish(out, owns=previous) as staged:
+        if report["data"]["skipped"]:
+            staged.write_text("skipped.jsonl", "".join(json.dumps(s) + "\n" for s in report["data"]["skipped"]))
+        for figure in figures:
+            staged.write_bytes(figure.name, figure.png)
+        staged.write_json("report.json", report, indent=2)
+        staged.write_text("report.html", write_html(report, figures))
+    return out / "report.html"
 
 
 # ----------------------------------------------------------------------------------------------

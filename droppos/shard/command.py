@@ -1,8 +1,9 @@
 """`droppos shard` from its options to the manifest: checks, OUT's lock, discovery, then the writer.
 
-One `shard` runs per OUT at a time (`files.OutputLock`). A user mistake (missing SOURCE, OUT
-inside what is read, a bad option) ends with one line (UserError); an OS error while writing
-ends the run with one line too, temporaries removed, finished shards and the progress log kept.
+OUT is claimed through `files.claim_output` (apart from SOURCE and the --list files, no other command's
+output, one `shard` at a time). A user mistake (missing SOURCE, OUT inside what is read, a bad option)
+ends with one line (UserError); an OS error while writing ends the run with one line too, temporaries
+removed, finished shards and the progress log kept.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from droppos import UserError
-from droppos.files import OutputLock
+from droppos.files import claim_output
 from droppos.shard import writer
 from droppos.shard.convert import DEFAULT_MAX_PIXELS
 from droppos.shard.discover import (
@@ -55,7 +56,8 @@ def run(
         if source is None:
             raise UserError("give SOURCE (or --sample)")
         source = _checked_source(Path(source).absolute(), out)
-    with OutputLock(out, "shard"):
+    inputs = [] if sample else [("SOURCE", source), *((f"--list ({split})", path) for split, path in lists.items())]
+    with claim_output(out, "shard", inputs, label="OUT"):
         if sample:
             from droppos import sample_data
 
