@@ -109,6 +109,9 @@ class PilTransform:
 
         width, height = img.size
         top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.recipe.crop_scale, CROP_RATIO)
+        # timm's fallback can give a 0-pixel side on a tiny image (a 1x1 photo is a valid sample): one pixel at least.
+        h, w = max(1, min(h, height)), max(1, min(w, width))
+        top, left = min(top, height - h), min(left, width - w)
         # Decode no more pixels than the crop needs: DCT-domain downscale by 1/2, 1/4 or 1/8 while
         # the crop stays at least img_size on both sides.
         img.draft("RGB", (math.ceil(width * self.size / w), math.ceil(height * self.size / h)))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -24,7 +26,7 @@ import torch.nn as nn
 
 from droppos import UserError, checkpoint, recipes
 from droppos.environment import file_sha256
-from droppos.files import InputError, read_input
+from droppos.files import Confinement, InputError, read_input
 
 __all__ = ["IMAGE_CROP_PCT", "INITS", "ImageSource", "Subject", "list_images", "load_subject", "load_subjects", "random_like"]
 
@@ -388,12 +390,13 @@ class ImageSource:
 
         transform = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=IMAGE_CROP_PCT)
         files = list_images(Path(self.images))
+        within = Confinement.of(self.images, "--images")  # a link out of the folder is counted, never read
         self.found, self.backend, self.workers_used = len(files), "folder: Pillow + timm eval transform", 0
         skipped: list[dict] = []
         batch: list[torch.Tensor] = []
         for path in files:
             hidden = any(part.startswith(".") for part in path.relative_to(self.images).parts)
-            img, reason = (None, "hidden file") if hidden else _open_rgb(path)
+            img, reason = (None, "hidden file") if hidden else _open_rgb(path, within)
             if img is None:
                 skipped.append({"path": str(path.relative_to(self.images)), "reason": reason})
                 continue
@@ -416,24 +419,28 @@ def _to_device(batch: list[torch.Tensor], device: torch.device) -> tuple[torch.T
 
 
 def list_images(root: Path) -> list[Path]:
-    """Every file under `root`, sorted (hidden ones and what is not an image are skipped, counted, listed)."""
+    """Every entry under `root` that is not a folder (files, links, FIFOs, devices: each is then read or counted
+    as skipped with its reason, never dropped unseen), sorted; links to folders are not walked into."""
     if not root.is_dir():
         raise UserError(f"--images {root} is not a directory: give a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    if not files:
+    entries = []
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        entries += [Path(folder, name) for name in names]
+        entries += [Path(folder, name) for name in subfolders if os.path.islink(os.path.join(folder, name))]
+    if not entries:
         raise UserError(f"--images {root} holds no files")
-    return files
+    return sorted(entries)
 
 
 IMAGE_MAX_BYTES = 512 << 20  # a 16-bit 8k x 8k TIFF is 400 MB; anything larger is not a photo to evaluate
 
 
-def _open_rgb(path: Path):
+def _open_rgb(path: Path, within: Optional[Confinement] = None):
     """(RGB PIL image, None) or (None, why not): orientation applied, 16-bit and float scaled to 8 bits."""
     from PIL import Image, ImageOps
 
     try:
-        data = read_input(path, "image", IMAGE_MAX_BYTES)
+        data = read_input(path, "image", IMAGE_MAX_BYTES, within=within)
     except InputError as err:
         return None, err.reason
     try:
@@ -450,4 +457,5 @@ def _open_rgb(path: Path):
                 img = Image.alpha_composite(background, rgba)
             return img.convert("RGB"), None
     except Exception as err:  # noqa: BLE001 - any decoding failure means: skip and count
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}"
+        words = re.sub(r" <[^>]*>", "", str(err).splitlines()[0][:160]) if str(err) else "unreadable"
+        return None, f"{type(err).__name__}: {words}"  # without the object reprs Pillow puts in its messages
