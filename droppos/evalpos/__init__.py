@@ -160,7 +160,9 @@ def evaluate(subject: Subject, images: ImageSource, config: EvalPosConfig, devic
             if ticker is not None:
                 ticker.advance(imgs.shape[0], subject.name)
     if batches == 0:
-        raise UserError("no image could be read: nothing to evaluate (see skipped.jsonl in --out)")
+        skipped = images.skipped
+        first = f"; the first of {len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+        raise UserError(f"no image could be read: nothing to evaluate{first}")
     cls_pool = getattr(subject.vit, "global_pool", "token")
     pool = "[CLS] token" if cls_pool == "token" else f"{cls_pool or 'avg'} pooling of patch tokens"
     order_result = order.result(pool)
