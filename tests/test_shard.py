@@ -703,3 +703,18 @@ def test_verify_decode_checks_label_maps(seg_sample_source: Path, tmp_path: Path
     (damaged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="segmentation classes"):
         shard.verify(damaged)
+
+
+def test_verify_finds_labels_beyond_the_manifests_classes(tmp_path):
+    """A hand-edited manifest with fewer classes than the shards' labels would crash fine-tuning's loss on the
+    device; `--verify` (which reads every 4-byte label) names the first sample it breaks."""
+    from droppos import shard
+
+    data = tmp_path / "data"
+    shard.run(None, data, sample=True, seed=0, workers=1, shard_size=200,
+              sample_options=dict(num_classes=3, train_per_class=4, val_per_class=2))
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:2]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"has label 2, but the manifest lists 2 classes"):
+        shard.verify(data)

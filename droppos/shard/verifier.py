@@ -43,7 +43,7 @@ def verify(path: Path, decode: bool = False) -> dict:
         for split, shards in entries.items():
             counts[split] = 0
             for entry in shards:
-                counts[split] += _verify_shard(entry, decode, seg)
+                counts[split] += _verify_shard(entry, decode, seg, len(manifest["classes"]))
                 progress.advance(entry.bytes)
             expected = manifest["splits"][split]["num_samples"]
             if counts[split] != expected:
@@ -57,13 +57,14 @@ def verify(path: Path, decode: bool = False) -> dict:
     return counts
 
 
-def _verify_shard(entry: ShardEntry, decode: bool, seg: SegSpec | None = None) -> int:
-    """Check one shard in a single read of its tar; returns its sample count."""
+def _verify_shard(entry: ShardEntry, decode: bool, seg: SegSpec | None = None, num_classes: int = 0) -> int:
+    """Check one shard in a single read of its tar (every label within the manifest's classes, too); returns its
+    sample count."""
     name = entry.tar.name
     if entry.tar.stat().st_size != entry.bytes:
         raise UserError(f"{name}: size {entry.tar.stat().st_size} bytes, manifest says {entry.bytes}; re-run `droppos shard`")
     try:
-        scan = scan_tar(entry.tar, ("jpg", "cls", "lbl", MASK_COMPONENT) if decode else ())
+        scan = scan_tar(entry.tar, ("jpg", "cls", "lbl", MASK_COMPONENT) if decode else ("lbl",))
     except BadTar as err:
         raise UserError(str(err)) from None
     if scan.sha256 != entry.sha256:
@@ -74,6 +75,12 @@ def _verify_shard(entry: ShardEntry, decode: bool, seg: SegSpec | None = None) -
         missing = {"jpg", "cls", "lbl", "json", *((MASK_COMPONENT,) if seg else ())} - set(components)
         if missing:
             raise UserError(f"{name}: sample {key} lacks {', '.join(sorted(missing))}")
+    for key, components in scan.samples.items():
+        label = components.get("lbl", b"")
+        value = struct.unpack("<i", label)[0] if len(label) == 4 else None
+        if value is None or (num_classes and not 0 <= value < num_classes):
+            raise UserError(f"{name}: sample {key} has label {value}, but the manifest lists {num_classes} classes "
+                            "(0..{}): the manifest or the shard was modified; re-run `droppos shard`".format(num_classes - 1))
     problem = index_problem(entry.index, scan.members)
     if problem is not None:
         raise UserError(f"{entry.index.name}: {problem}: the index is corrupt or modified; re-run `droppos shard`")
