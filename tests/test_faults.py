@@ -471,11 +471,14 @@ def _deep_folders(root: Path, outside: Path) -> dict:
     fd = os.open(root / "train" / "a", os.O_RDONLY | os.O_DIRECTORY)
     rel, length = "train/a", len(os.fsencode(root / "train" / "a"))
     try:
-        while length + 1 + 250 < 4095:
-            os.mkdir("n" * 250, dir_fd=fd)
-            inner = os.open("n" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        # Down to a folder whose path is 3,900 bytes, whatever the temporary folder's own length: from there a
+        # 5-byte name fits, and names of 191 + 4 (a file) or 195 bytes (a folder) make paths of 4,096 bytes.
+        while length < 3900:
+            name = "n" * min(250, 3900 - length - 1)
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
-            fd, rel, length = inner, f"{rel}/{'n' * 250}", length + 251
+            fd, rel, length = inner, f"{rel}/{name}", length + 1 + len(name)
         long_file = "f" * (4096 - length - 1 - 4) + ".jpg"  # this folder + '/' + it: 4096 bytes, one too many
         too_deep = "s" * (4096 - length - 1)
         for name, data in (("0.jpg", _jpeg(600)), (long_file, _jpeg(601))):

@@ -18,8 +18,9 @@ def test_a_slurm_task_seeing_one_gpu_uses_it_whatever_its_local_id(monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what _adopt_slurm_env sets is undone after the test:
+        monkeypatch.delenv(name)      # a RANK left behind makes every later launch look started by torchrun
     monkeypatch.setenv("SLURM_PROCID", "0")  # world size 1: no process group is joined
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_LOCALID", "5")

@@ -557,8 +557,9 @@ def test_compile_step_bf16_on_cuda_cuda_graphs_match_eager():
 
 def test_config_builds_the_mae_decoder_at_the_position_decoders_depth():
     from droppos.model import create_from_config
+    from droppos.recipes import PretrainConfig, make_config
 
-    config = {"model": "vit_tiny_patch16", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
-              "num_heads": 2, "aux_mae": True, "decoder_depth": 1, "decoder_width": 32, "decoder_heads": 2}
-    assert len(create_from_config(config).mae_decoder_blocks) == 1
-    assert len(create_from_config(dict(config, decoder_depth=3)).mae_decoder_blocks) == 3
+    options = {"model": "vit_tiny_patch16", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
+               "num_heads": 2, "aux_mae": True, "decoder_depth": 1, "decoder_width": 32, "decoder_heads": 2}
+    assert len(create_from_config(make_config(PretrainConfig, options)).mae_decoder_blocks) == 1
+    assert len(create_from_config(make_config(PretrainConfig, dict(options, decoder_depth=3))).mae_decoder_blocks) == 3
