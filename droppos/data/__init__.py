@@ -2,7 +2,8 @@
 
 Read top to bottom, one seam per module:
 - `plan`: manifest shards -> this rank's samples, each epoch's order, which pil worker makes which
-  batch, the resume position and the reads by index. Its docstring holds every guarantee (rank split, eval padding, determinism).
+  batch, the resume position and the reads by index. Its docstring holds every guarantee (rank
+  split, eval padding, determinism).
 - `transforms`: what each mode (pretrain, finetune, probe, eval) does to a sample; normalisation;
   fine-tuning's batch-level augmentation.
 - `pil`: the index-read + DataLoader workers + Pillow(-SIMD) backend, with timm's transforms.

@@ -54,6 +54,7 @@ PAD_LABEL = -1
 COMPONENTS = ("jpg", "lbl")  # what each sample is read as; `droppos shard` writes both
 SHUFFLE_BUFFER = 1024  # samples in DALI's shuffle buffer (its reader's `initial_fill`)
 _ORDER_SALT, _SAMPLE_SALT = 0x0D3E, 0x5A3E  # keep the rank's order and its samples' draws apart
+_SPAN_SLACK = 64 * 1024  # bytes between a sample's components (tar headers, its .json) read along in one pread
 
 
 @dataclass(frozen=True)
@@ -265,11 +266,15 @@ def read_samples(reads: EpochReads, positions: Sequence[int], wanted: Sequence[s
                 if not present or end > size:
                     yield p, None
                     continue
-                data = os.pread(fd, end - begin, begin)
-                if len(data) != end - begin:
+                if end - begin <= sum(n for _, _, n in present) + _SPAN_SLACK:  # adjacent members: one read
+                    data = os.pread(fd, end - begin, begin)
+                    parts = {ext: data[o - begin:o - begin + n] for ext, o, n in present}
+                else:  # members far apart (not as `droppos shard` writes them): no read of what lies between
+                    parts = {ext: os.pread(fd, n, o) for ext, o, n in present}
+                if any(len(parts[ext]) != n for ext, _, n in present):
                     yield p, None
                     continue
-                yield p, {ext: data[o - begin:o - begin + n] for ext, o, n in present}
+                yield p, parts
 
 
 def read_segment(segment: Segment, components: Sequence[str] = COMPONENTS) -> Iterator[dict]:
