@@ -159,7 +159,7 @@ class DataOptions:
                        default_text="required")
     loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' on CUDA; Pillow on a CPU and "
                          "for fine-tuning, whose RandAugment DALI does not match). The two give other batches: "
-                         "resuming with another one than `auto` became needs --force-resume.",
+                         "resuming a run with another backend than it ran with needs --force-resume.",
                          DATA, choices=LOADERS)
     workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil); does not change the "
                                     "batches.", DATA, low=0, default_text="the usable cores / processes per node")

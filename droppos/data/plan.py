@@ -11,7 +11,7 @@ The guarantees of `droppos.data`, in one place (tests/test_data.py checks each, 
   `steps_per_epoch = (N//k) // batch_size` full batches: no sample twice in an epoch, no ragged,
   empty or padded batch. The few leftover samples of a range are dropped that epoch (a different
   few each epoch). `pil` reads the range in a permutation seeded by (seed, epoch, rank, k)
-  (`Plan.epoch_order`); `dali` through its reader's shuffle buffer seeded alike.
+  (`Plan.epoch_order`); `dali` through its reader's shuffle buffer, seeded by (seed, epoch, rank).
 - Eval mode. No shuffling; every rank yields `steps_per_epoch = ceil(ceil(N/k) / batch_size)`
   batches of static shape. Slots past the rank's samples are padding: zero images with label -1
   (`PAD_LABEL`); mask them out (`labels >= 0`). Over all ranks every sample appears exactly once;
@@ -22,7 +22,9 @@ The guarantees of `droppos.data`, in one place (tests/test_data.py checks each, 
   DataLoader worker makes it (worker w of W makes batches w, w+W, ...), and the sample at
   position p draws its crop, flip and RandAugment from `Plan.sample_seed(epoch, p)` =
   (seed, epoch, rank, world size, p). `dali`: its per-sample random streams and its reader do
-  not depend on its thread count (tests/test_data.py checks it on the CPU). The loader neither
+  not depend on its thread count (tests/test_data.py checks it with CPU decoding; the GPU's
+  'mixed' decoding is not checked). A resumed run whose backend (or DALI decoding device)
+  differs is refused without --force-resume (`checkpoint.check_resumable`). The loader neither
   reads nor changes the main process's global RNGs (python's `random`, numpy's, torch's). So
   `epoch(e, start_batch=s)` yields exactly the batches the uninterrupted epoch yields from step s,
   whatever the worker count of either run: `pil` starts at batch s (nothing before it is read),
