@@ -178,6 +178,123 @@ def test_order_is_deterministic_new_each_epoch_and_resumable(flat_shards: Path, 
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+# ----------------------------------------------------------------------------------------------
+# The batches depend on (seed, epoch, rank, world size) only: never on the worker count
+
+
+@pytest.fixture(scope="module")
+def seg_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small segmentation dataset (images + label maps): 3 classes x 10 train / 4 val images."""
+    from droppos import sample_data, shard
+
+    root = sample_data.generate(tmp_path_factory.mktemp("seg-source"), num_classes=3, train_per_class=10,
+                                val_per_class=4, seed=0, workers=1, masks=True)
+    out = tmp_path_factory.mktemp("seg-shards")
+    shard.run(root, out, seed=0, workers=1, shard_size=7)
+    return out
+
+
+def _same_batches(got: list[tuple[torch.Tensor, ...]], want: list[tuple[torch.Tensor, ...]]) -> bool:
+    return len(got) == len(want) and all(len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+                                         for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize(("mode", "masks"), [("pretrain", False), ("finetune", False), ("probe", False),
+                                             ("eval", False), ("segment", True), ("eval", True)])
+def test_pil_batches_do_not_depend_on_the_worker_count(sample_shards: Path, seg_shards: Path, mode: str,
+                                                       masks: bool) -> None:
+    """Workers 0, 1, 2 and 3 give the same batches (images, labels, label maps: bit for bit), and an epoch
+    resumed at batch s with any worker count gives the uninterrupted epoch's batches from s on."""
+    data, split = (seg_shards if masks else sample_shards), ("val" if mode == "eval" else "train")
+
+    def batches(workers: int, start_batch: int = 0) -> list[tuple[torch.Tensor, ...]]:
+        loader = build_loader(data, split, mode, batch_size=4, img_size=SIZE, backend="pil", seed=13, workers=workers,
+                              masks=masks, rank=1, world_size=2)
+        return [tuple(t.clone() for t in batch) for batch in loader.epoch(3, start_batch)]
+
+    reference = batches(0)
+    assert len(reference) >= 2 and all(len(b) == (3 if masks else 2) for b in reference)
+    for workers in (1, 2, 3):
+        assert _same_batches(batches(workers), reference), f"{workers} workers"
+    start = len(reference) // 2
+    for workers in (0, 1, 3):
+        assert _same_batches(batches(workers, start), reference[start:]), f"resumed with {workers} workers"
+
+
+def test_pil_order_is_a_permutation_of_the_rank_range_new_each_epoch(flat_shards: Path) -> None:
+    """The plan's own promise: batch b is slice b of a (seed, epoch, rank, world size) permutation of the rank's
+    range, which the batches show (flat colours give the sample ids) whatever the worker count."""
+    from droppos.data.plan import Plan
+
+    loader = build_loader(flat_shards, "train", "pretrain", batch_size=4, img_size=SIZE, backend="pil", seed=2,
+                          workers=3, rank=0, world_size=2)
+    plan: Plan = loader.plan
+    for epoch in (0, 1):
+        shards, order = plan.epoch_shards(epoch), plan.epoch_order(epoch)
+        lo, hi = plan.range
+        assert len(set(order.tolist())) == len(order) == plan.rank_samples and ((lo <= order) & (order < hi)).all()
+        reads = plan.reads(epoch, lambda shard: np.zeros((shard.num_samples, 2, 2), dtype=np.int64))
+        names = [Path(reads.shards[reads.shard_ids[p]].tar).name for p in range(len(order))]
+        assert names == [Path(shards[int(np.searchsorted(np.cumsum([s.num_samples for s in shards]), q,
+                                                               side="right"))].tar).name for q in order]
+        ids = [i for images, _ in loader.epoch(epoch) for i in _ids(images)]
+        assert len(ids) == len(set(ids)) == plan.rank_samples
+    assert not np.array_equal(plan.epoch_order(0), plan.epoch_order(1))
+    other = Plan(plan.shards, True, 4, 0, 2, seed=3)
+    assert not np.array_equal(other.epoch_order(0), plan.epoch_order(0))
+    assert [list(r) for r in plan.worker_batches(2, 3)] == [[2, 5], [3, 6], [4]]  # 7 batches from batch 2
+    assert [list(r) for r in plan.worker_batches(6, 3)] == [[6]] and plan.worker_batches(0, 0) == [range(0, 7)]
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune", "eval"])
+def test_dali_batches_do_not_depend_on_its_thread_count(sample_shards: Path, mode: str) -> None:
+    """DALI's --workers is its thread count: its reader and its per-sample random streams (crop, flip,
+    RandAugment) do not depend on it (CPU decoding here)."""
+    split = "val" if mode == "eval" else "train"
+
+    def batches(threads: int) -> list[tuple[torch.Tensor, ...]]:
+        loader = build_loader(sample_shards, split, mode, batch_size=16, img_size=SIZE, backend="dali", seed=4,
+                              workers=threads)
+        return [tuple(t.clone() for t in batch) for batch in loader.epoch(1)]
+
+    assert _same_batches(batches(3), batches(1))
+
+
+def test_cli_losses_do_not_depend_on_workers_and_resume_across_worker_counts(sample_shards: Path,
+                                                                             tmp_path: Path) -> None:
+    """End to end: a tiny pre-training with --workers 0 and with --workers 2 logs the same loss at every step;
+    a run stopped at step 4 with 2 workers and resumed with 0 logs the uninterrupted run's losses. A resume
+    that resolves to another backend is refused unless --force-resume (the backends' batches differ)."""
+    from inprocess import droppos
+
+    tiny = ["--device", "cpu", "--no-compile", "--loader", "pil", "--model", "vit_tiny_patch16", "--img-size", "32",
+            "--patch-size", "8", "--depth", "1", "--decoder-width", "64", "--decoder-depth", "1", "--batch-size", "16",
+            "--epochs", "2", "--warmup-epochs", "1", "--log-every", "1", "--max-steps", "9"]
+
+    def run(out: Path, *extra: str, resumed_from: int | None = None) -> list[float]:
+        result = droppos("pretrain", "--data", str(sample_shards), "--out", str(out), *tiny, *extra)
+        assert result.returncode == 0, result.stderr
+        assert resumed_from is None or f"resumed from step {resumed_from}" in result.stderr
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    straight = run(tmp_path / "w0", "--workers", "0")
+    assert len(straight) == 9  # 7 steps per epoch: the resume below crosses into epoch 1
+    assert run(tmp_path / "w2", "--workers", "2") == straight
+    resumed = tmp_path / "resumed"
+    run(resumed, "--workers", "2", "--max-steps", "4")
+    assert run(resumed, "--workers", "0", resumed_from=4) == straight
+    # Another backend gives other batches: refused in one line, then accepted with --force-resume.
+    if dali_available():
+        other = ("pretrain", "--data", str(sample_shards), "--out", str(resumed), *tiny, "--workers", "1",
+                 "--loader", "dali", "--max-steps", "10")
+        result = droppos(*other)
+        assert result.returncode == 2
+        line, = result.stderr.strip().splitlines()
+        assert "input pipeline pil (now dali decoding on the CPU" in line and "--force-resume" in line
+        assert droppos(*other, "--force-resume").returncode == 0
+
+
 def test_pil_batches_survive_ring_reuse_and_an_epoch_left_open(flat_shards: Path) -> None:
     """Workers write into shared slots reused across batches and epochs; kept batches never change."""
     def loader():
@@ -223,6 +340,35 @@ def test_corrupt_sample_pil_skips_and_counts_dali_names_the_shard(corrupt_jpeg) 
     loader = build_loader(data_dir, "train", "pretrain", batch_size=8, img_size=SIZE, backend="dali", workers=1)
     with pytest.raises(UserError, match=rf"{tar_name}.*droppos shard --verify"):
         _epoch(loader)
+
+
+def test_pil_corrupt_sample_is_replaced_alike_whatever_the_workers(corrupt_jpeg) -> None:
+    """An unreadable sample's slot takes a copy of a readable one of its own batch: the same batches, and the
+    same skipped key, with 0 and 2 workers."""
+    data_dir, _ = corrupt_jpeg()
+    runs = []
+    for workers in (0, 2):
+        loader = build_loader(data_dir, "train", "pretrain", batch_size=8, img_size=SIZE, backend="pil", seed=9,
+                              workers=workers)
+        runs.append(([tuple(t.clone() for t in b) for b in loader.epoch(0)], loader.skipped_keys))
+    (batches, keys), (again, keys_again) = runs
+    assert _same_batches(again, batches) and keys == keys_again
+    assert len(keys) == 1  # 120 samples, 15 batches of 8: every sample is read each epoch
+    repeated = [b for b in batches if any(torch.equal(b[0][i], b[0][j]) for i in range(8) for j in range(i))]
+    assert len(repeated) == 1 and all(len(b[0]) == len(b[1]) == 8 for b in batches)
+
+
+def test_an_index_that_disagrees_with_the_manifest_is_one_user_error(sample_shards: Path) -> None:
+    """(The manifest's sha256 of each index refuses a modified one first; the count is checked again where the
+    pil backend parses it.)"""
+    from droppos.data.plan import COMPONENTS, Shard, spans
+
+    entry = split_shards(sample_shards, "train")[0]
+    table = spans(Shard(str(entry.tar), str(entry.index), 24), COMPONENTS)
+    assert table.shape == (24, 2, 2) and (table[:, 1, 1] == 4).all()  # every sample's 4-byte label
+    for claimed, listed in ((25, "24"), (23, "more")):
+        with pytest.raises(UserError, match=rf"lists {listed} samples, the manifest {claimed}.*shard --verify"):
+            spans(Shard(str(entry.tar), str(entry.index), claimed), COMPONENTS)
 
 
 @pytest.mark.gpu
