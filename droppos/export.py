@@ -14,7 +14,6 @@ or folder already there is replaced only when it is recognisably a droppos expor
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass

@@ -3,7 +3,6 @@ card, and the earlier records of a run resumed with other options (`history`: ne
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -5,7 +5,6 @@ check's own, the download commands, the Makefile targets and the parsers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
