@@ -180,17 +180,15 @@ def resume(out: Path, device: torch.device, parts: dict[str, Any]) -> Optional[d
     return saved
 
 
-def check_resumable(out: Path, config: TrainingConfig, stage: str, accum: int, world_size: int,
-                    environment: Optional[dict] = None) -> None:
+def check_resumable(out: Path, config: TrainingConfig, stage: str, accum: int, world_size: int) -> None:
     """Refuse to resume OUT's checkpoint when it belongs to another stage or architecture; refuse another
     schedule or data unless --force-resume (config.json then keeps the earlier record).
 
     Compared: the options declared `resume="arch"` (always refused) and `resume="run"`, the effective batch
-    (batch x accum x world size), the data manifest's sha256 and (given the run's `environment` record) the
-    input pipeline that makes the batches (`environment.batch_maker`).
+    (batch x accum x world size) and the data manifest's sha256.
     """
     from droppos import recipes
-    from droppos.environment import batch_maker, file_sha256
+    from droppos.environment import file_sha256
 
     source = path(out)
     if not source.exists():
@@ -212,12 +210,6 @@ def check_resumable(out: Path, config: TrainingConfig, stage: str, accum: int, w
     if saved_schedule.get("effective_batch") not in (None, effective):
         changed.append(f"effective batch {saved_schedule['effective_batch']} (now {effective}: "
                        f"{config.optim.batch_size} x {accum} x {world_size} processes)")
-    # `--loader auto` resolves per machine (dali where it imports on CUDA, else pil): another backend (or DALI on
-    # another decoding device) gives other batches, so it needs --force-resume like a changed option.
-    made_by = batch_maker(saved.get("environment") or {})
-    now_by = batch_maker(environment) if environment is not None else None
-    if None not in (made_by, now_by) and made_by != now_by:
-        changed.append(f"the input pipeline {made_by} (now {now_by}; set --loader to choose it)")
     data_sha = file_sha256(Path(config.data.path) / "manifest.json")
     if saved.get("data_sha256") not in (None, data_sha):
         changed.append("the data (its manifest.json differs)")

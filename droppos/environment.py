@@ -62,17 +62,6 @@ def resolve(launch: LaunchOptions, data: DataOptions, mode: str, masks: bool = F
                        processes_per_node=per_node, world_size=world)
 
 
-def batch_maker(record: dict[str, Any]) -> Optional[str]:
-    """What in an environment `record` decides the batches besides the options: the input pipeline (pil and dali
-    decode and augment differently) and, for dali, the device it decodes on (GPU 'mixed' or CPU decoders give
-    other pixels). Not the worker count: it does not change the batches (droppos.data.plan, Determinism).
-    None: the record does not say (written before it was kept)."""
-    loader = record.get("loader")
-    if loader == "dali":
-        return f"dali decoding on {'the GPU' if record.get('device') == 'cuda' else 'the CPU'}"
-    return loader
-
-
 def launched_externally() -> bool:
     """True when torchrun (or an elastic agent) or a multi-task SLURM step started us."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -20,7 +20,7 @@ fast path's bug from droppos's own.
 Private calls with no plain path (the switch does not touch them):
 - `vit_pos_embed`: timm's `VisionTransformer._pos_embed` (eval-pos runs a ViT piece by piece).
 - `tar_samples`: webdataset's `tariterators.tar_file_iterator` and `group_by_keys`, which its top level does
-  not export (DALI's error path reads a tar from an offset its index gives, to name a bad sample).
+  not export (the loaders read a tar from an offset its index gives).
 
 Kept where they are used (look there too when a library changes):
 - cli.py: `typer._click` (the click that typer vendors: its exception types);

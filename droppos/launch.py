@@ -111,7 +111,7 @@ def start(stage: str, worker: Callable[[Any, Environment], Any], config: Trainin
     with claim_output(out, stage, inputs, lock=holds_output_lock(launch_options.node_rank)):
         for folder in (out, out / "checkpoints"):
             remove_stale_temporaries(folder)  # left by a killed run (we hold the lock: nobody writes them)
-        checkpoint.check_resumable(out, config, stage, accum, env.world_size, env.record())
+        checkpoint.check_resumable(out, config, stage, accum, env.world_size)
         launch(worker, (config, env), nproc_per_node=env.processes_per_node, nnodes=launch_options.nnodes,
                node_rank=launch_options.node_rank, rdzv_endpoint=launch_options.rdzv_endpoint,
                run_id=run_id_for(stage, out))

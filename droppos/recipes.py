@@ -159,11 +159,10 @@ class DataOptions:
     path: str = option("", "Dataset directory written by `droppos shard`.", DATA, name="data",
                        default_text="required", path=True)
     loader: str = option("auto", "Input pipeline: dali, pil, or auto (DALI 'mixed' on CUDA; Pillow on a CPU and "
-                         "for fine-tuning, whose RandAugment DALI does not match). The two give other batches: "
-                         "resuming a run with another backend than it ran with needs --force-resume.",
+                         "for fine-tuning, whose RandAugment DALI does not match).",
                          DATA, choices=LOADERS)
-    workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil); does not change the "
-                                    "batches.", DATA, low=0, default_text="the usable cores / processes per node")
+    workers: Optional[int] = option(None, "Decode threads (dali) or loader processes (pil).", DATA, low=0,
+                                    default_text="the usable cores / processes per node")
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Input pipeline: a `droppos shard` dataset directory -> normalised image batches on the device.
 
 Read top to bottom, one seam per module:
-- `plan`: manifest shards -> this rank's samples, each epoch's order, which pil worker makes which
-  batch, the resume position and the reads by index. Its docstring holds every guarantee (rank
-  split, eval padding, determinism).
+- `plan`: manifest shards -> this rank's samples, each epoch's order, the pil workers' roles and the
+  resume position. Its docstring holds every guarantee (rank split, eval padding, determinism).
 - `transforms`: what each mode (pretrain, finetune, probe, eval) does to a sample; normalisation;
   fine-tuning's batch-level augmentation.
-- `pil`: the index-read + DataLoader workers + Pillow(-SIMD) backend, with timm's transforms.
+- `pil`: the webdataset + DataLoader workers + Pillow(-SIMD) backend, with timm's transforms.
 - `dali`: the NVIDIA DALI backend (GPU decoding with 'mixed'); where its RandAugment differs.
 - `loader`: `build_loader`, `Loader` and `resolve_backend` (what `--loader auto` becomes).
 The private APIs the package uses (the pil backend's fast paths, webdataset's tar reader) live in

@@ -147,7 +147,7 @@ def build_loader(
     `mode` is one of `MODES` (see `droppos.data.transforms`), `backend` one of `BACKENDS` (`auto` is
     resolved by `resolve_backend`; `Loader.backend` is the result). `workers` are the pil backend's
     DataLoader workers (0: decode in this process) or DALI's threads; by default the cores this
-    process may use, shared among the ranks. Neither changes the batches (`droppos.data.plan`). `labels_to_device=False` leaves the labels on the
+    process may use, shared among the ranks. `labels_to_device=False` leaves the labels on the
     host, for a stage that never reads them (pre-training): no copy to the device per step.
     `masks=True` reads each sample's label map too (a segmentation dataset; the pil backend).
     """

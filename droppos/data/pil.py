@@ -1,10 +1,6 @@
-"""The Pillow backend: samples read by offset through the shard index, torch DataLoader workers, Pillow(-SIMD) and
-timm's transforms.
+"""The Pillow backend: webdataset tar streaming, torch DataLoader workers, Pillow(-SIMD) and timm's transforms.
 
-It follows the plan (`droppos.data.plan`): batch b is a fixed slice of the rank's epoch order, each sample's draws
-are seeded by its position there, and DataLoader worker w of W makes batches w, w+W, ... (`Plan.worker_batches`),
-so the batches do not depend on W; each sample is one `pread` at the offset its shard's index gives (the indexes
-of an epoch's shards are parsed once, in the main process, and kept across epochs).
+It follows the plan (`droppos.data.plan`): each DataLoader worker plays one `Role` and fills whole batches.
 Why it is shaped so:
 - decoding: a JPEG is decoded at reduced size (`Image.draft`) and only down to the crop's last row
   (`fastpaths.decode_rows`), and only the crop box is resized; the augmentations are timm's, in timm's order
@@ -12,8 +8,7 @@ Why it is shaped so:
 - allocation: workers write uint8 images into a shared-memory `Ring` made once per loader and send slot
   indices; the main process normalises each slot on the device (into a `BatchPool` on a CPU, through
   `PinnedStaging` to CUDA) and hands it back at once;
-- bad data: an undecodable sample is skipped and counted; its training slot takes a copy of a readable sample of
-  the same batch, an eval batch pads one more slot;
+- bad data: an undecodable sample is skipped and counted, and a training batch completed from the role's spares;
 - timm draws from python's and numpy's global RNGs, so each sample's draws run inside `seeded_globals`
   (seeded by `plan.sample_seed`, restored after) and the DataLoader has its own generator: the caller's RNGs
   are neither read nor changed.
@@ -34,7 +29,7 @@ import numpy as np
 import torch
 
 from droppos import UserError, fastpaths
-from droppos.data.plan import EpochReads, Plan, Shard, components, read_samples, spans
+from droppos.data.plan import Plan, Role, components, read_segments, sample_seed, shuffled
 from droppos.data.transforms import CROP_RATIO, EVAL_CROP_PCT, RAND_AUGMENT, RECIPES, normalize, rand_augment_hparams
 from droppos.labelmaps import MASK_COMPONENT, label_array
 
@@ -164,7 +159,7 @@ def _rgb(img, rows: int | None = None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Workers: the plan's batches -> the shared ring
+# Workers: roles -> batches in the shared ring
 
 
 class Ring:
@@ -257,61 +252,63 @@ def decode_sample(sample: dict, transform: PilTransform, seed: int, slot: np.nda
         return None
 
 
-def train_batch(plan: Plan, epoch: int, reads: EpochReads, batch: int, transform: PilTransform,
-                batches: BatchWriter, wanted: Sequence[str]) -> tuple:
-    """Training batch `batch`: the sample at position p of the epoch order into slot p - first, drawn with
-    `plan.sample_seed(epoch, p)`. An unreadable sample's slot then takes a copy of a readable sample of the
-    same batch: static shapes, and the batch still depends on its own samples only (never on which
-    worker made it, nor on what other batches hold)."""
-    positions = plan.batch_positions(batch)
-    labels: list[int | None] = [None] * len(positions)
-    for p, sample in read_samples(reads, positions, wanted):
-        k = p - positions.start
-        if sample is not None:
-            labels[k] = decode_sample(sample, transform, plan.sample_seed(epoch, p), batches.slots[k],
-                                      batches.mask_slot(k))
-    bad = [k for k, label in enumerate(labels) if label is None]
-    skipped = [reads.key(positions.start + k) for k in bad]
-    if bad:
-        good = [k for k, label in enumerate(labels) if label is not None]
-        if not good:
-            raise UserError(f"every sample of training batch {batch} was unreadable: run `droppos shard --verify`")
-        for j, k in enumerate(bad):
-            batches.repeat(k, good[j % len(good)])
-            labels[k] = labels[good[j % len(good)]]
-    return batches.finish(len(labels)), torch.tensor(labels), skipped
+def train_batches(role: Role, transform: PilTransform, batches: BatchWriter) -> Iterator[tuple]:
+    """The role's shuffle-buffered samples, cut into exactly `num_batches - skip` full batches."""
+    batch_size = batches.batch_size
+    labels: list[int] = []
+    skipped: list[str] = []
+    done = 0
+    for position, sample in shuffled(role, read_segments(role.segments, components(batches.mask_ring is not None))):
+        if position <= role.skip * batch_size:
+            continue  # drawn, not decoded: resuming replays only the shuffle
+        label = decode_sample(sample, transform, sample_seed(role, position), batches.slots[len(labels)],
+                              batches.mask_slot(len(labels)))
+        if label is None:
+            skipped.append(str(sample.get("__key__")))
+            continue
+        labels.append(label)
+        if len(labels) == batch_size:
+            yield batches.finish(batch_size), torch.tensor(labels), skipped
+            labels, skipped = [], []
+            done += 1
+            if done == role.num_batches - role.skip:
+                return
+    if done < role.num_batches - role.skip:
+        # Corrupt samples outnumbered the spare ones: complete the last batch by repeating its own
+        # samples (static shapes); the skip count reports it.
+        if not labels:
+            raise UserError("every sample of a pil worker's share was unreadable: run `droppos shard --verify`")
+        real = len(labels)
+        for k in range(real, batch_size):
+            batches.repeat(k, k % real)
+            labels.append(labels[k % real])
+        yield batches.finish(batch_size), torch.tensor(labels), skipped
 
 
-def eval_batch(plan: Plan, epoch: int, reads: EpochReads, batch: int, transform: PilTransform,
-               batches: BatchWriter, wanted: Sequence[str]) -> tuple:
-    """Eval batch `batch`: its samples in order; an unreadable one is left out (the readable ones after it
-    move up), so the loader pads one more slot at the end (label -1)."""
-    positions = plan.batch_positions(batch)
-    labels: list[int | None] = [None] * len(positions)
-    for p, sample in read_samples(reads, positions, wanted):
-        k = p - positions.start
-        if sample is not None:
-            labels[k] = decode_sample(sample, transform, 0, batches.slots[k], batches.mask_slot(k))
-    good = [k for k, label in enumerate(labels) if label is not None]
-    for target, source in enumerate(good):
-        if target != source:  # target < source: a slot is moved before it is written over
-            batches.repeat(target, source)
-    skipped = [reads.key(positions.start + k) for k, label in enumerate(labels) if label is None]
-    return batches.finish(len(good)), torch.tensor([labels[k] for k in good], dtype=torch.int64), skipped
+def eval_batches(role: Role, transform: PilTransform, batches: BatchWriter) -> Iterator[tuple]:
+    """The role's batches in order; unreadable samples leave padding (label -1) behind."""
+    for group in role.eval_batches:
+        labels: list[int] = []
+        skipped: list[str] = []
+        for sample in read_segments(group, components(batches.mask_ring is not None)):
+            label = decode_sample(sample, transform, 0, batches.slots[len(labels)], batches.mask_slot(len(labels)))
+            if label is None:
+                skipped.append(str(sample.get("__key__")))
+                continue
+            labels.append(label)
+        yield batches.finish(len(labels)), torch.tensor(labels, dtype=torch.int64), skipped
 
 
 class PilEpoch(torch.utils.data.IterableDataset):
-    """One epoch of the plan: DataLoader worker i makes batches `assignments[i]` (`Plan.worker_batches`).
+    """The epoch's roles; DataLoader worker i plays role i (roles were rotated for resuming).
 
     Yields ((worker, slot, count), labels, skipped keys): the images themselves stay in the
     loader's shared `Ring`, which the main process reads (and releases) by slot.
     """
 
-    def __init__(self, plan: Plan, epoch: int, reads: EpochReads, assignments: list[range], mode: str,
-                 img_size: int, ring: torch.Tensor, free_slots: Sequence | None, mask_ring: torch.Tensor | None = None,
-                 lut: np.ndarray | None = None) -> None:
-        self.plan, self.epoch, self.reads, self.assignments = plan, epoch, reads, assignments
-        self.mode, self.img_size, self.ring, self.free_slots = mode, img_size, ring, free_slots
+    def __init__(self, roles: list[Role], mode: str, img_size: int, ring: torch.Tensor,
+                 free_slots: Sequence | None, mask_ring: torch.Tensor | None = None, lut: np.ndarray | None = None) -> None:
+        self.roles, self.mode, self.img_size, self.ring, self.free_slots = roles, mode, img_size, ring, free_slots
         self.mask_ring, self.lut = mask_ring, lut
 
     def __iter__(self) -> Iterator[tuple[tuple[int, int, int], torch.Tensor, list[str]]]:
@@ -320,10 +317,8 @@ class PilEpoch(torch.utils.data.IterableDataset):
         transform = PilTransform(self.mode, self.img_size, self.lut)
         batches = BatchWriter(worker, self.ring[worker], self.free_slots[worker] if self.free_slots else None,
                               self.mask_ring[worker] if self.mask_ring is not None else None)
-        make = train_batch if RECIPES[self.mode].training else eval_batch
-        wanted = components(self.mask_ring is not None)
-        for batch in self.assignments[worker]:
-            yield make(self.plan, self.epoch, self.reads, batch, transform, batches, wanted)
+        make = train_batches if RECIPES[self.mode].training else eval_batches
+        yield from make(self.roles[worker], transform, batches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,26 +418,23 @@ class PilBackend:
         self.lut = lut  # stored label value -> label: the loader reads label maps
         self._ring: Ring | None = None
         self._pool = BatchPool()
-        self._spans: dict[Shard, np.ndarray] = {}  # each shard's parsed index, kept across epochs
         self._staging = PinnedStaging(device) if device.type == "cuda" else None
 
     def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple]:
         """(normalised images on the device, labels, skipped keys[, int64 masks on the device]) of `epoch`
         from `start_batch` on."""
-        assignments = self.plan.worker_batches(start_batch, self.workers)
-        reads = self.plan.reads(epoch, self._shard_spans)  # parsed here, inherited by the forked workers
+        roles = self.plan.roles(epoch, start_batch, self.workers)
         # Workers are forked each epoch: import the transforms' modules here, once per process, rather
         # than in every worker of every epoch (timm's import is slow: docs/measurements.md).
         import timm.data.auto_augment  # noqa: F401
         import timm.data.transforms  # noqa: F401
         # A worker holds at most PIL_PREFETCH batches in the queue plus the one it writes: depth = PIL_PREFETCH + 1.
-        workers = len(assignments) if self.workers > 0 else 0
+        workers = len(roles) if self.workers > 0 else 0
         depth = PIL_PREFETCH + 1 if workers else 1
         masks = self.lut is not None
         ring = self._take_ring((max(1, self.workers), depth, self.plan.batch_size, self.img_size, workers > 0, masks))
         free_slots = [multiprocessing.Semaphore(depth) for _ in range(workers)] if workers else None
-        dataset = PilEpoch(self.plan, epoch, reads, assignments, self.mode, self.img_size, ring.slots, free_slots,
-                           ring.mask_slots, self.lut)
+        dataset = PilEpoch(roles, self.mode, self.img_size, ring.slots, free_slots, ring.mask_slots, self.lut)
         if workers == 0:
             batches: Iterator = iter(dataset)
         else:
@@ -465,12 +457,6 @@ class PilBackend:
             ring.busy = False
         if produced != self.plan.steps_per_epoch - start_batch:
             raise RuntimeError(f"pil loader produced {produced} batches, expected {self.plan.steps_per_epoch - start_batch}")
-
-    def _shard_spans(self, shard: Shard) -> np.ndarray:
-        """The shard's parsed index (`plan.spans`), parsed once per loader."""
-        if shard not in self._spans:
-            self._spans[shard] = spans(shard, components(self.lut is not None))
-        return self._spans[shard]
 
     def _masks_to_device(self, masks: torch.Tensor) -> torch.Tensor:
         """A ring slot's int16 labels -> int64 [B, H, W] on the device (a copy: the slot is free after)."""
@@ -496,4 +482,3 @@ class PilBackend:
         """Free the buffers kept across epochs (the shared ring, the output pool)."""
         self._ring = None
         self._pool = BatchPool()
-        self._spans = {}
