@@ -109,11 +109,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any], keep_previ
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        make_dirs(path.parent)
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_durably(tmp, write)
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
@@ -126,6 +122,15 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any], keep_previ
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _write_durably(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """`path` (its folder made) written through `write(binary_file)` and fsynced: complete on disk when this returns."""
+    make_dirs(path.parent)
+    with open(path, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _os_error_in(err: BaseException) -> Optional[OSError]:
@@ -502,11 +507,7 @@ class Publication:
             raise ValueError(f"not a name to publish: {name!r}")
         path = self.staging / "new" / name
         try:
-            make_dirs(path.parent)
-            with open(path, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_durably(path, write)
         except BaseException as err:
             os_err = _os_error_in(err)
             if os_err is not None:
