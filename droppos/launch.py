@@ -23,7 +23,7 @@ from typing import Any, Callable
 from droppos import UserError, error_line
 from droppos.environment import Environment, launched_externally, usable_cores
 from droppos.files import write_text_atomic
-from droppos.recipes import TrainingConfig
+from droppos.recipes import TrainingConfig, options, shown_name, value
 
 WORKER_ERRORS = "DROPPOS_WORKER_ERRORS"  # the folder where launched workers leave a user mistake's message
 # How long the launcher lets workers finish after it forwarded a signal (rank 0 writing a multi-GB checkpoint)
@@ -106,11 +106,12 @@ def start(stage: str, worker: Callable[[Any, Environment], Any], config: Trainin
     if launch_options.nnodes > 1 and not launch_options.rdzv_endpoint and not launched_externally():
         raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     check_train_data(config.data.path, config.optim.batch_size * accum, env.world_size, need_val=need_val)
-    source = getattr(config, "encoder", None)  # finetune/probe: where the encoder comes from
-    inputs = [("--data", config.data.path), *((f"--{k}", getattr(source, k, None)) for k in ("encoder", "run", "weights"))]
-    with claim_output(out, stage, inputs, lock=holds_output_lock(launch_options.node_rank)):
-        for folder in (out, out / "checkpoints"):
-            remove_stale_temporaries(folder)  # left by a killed run (we hold the lock: nobody writes them)
+    # The inputs are the options declared as paths (--data, and finetune/probe's --encoder, --run, --weights).
+    inputs = [(shown_name(o), value(config, o)) for o in options(type(config)) if o.spec.path and o.name != "out"]
+    holds = holds_output_lock(launch_options.node_rank)
+    with claim_output(out, stage, inputs, lock=holds):
+        if holds:  # claim_output cleaned OUT; only the lock holder may remove what a killed run left in checkpoints/
+            remove_stale_temporaries(out / "checkpoints")
         checkpoint.check_resumable(out, config, stage, accum, env.world_size)
         launch(worker, (config, env), nproc_per_node=env.processes_per_node, nnodes=launch_options.nnodes,
                node_rank=launch_options.node_rank, rdzv_endpoint=launch_options.rdzv_endpoint,
